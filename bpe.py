@@ -1,0 +1,1343 @@
+"""
+bpe.py -- a byte-level BPE tokenizer, from scratch: exact, safe and fast enough for a real corpus.
+
+Where it sits:  bpe.py -> prepare.py -> model.py -> train.py -> sample.py
+  prepare.py trains a tokenizer here on the corpus and turns documents into token shards,
+  train.py reads those shards, and sample.py turns generated ids back into text.
+
+Run it:
+  python bpe.py                                    # teaching demo: the first merges, step by step
+  python bpe.py --train='data/*.txt' --vocab_size=4096 --out=tok.bpe   # train on your files
+  python bpe.py --bench=True                       # time training and encoding (stdlib corpus)
+  python bpe.py --help                             # all settings
+
+Use it from Python:
+  tok = Tokenizer.train(documents, vocab_size=4096)   # documents: any iterable of str
+  ids = tok.encode("hello world")                     # -> [list of ints]
+  tok.decode(ids) == "hello world"
+  tok.save("tok.bpe"); tok = Tokenizer.load("tok.bpe")
+
+The idea in one paragraph. A byte-level BPE tokenizer starts from the 256 byte values as its
+first 256 tokens, so any text at all can be encoded (there is no "unknown" token). Training then
+repeats one step: find the pair of adjacent tokens that occurs most often in the corpus and give
+it a new id ("merge" it). After n merges the vocabulary has 256 + n tokens, and frequent words
+have become single tokens. Encoding replays the merges, in the order they were learned.
+
+Notable features
+  - GPT-4 split pattern by default (GPT-2's selectable): text is first cut into "chunks"
+    (words, numbers, punctuation runs, whitespace) and merges never cross a chunk boundary.
+  - Training counts each distinct chunk once with its frequency, then updates pair counts
+    incrementally (only chunks containing the merged pair are touched) and finds the best
+    pair with a heap with lazy invalidation. The slow textbook loop sits beside it; tests
+    prove they agree.
+  - Deterministic ties: equal counts are broken by the lexicographically greatest
+    (bytes_of_left, bytes_of_right), so any number of processes on any platform gives the
+    same merges.
+  - Encoding applies the merges per chunk in rank order, once per distinct chunk (a chunk -> ids
+    cache), in parallel processes for batches, or lazily over a file larger than memory.
+  - Special tokens (<|endoftext|>) are never merged, and `encode` treats their text as plain
+    bytes unless you allow them (text from the web cannot inject control tokens).
+  - Exact GPT-2 ids from GPT-2's own files; tiktoken rank files in and out.
+  - A human-readable, versioned file format and a sha256 fingerprint that prepare.py stamps
+    into every shard, so a model is never fed ids from the wrong tokenizer.
+
+Sections
+  1. Settings (this file's command line)
+  2. Split patterns, special tokens and byte helpers
+  3. Pre-tokenization: text -> chunks -> chunk counts (serial and parallel)
+  4. Training: the textbook merge loop and the incremental one
+  5. The Tokenizer: encode, decode, streaming decode, files, GPT-2 and tiktoken interop
+  6. Teaching demo and benchmark
+  7. Settings from the command line (shared by every nanostack script)
+  main()
+"""
+import array
+import ast
+import base64
+import codecs
+import collections
+import dataclasses
+import difflib
+import glob
+import hashlib
+import heapq
+import inspect
+import json
+import multiprocessing
+import os
+import re
+import statistics
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import regex
+
+# -----------------------------------------------------------------------------
+# 1. Settings (this file's command line)
+
+
+@dataclasses.dataclass
+class Settings:
+    train: str = ""  # files to train on: a glob or comma-separated globs ('' = the teaching demo)
+    vocab_size: int = 4096  # 256 bytes + merges + special tokens
+    out: str = "tokenizer.bpe"  # where --train writes the tokenizer
+    pattern: str = "gpt4"  # split pattern: gpt4 | gpt2 | any regex (the `regex` package syntax)
+    special_tokens: str = "<|endoftext|>"  # comma-separated special tokens ('' = none)
+    num_proc: int = 0  # worker processes for pre-tokenization (0 = all cores)
+    quiet: bool = False  # no progress lines on stderr
+    bench: bool = False  # time training and encoding on the stdlib corpus, print medians
+    bench_repeats: int = 3  # runs per measurement in --bench (the median is reported)
+    bench_big: bool = True  # --bench also times training at vocab 32768 (one run each)
+
+    def __post_init__(self):
+        if self.vocab_size < 256:
+            raise ValueError(f"--vocab_size={self.vocab_size}: must be at least 256 (the byte tokens)")
+        if self.num_proc < 0:
+            raise ValueError(f"--num_proc={self.num_proc}: use 0 for all cores or a positive count")
+        if self.bench_repeats < 1:
+            raise ValueError(f"--bench_repeats={self.bench_repeats}: must be at least 1")
+
+
+# -----------------------------------------------------------------------------
+# 2. Split patterns, special tokens and byte helpers
+#
+# The split pattern cuts text into chunks before BPE sees it. Without it, frequent merges
+# would glue words to the punctuation after them ("dog." "dog!" "dog?" as three tokens).
+# GPT-4's pattern (tiktoken's cl100k_base), alternative by alternative:
+#   '(?i:[sdmt]|ll|ve|re)           English contractions: 's 't 'm 'd 'll 've 're, any case
+#   [^\r\n\p{L}\p{N}]?+\p{L}+       a run of letters with at most one leading non-letter
+#                                   (usually the space: " hello" is one chunk)
+#   \p{N}{1,3}                      numbers in groups of at most 3 digits ("12345" -> "123","45")
+#    ?[^\s\p{L}\p{N}]++[\r\n]*      a punctuation run, optional leading space, trailing newlines
+#   \s*[\r\n]                       whitespace ending in a newline
+#   \s+(?!\S)                       whitespace, leaving its last space to the next word
+#   \s+                             any remaining whitespace
+# Every character is a letter, a number, whitespace or "other" (the punctuation alternative), so
+# the chunks always join back to the text. `?+` and `++` are possessive quantifiers (they never
+# give back what they matched), as in tiktoken's published pattern.
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""
+                r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+# GPT-2's pattern: lowercase contractions, optional space before letters/numbers/punctuation,
+# numbers of any length.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
+
+EOT = "<|endoftext|>"  # marks document boundaries; prepare.py puts it at the start of every document
+N_BYTES = 256  # ids 0..255 are the raw byte values (for tokenizers we train)
+FORMAT_NAME = "nanostack-bpe"  # first word of a saved tokenizer file
+FORMAT_VERSION = 1  # bump when the file layout changes; load() refuses other versions
+CHUNK_CACHE_MAX = 1 << 20  # encode's chunk -> ids cache is cleared when it grows past this
+PROGRESS_SECONDS = 2.0  # training prints a progress line on stderr at most this often
+# Text (strings) round-trips through bytes with "surrogateescape": a str made from arbitrary bytes
+# by bytes.decode("utf-8", "surrogateescape") encodes back to exactly those bytes.
+UTF8_ERRORS = "surrogateescape"
+
+
+def resolve_pattern(pattern):
+    """'gpt4' / 'gpt2' -> the pattern text; anything else is a regex of its own."""
+    return PATTERNS.get(pattern, pattern)
+
+
+def compile_pattern(pattern):
+    """The compiled split pattern, or a one-line UserError for a bad regex."""
+    try:
+        return regex.compile(resolve_pattern(pattern))
+    except (regex.error, TypeError) as e:
+        raise UserError(f"bad split pattern {pattern!r}: {e}; use 'gpt4', 'gpt2' or a valid regex") from None
+
+
+def escape_token(b):
+    """Token bytes -> a printable ASCII word without spaces, for the human-readable file:
+    printable ASCII stays as is, backslash becomes \\\\, every other byte becomes \\xNN.
+    escape_token(b" the") == "\\x20the";  escape_token("é".encode()) == "\\xc3\\xa9"."""
+    out = []
+    for x in b:
+        if x == 0x5C:
+            out.append("\\\\")
+        elif 0x21 <= x <= 0x7E:
+            out.append(chr(x))
+        else:
+            out.append(f"\\x{x:02x}")
+    return "".join(out)
+
+
+_ESCAPE_RE = regex.compile(r"\\\\|\\x([0-9a-f]{2})|[\x21-\x5b\x5d-\x7e]")
+
+
+def unescape_token(s):
+    """Inverse of escape_token; raises ValueError on anything escape_token cannot produce."""
+    out, pos = bytearray(), 0
+    for m in _ESCAPE_RE.finditer(s):
+        if m.start() != pos:
+            break
+        out.append(int(m.group(1), 16) if m.group(1) else ord("\\") if m.group(0) == "\\\\" else ord(m.group(0)))
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise ValueError(f"bad token text {s!r}")
+    return bytes(out)
+
+
+def gpt2_bytes_to_unicode():
+    """GPT-2's table byte -> printable unicode character, used in its encoder.json/vocab.bpe.
+
+    GPT-2 stores tokens as text, so each byte needs a visible, non-space character. The 188
+    bytes that are already printable Latin-1 (! to ~, ¡ to ¬, ® to ÿ) stand for themselves; the
+    other 68 (controls, space, DEL, NBSP, soft hyphen...) are shifted to U+0100, U+0101, ... in
+    byte order. So the space 0x20 becomes 'Ġ' (U+0120) and the newline 0x0A becomes 'Ċ'.
+    The order of this table is also the order of GPT-2's first 256 ids: id 0 is '!'."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table  # dict insertion order == GPT-2 id order of the byte tokens
+
+
+def _atomic_write(path, data):
+    """Write bytes so that `path` is either the old file or the complete new one, never half:
+    temp file in the same folder, fsync, then os.replace (atomic on POSIX and Windows)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# 3. Pre-tokenization: text -> chunks -> chunk counts (serial and parallel)
+#
+# Training never looks at the corpus as one long string. It only needs how often each distinct
+# chunk occurs: 13 MB of Python source has ~2.9M chunks but only ~66k distinct ones. So we stream
+# over the documents, count chunks in a Counter, and memory grows with the number of distinct
+# chunks, not with the corpus size. Special tokens are cut out first, so that no chunk (and so no
+# merge) ever contains a piece of "<|endoftext|>".
+
+def special_splitter(special_tokens):
+    """A compiled regex matching any of the special tokens (longest first), or None.
+    Longest first matters when one special is a prefix of another."""
+    if not special_tokens:
+        return None
+    alternatives = sorted(special_tokens, key=lambda s: (-len(s), s))
+    return regex.compile("(" + "|".join(regex.escape(s) for s in alternatives) + ")")
+
+
+def count_chunks_serial(texts, pattern, special_tokens=()):
+    """Counter of chunk -> occurrences over an iterable of documents."""
+    findall = compile_pattern(pattern).findall
+    cut = special_splitter(special_tokens)
+    counts = collections.Counter()
+    for text in texts:
+        # [::2] drops the specials themselves; the `in` test (fast C search) skips the split
+        # for the usual document that contains no special token
+        has_special = cut is not None and any(s in text for s in special_tokens)
+        pieces = cut.split(text)[::2] if has_special else (text,)
+        for piece in pieces:
+            counts.update(findall(piece))  # Counter.update on an iterable counts in C
+    return counts
+
+
+def _count_chunks_worker(job):
+    pattern, special_tokens, texts = job
+    return count_chunks_serial(texts, pattern, special_tokens)
+
+
+BATCH_CHARS = 1 << 20  # documents are sent to worker processes in batches of about 1M characters
+PARALLEL_MIN_CHARS = 1 << 18  # encode_batch below this many characters stays in one process
+
+
+def _batches(texts, batch_chars=BATCH_CHARS):
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _pool(num_proc):
+    """A process pool; fork where the platform has it (starts fast, shares the parent's memory)."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(num_proc)
+
+
+def _reading_progress(texts):
+    """Pass the documents through, with a line on stderr every PROGRESS_SECONDS."""
+    t0 = last = time.perf_counter()
+    docs = chars = 0
+    for text in texts:
+        yield text
+        docs, chars = docs + 1, chars + len(text)
+        now = time.perf_counter()
+        if now - last >= PROGRESS_SECONDS:
+            last = now
+            print(f"bpe: counting chunks: {docs:,} documents, {chars / 1e6:.0f}M characters "
+                  f"({chars / 1e6 / (now - t0):.1f}M/s)", file=sys.stderr)
+
+
+def count_chunks(texts, pattern=GPT4_PATTERN, special_tokens=(), num_proc=1, batch_chars=BATCH_CHARS,
+                 quiet=True):
+    """Count chunks, in `num_proc` processes for large inputs. The result is identical to the serial
+    one: counting is a sum, and sums do not depend on which process added what. At most
+    2 * num_proc batches are in flight, so a huge corpus is never held in memory at once."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not quiet:
+        texts = _reading_progress(texts)
+    num_proc = num_proc or os.cpu_count() or 1
+    if num_proc == 1:
+        return count_chunks_serial(texts, pattern, special_tokens)
+    counts = collections.Counter()
+    with _pool(num_proc) as pool:
+        pending = collections.deque()
+        for batch in _batches(texts, batch_chars):
+            pending.append(pool.apply_async(_count_chunks_worker, ((pattern, tuple(special_tokens), batch),)))
+            if len(pending) >= 2 * num_proc:
+                counts.update(pending.popleft().get())
+        while pending:
+            counts.update(pending.popleft().get())
+    return counts
+
+
+def chunks_to_words(chunk_counts):
+    """{chunk str: count} -> (words, counts): each word is a list of byte values, sorted by bytes
+    so that everything downstream runs in the same order in every process and on every platform.
+    Single-byte chunks are dropped: they contain no pair, so they can never take part in a merge."""
+    pairs = {}
+    for chunk, n in chunk_counts.items():
+        try:
+            b = chunk.encode("utf-8", UTF8_ERRORS)
+        except UnicodeEncodeError as e:
+            raise UserError(f"cannot train on {chunk!r}: the text contains a lone surrogate ({e.reason}); "
+                            f"read your files with errors='replace' or 'surrogateescape'") from None
+        if len(b) >= 2:
+            pairs[b] = pairs.get(b, 0) + n
+    ordered = sorted(pairs)
+    return [list(b) for b in ordered], [pairs[b] for b in ordered]
+
+
+# -----------------------------------------------------------------------------
+# 4. Training: the textbook merge loop and the incremental one
+#
+# Both take the distinct chunks as lists of byte values ("words") with their counts, and return
+# the merges in the order they were learned, as (left_id, right_id, count); merge number i
+# creates token id 256 + i.
+#
+# Which pair wins. The most frequent pair; among pairs with equal counts, the lexicographically
+# greatest (bytes_of_left, bytes_of_right). Any fixed rule would do; what matters is that it
+# depends only on the pair itself, never on dict or process order, so every run agrees.
+
+def _merge_word(word, a, b, new_id):
+    """Replace every non-overlapping occurrence of the pair (a, b), left to right, by new_id.
+    _merge_word([1, 2, 1, 2, 2], 1, 2, 9) == [9, 9, 2]"""
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == a and word[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def train_merges_reference(words, counts, n_merges):
+    """The textbook loop (as in minbpe): recount every pair of the corpus for every merge.
+    O(n_merges * corpus) -- only for tiny inputs and for testing the fast loop against."""
+    words = [list(w) for w in words]
+    vocab = [bytes([i]) for i in range(N_BYTES)]
+    merges = []
+    for _ in range(n_merges):
+        stats = collections.Counter()
+        for w, c in zip(words, counts):
+            for pair in zip(w, w[1:]):
+                stats[pair] += c
+        if not stats:
+            break  # every chunk is a single token: nothing left to merge
+        (a, b), best = max(stats.items(), key=lambda kv: (kv[1], vocab[kv[0][0]], vocab[kv[0][1]]))
+        new_id = N_BYTES + len(merges)
+        merges.append((a, b, best))
+        vocab.append(vocab[a] + vocab[b])
+        words = [_merge_word(w, a, b, new_id) for w in words]
+    return merges
+
+
+def _descending(token):
+    """A sort key that orders byte strings in REVERSE lexicographic order, so a min-heap pops the
+    greatest first: negate each byte (255 - x) and end with 256, which sorts after every negated
+    byte, so that a prefix ("ab") comes after its extensions ("abc"), the reverse of bytes order."""
+    return (*[255 - x for x in token], 256)
+
+
+class _Progress:
+    """'merges 1200/3840 | 2300 merges/s | ETA 1s' on stderr, at most every PROGRESS_SECONDS."""
+
+    def __init__(self, total, quiet):
+        self.total, self.quiet = total, quiet
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done, force=False):
+        now = time.perf_counter()
+        if self.quiet or (not force and now - self.last < PROGRESS_SECONDS):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        print(f"bpe: merges {done}/{self.total} | {rate:.0f} merges/s | ETA {eta:.0f}s", file=sys.stderr)
+
+
+def _initial_pairs(words, counts):
+    """Count every adjacent pair of byte values and list the words containing it, with numpy
+    (one sort instead of a Python loop over the ~0.5M pair positions of a 13 MB corpus).
+    Returns pair_count {2-char str: weighted count} and where {2-char str: [word indices]}."""
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    flat = np.frombuffer(b"".join(map(bytes, words)), dtype=np.uint8).astype(np.int64)  # all words, end to end
+    word_of = np.repeat(np.arange(len(words)), lengths)  # word index of every position
+    is_start = np.ones(len(flat), dtype=bool)
+    is_start[np.cumsum(lengths) - 1] = False  # a pair starts at every position but a word's last
+    starts = np.flatnonzero(is_start)
+    code = flat[starts] * N_BYTES + flat[starts + 1]  # pair (x, y) -> 256 x + y
+    order = np.argsort(code, kind="stable")
+    code, word_idx = code[order], word_of[starts][order]  # grouped by pair
+    weight = np.asarray(counts, dtype=np.int64)[word_idx]  # each occurrence counts its word's frequency
+    pairs, first = np.unique(code, return_index=True)
+    totals = np.add.reduceat(weight, first).tolist() if len(code) else []
+    bounds, word_idx = [*first.tolist(), len(code)], word_idx.tolist()
+    pair_count = collections.defaultdict(int)
+    where = collections.defaultdict(list)  # a list, not a set: a repeated index is harmless
+    for k, c in enumerate(pairs.tolist()):
+        pair = chr(c // N_BYTES) + chr(c % N_BYTES)
+        pair_count[pair] = totals[k]
+        where[pair] = word_idx[bounds[k]:bounds[k + 1]]
+    return pair_count, where
+
+
+def train_merges(words, counts, n_merges, quiet=True, final_words=None):
+    """The incremental loop: same merges as train_merges_reference, without recounting.
+    words: the distinct chunks as lists of byte values, counts: their frequencies (both from
+    chunks_to_words). If final_words is a list, it receives every word's ids after the last merge.
+
+    Representation. Each distinct chunk ("word") is a Python str with ONE CHARACTER PER TOKEN:
+    token id t is chr(t). Then the slow parts run inside CPython's C string code: finding a pair
+    is word.find(P), and merging all its occurrences left to right is word.replace(P, Z), exactly
+    the semantics of _merge_word. A pair is the 2-character string P = chr(a) + chr(b).
+      pair_count[P]  total occurrences of the pair, weighted by how often each word occurs
+      where[P]       indices of the words that contain (or once contained) the pair
+      heap           (-count, descending bytes key, P) entries, possibly stale
+
+    One merge P = A+B -> Z visits only the words in where[P], and in each word only the
+    neighbours of each occurrence change. For an occurrence at j, with left neighbour L and
+    right neighbour R:   ... L A B R ...  ->  ... L Z R ...
+        pair_count[L+A] -= n, pair_count[L+Z] += n     (n = occurrences of this word)
+        pair_count[B+R] -= n, pair_count[Z+R] += n
+    where two occurrences touch (A B A B -> Z Z) the boundary pair B+A becomes Z+Z, counted once.
+    pair_count[P] itself drops to zero: replace() leaves no occurrence of P behind.
+
+    Lazy invalidation, and why it is exact: a pair's count never grows after the merge that
+    created it (a merge only removes occurrences of existing pairs; every pair it adds contains
+    the brand-new token). So when the popped entry's count is out of date, the true count is
+    lower: push it back with the true count and pop again. An up-to-date entry on top of the
+    heap is therefore the true best pair, with the tie-break built into the heap key."""
+    pair_count, where = _initial_pairs(words, counts)
+    words = ["".join(map(chr, w)) for w in words]  # token ids -> one character each
+    key = {chr(i): _descending(bytes([i])) for i in range(N_BYTES)}  # per token, see _descending
+    vocab = {chr(i): bytes([i]) for i in range(N_BYTES)}
+    heap = [(-c, (key[p[0]], key[p[1]]), p) for p, c in pair_count.items()]
+    heapq.heapify(heap)
+    merges, progress = [], _Progress(n_merges, quiet)
+    while len(merges) < n_merges and heap:
+        neg, _, pair = heapq.heappop(heap)
+        c = pair_count.get(pair, 0)
+        if c != -neg:  # stale entry: the true count is lower (see docstring)
+            if c > 0:
+                heapq.heappush(heap, (-c, (key[pair[0]], key[pair[1]]), pair))
+            continue
+        a, b = pair
+        z = chr(N_BYTES + len(merges))
+        merges.append((ord(a), ord(b), c))
+        vocab[z] = vocab[a] + vocab[b]
+        key[z] = _descending(vocab[z])
+        born = {}  # new pair (it contains z) -> [its count, index of a word, index, ...]
+        for i in where.pop(pair):
+            w = words[i]
+            j = w.find(pair)
+            if j < 0:
+                continue  # this word lost the pair in an earlier merge, or was already visited
+            n, last, prev_end = counts[i], len(w) - 2, -1
+            while j >= 0:
+                nxt = w.find(pair, j + 2)
+                if j > 0:  # left neighbour: L A -> L Z  (or, right after an occurrence, B A -> Z Z)
+                    left = w[j - 1]
+                    pair_count[left + a] -= n
+                    p = z + z if j == prev_end else left + z
+                    entry = born.get(p)
+                    if entry is None:
+                        born[p] = [n, i]
+                    else:
+                        entry[0] += n
+                        entry.append(i)
+                if j < last and nxt != j + 2:  # right neighbour: B R -> Z R (unless R starts the next one)
+                    right = w[j + 2]
+                    pair_count[b + right] -= n
+                    p = z + right
+                    entry = born.get(p)
+                    if entry is None:
+                        born[p] = [n, i]
+                    else:
+                        entry[0] += n
+                        entry.append(i)
+                prev_end, j = j + 2, nxt
+            words[i] = w.replace(pair, z)
+        del pair_count[pair]
+        for p, entry in born.items():
+            pair_count[p] = entry[0]
+            where[p] = entry[1:]
+            heapq.heappush(heap, (-entry[0], (key[p[0]], key[p[1]]), p))
+        progress.update(len(merges))
+    progress.update(len(merges), force=len(merges) > 0)
+    if final_words is not None:
+        final_words.extend([list(map(ord, w)) for w in words])
+    return merges
+
+
+# -----------------------------------------------------------------------------
+# 5. The Tokenizer: encode, decode, streaming decode, files, GPT-2 and tiktoken interop
+#
+# A tokenizer is fully described by:
+#   pattern         the split regex
+#   byte_ids[b]     the id of the single byte b (b for ours; GPT-2 and tiktoken shuffle them)
+#   merges          (left_id, right_id, new_id) in rank order: rank 0 is applied first
+#   special_tokens  {"<|endoftext|>": id}
+# Everything else (the bytes of each id, the pair -> rank table, the caches) is derived.
+
+
+class StreamDecoder:
+    """Turns ids into text one at a time for streaming generation, emitting only complete UTF-8
+    characters: an emoji split over two tokens prints once, whole, when its last byte arrives.
+    Invalid bytes still become U+FFFD (as in decode), but never because a character is unfinished.
+        d = tok.stream_decoder(); pieces = [d.push(i) for i in ids] + [d.flush()]
+        "".join(pieces) == tok.decode(ids)"""
+
+    def __init__(self, vocab):
+        self._vocab = vocab
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # buffers unfinished chars
+
+    def push(self, token_id) -> str:
+        token_id = int(token_id)
+        if not 0 <= token_id < len(self._vocab) or self._vocab[token_id] is None:
+            raise UserError(f"token id {token_id} is not in this tokenizer (vocab_size {len(self._vocab)})")
+        return self._utf8.decode(self._vocab[token_id])
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)  # an unfinished char at the very end -> U+FFFD
+
+
+_WORKER_TOKENIZER = None  # the tokenizer inside encode_batch's worker processes
+
+
+def _encode_batch_init(tokenizer):
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_batch_worker(job):
+    texts, allowed_special = job
+    return [array.array("I", _WORKER_TOKENIZER.encode(t, allowed_special)) for t in texts]
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer. Build one with Tokenizer.train / load / from_gpt2 / from_tiktoken."""
+
+    def __init__(self, pattern, merges, special_tokens=None, byte_ids=None):
+        self.pattern = resolve_pattern(pattern)
+        self._findall = compile_pattern(self.pattern).findall
+        self.byte_ids = list(range(N_BYTES)) if byte_ids is None else [int(i) for i in byte_ids]
+        self.merges = [(int(a), int(b), int(z)) for a, b, z in merges]
+        self.special_tokens = dict(special_tokens or {})
+        ids = [*self.byte_ids, *(z for _, _, z in self.merges), *self.special_tokens.values()]
+        if len(set(ids)) != len(ids) or min(ids) < 0 or len(self.byte_ids) != N_BYTES:
+            raise UserError("inconsistent tokenizer: the 256 byte tokens, the merges and the special tokens "
+                            "must all have distinct, non-negative ids")
+        # derived tables
+        self.vocab_size = 1 + max(ids)
+        vocab = [None] * self.vocab_size  # id -> bytes
+        for b, i in enumerate(self.byte_ids):
+            vocab[i] = bytes([b])
+        for a, b, z in self.merges:
+            vocab[z] = vocab[a] + vocab[b]
+        for s, i in self.special_tokens.items():
+            vocab[i] = s.encode("utf-8")
+        self._vocab = vocab
+        self._rank = {(a, b): r for r, (a, b, _) in enumerate(self.merges)}  # pair -> rank
+        self._merged = [z for _, _, z in self.merges]  # rank -> new id
+        self._bytes_are_ids = self.byte_ids == list(range(N_BYTES))  # true for tokenizers we train
+        self._cache = {}  # chunk str -> tuple of ids
+        self._special_re = {}  # frozenset of allowed specials -> compiled splitter
+        self._fingerprint = None
+
+    # --- training ---------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=(EOT,), num_proc=1, quiet=False):
+        """Learn vocab_size - 256 - len(special_tokens) merges from an iterable of documents.
+
+        Worked example (tests check it): the documents ["aaab", "aaab", "ab"] split into the chunks
+        "aaab" x2 and "ab" x1. Pair counts: (a,a)=4, (a,b)=3 -> merge 1 is a+a -> "aa" (id 256);
+        the words become [aa, a, b] x2 and [a, b]: (a,b)=3, (aa,a)=2 -> merge 2 is a+b -> "ab"
+        (id 257); words [aa, ab] x2 and [ab]: merge 3 is aa+ab -> "aaab" (id 258)."""
+        pattern = compile_pattern(pattern).pattern  # fail fast on a bad regex, before reading the corpus
+        special_tokens = tuple(special_tokens or ())
+        if len(set(special_tokens)) != len(special_tokens) or any(not s for s in special_tokens):
+            raise UserError(f"special tokens must be distinct and non-empty, got {list(special_tokens)}")
+        n_merges = vocab_size - N_BYTES - len(special_tokens)
+        if n_merges < 0:
+            raise UserError(f"vocab_size={vocab_size} is too small: it needs at least {N_BYTES} bytes + "
+                            f"{len(special_tokens)} special tokens = {N_BYTES + len(special_tokens)}")
+        t0 = time.perf_counter()
+        counts = count_chunks(texts, pattern, special_tokens, num_proc, quiet=quiet)
+        if not counts:
+            raise UserError("the training corpus is empty: give it at least one non-empty document")
+        words, word_counts = chunks_to_words(counts)
+        if not quiet:
+            print(f"bpe: {sum(counts.values()):,} chunks, {len(counts):,} distinct, counted in "
+                  f"{time.perf_counter() - t0:.1f}s; learning {n_merges} merges", file=sys.stderr)
+        final_words = []
+        merges = train_merges(words, word_counts, n_merges, quiet=quiet, final_words=final_words)
+        if len(merges) < n_merges:
+            print(f"bpe: stopped early after {len(merges)} of {n_merges} merges: every chunk of the "
+                  f"corpus is already a single token (vocab_size {N_BYTES + len(merges) + len(special_tokens)}"
+                  f" instead of {vocab_size}); use a bigger corpus for a bigger vocabulary", file=sys.stderr)
+        merges = [(a, b, N_BYTES + r) for r, (a, b, _) in enumerate(merges)]
+        first_special = N_BYTES + len(merges)  # specials take the ids right after the last merge
+        specials = {s: first_special + k for k, s in enumerate(special_tokens)}
+        tok = cls(pattern, merges, specials)
+        # The trainer has already merged every distinct chunk of the corpus, and encoding a chunk
+        # gives exactly the trainer's result (see _bpe; a test checks it). So the encode cache
+        # starts warm: prepare.py, which encodes the corpus it just trained on, skips all BPE work.
+        if len(words) <= CHUNK_CACHE_MAX:
+            for raw, ids in zip(words, final_words):
+                tok._cache[bytes(raw).decode("utf-8", UTF8_ERRORS)] = tuple(ids)
+        return tok
+
+    # --- properties ---------------------------------------------------------------------------
+
+    @property
+    def eot_id(self) -> int:
+        """Id of <|endoftext|>, the token that starts every document in prepare.py's shards."""
+        if EOT not in self.special_tokens:
+            raise UserError(f"this tokenizer has no {EOT} special token; train it with special_tokens=({EOT!r},)")
+        return self.special_tokens[EOT]
+
+    def token_bytes(self):
+        """Byte length of every id (0 for special tokens and unused ids). bits-per-byte divides the
+        summed loss by the bytes of the targets, which makes models with different vocabularies
+        comparable; specials are not text, so they count as 0 bytes."""
+        lengths = [len(v) if v is not None else 0 for v in self._vocab]
+        for i in self.special_tokens.values():
+            lengths[i] = 0
+        return lengths
+
+    def __repr__(self):
+        return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+                f"special_tokens={self.special_tokens}, fingerprint={self.fingerprint[:12]}...)")
+
+    def __getstate__(self):  # for worker processes: the caches travel empty, compiled regexes not at all
+        state = dict(self.__dict__)
+        state.update(_cache={}, _special_re={}, _findall=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._findall = regex.compile(self.pattern).findall
+
+    # --- encoding -----------------------------------------------------------------------------
+
+    def _bpe(self, ids):
+        """Apply the merges to one chunk (a list of ids): repeatedly merge the leftmost pair of
+        lowest rank, until no pair of the chunk was ever merged.
+
+        Why this equals replaying all merges in training order: a pair created by merge r contains
+        the token made by merge r, so its rank is above r; ranks only go up as we merge, and the
+        other occurrences of the pair just merged (rank r) are merged next, left to right, exactly
+        as training merged them. ranks[k] is the rank of the pair (ids[k], ids[k+1]); a merge only
+        changes the ranks of its two neighbours, and min() / index() scan the list in C.
+            merges a+a -> 256 (rank 0), 256+b -> 257 (rank 1):  [a, a, a, b] -> [256, a, b] -> done
+            (the pair (a, b) was never merged and (256, a) neither; 256+b does not occur)"""
+        rank, merged = self._rank, self._merged
+        never = len(merged)  # the "rank" of a pair that was never merged
+        ranks = [rank.get(pair, never) for pair in zip(ids, ids[1:])]
+        while ranks:
+            r = min(ranks)
+            if r == never:
+                break
+            i = ranks.index(r)  # leftmost occurrence
+            ids[i:i + 2] = [merged[r]]
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank.get((ids[i - 1], ids[i]), never)
+            if i < len(ranks):
+                ranks[i] = rank.get((ids[i], ids[i + 1]), never)
+        return ids
+
+    def _encode_chunk(self, chunk):
+        try:
+            raw = chunk.encode("utf-8", UTF8_ERRORS)
+        except UnicodeEncodeError as e:
+            raise UserError(f"cannot encode {chunk!r}: the text contains a lone surrogate ({e.reason}); "
+                            f"decode your bytes with errors='surrogateescape' or 'replace'") from None
+        ids = list(raw) if self._bytes_are_ids else [self.byte_ids[b] for b in raw]
+        return tuple(self._bpe(ids))
+
+    def encode_ordinary(self, text) -> list:
+        """Encode text with no special-token handling at all ("<|endoftext|>" is just 13 bytes)."""
+        return self._encode_chunks(self._findall(text))
+
+    def _encode_chunks(self, chunks):
+        """Chunks -> ids, through the chunk -> ids cache: real text repeats its chunks (the stdlib
+        corpus has ~2.9M chunks but ~66k distinct), so _bpe runs once per distinct chunk and the
+        rest is one dict lookup per chunk. (A plain loop with list.extend measured as fast as
+        C-level map/chain variants here.)"""
+        cache = self._cache
+        if len(cache) > CHUNK_CACHE_MAX:
+            cache.clear()  # bound memory on endless input; the common chunks come back at once
+        get = cache.get
+        ids = []
+        extend = ids.extend
+        for chunk in chunks:
+            chunk_ids = get(chunk)
+            if chunk_ids is None:
+                chunk_ids = cache[chunk] = self._encode_chunk(chunk)
+            extend(chunk_ids)
+        return ids
+
+    def _allowed_specials(self, allowed_special):
+        if allowed_special == "none" or allowed_special is None:
+            return frozenset()
+        if allowed_special == "all":
+            return frozenset(self.special_tokens)
+        if isinstance(allowed_special, str):  # a single name: surely a mistake for {name}
+            raise UserError(f"allowed_special={allowed_special!r}: use 'none', 'all' or a set of token "
+                            f"strings such as {{{EOT!r}}}")
+        allowed = frozenset(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise UserError(f"allowed_special has unknown tokens {sorted(unknown)}; "
+                            f"this tokenizer has {sorted(self.special_tokens)}")
+        return allowed
+
+    def encode(self, text, allowed_special="none") -> list:
+        """Text -> ids.
+
+        Special tokens are safe by default: with allowed_special="none" the text "<|endoftext|>"
+        inside a document is encoded as ordinary bytes, so data cannot inject a document
+        boundary. Pass "all" (or a set of token strings) to turn those strings into their ids.
+            tok.encode("a<|endoftext|>")                         -> [ids of a, <|, endoftext, |>]
+            tok.encode("a<|endoftext|>", allowed_special="all")  -> [id of a, tok.eot_id]"""
+        allowed = self._allowed_specials(allowed_special)
+        if not allowed:
+            return self.encode_ordinary(text)
+        splitter = self._special_re.get(allowed)
+        if splitter is None:
+            splitter = self._special_re[allowed] = special_splitter(allowed)
+        ids = []
+        for k, piece in enumerate(splitter.split(text)):  # [text, special, text, special, ...]
+            if k % 2:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids.extend(self.encode_ordinary(piece))
+        return ids
+
+    def encode_batch(self, texts, num_proc=None, allowed_special="none") -> list:
+        """Encode many documents, in num_proc processes (None = all cores). Same ids as encode."""
+        texts = list(texts)
+        num_proc = min(num_proc or os.cpu_count() or 1, max(1, len(texts)))
+        self._allowed_specials(allowed_special)  # validate here, not in every worker
+        total = sum(map(len, texts))
+        if num_proc == 1 or total < PARALLEL_MIN_CHARS:  # small jobs: processes cost more than they save
+            return [self.encode(t, allowed_special) for t in texts]
+        # contiguous slices of about equal size, a few per process for load balance
+        n_jobs = min(len(texts), num_proc * 4)
+        bounds = [round(k * len(texts) / n_jobs) for k in range(n_jobs + 1)]
+        jobs = [(texts[lo:hi], allowed_special) for lo, hi in zip(bounds, bounds[1:])]
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ctx.Pool(num_proc, initializer=_encode_batch_init, initargs=(self,)) as pool:
+            # ids travel back as compact uint32 arrays (4 bytes per id), not as pickled ints
+            return [a.tolist() for part in pool.imap(_encode_batch_worker, jobs) for a in part]
+
+    # The regex decides chunk boundaries by looking ahead: "  x" splits as " ", " x", but "  " at
+    # the end of the text stays one chunk. So encode_iterable holds back the last chunks of what it
+    # has read (the ones more text could still change) and only emits the ones before them.
+    # Two is enough for our patterns: a whitespace run ending the text splits into at most two
+    # chunks once more text arrives; tests check random line splits against encode.
+    STREAM_HOLD_BACK = 2
+    STREAM_BLOCK = 1 << 16  # characters read before each regex pass
+
+    def encode_iterable(self, lines):
+        """Lazy encode of an iterable of strings (e.g. an open file): yields exactly the ids of
+        encode_ordinary("".join(lines)), holding only about STREAM_BLOCK characters in memory."""
+        buffer = []
+        size = 0
+        for line in lines:
+            buffer.append(line)
+            size += len(line)
+            if size < self.STREAM_BLOCK:
+                continue
+            text = "".join(buffer)
+            chunks = self._findall(text)
+            keep = chunks[-self.STREAM_HOLD_BACK:]
+            done = chunks[:-self.STREAM_HOLD_BACK]
+            yield from self._encode_chunks(done)  # not encode("".join(done)): that would re-split
+            buffer = ["".join(keep)]
+            size = len(buffer[0])
+        if buffer:
+            yield from self.encode_ordinary("".join(buffer))
+
+    # --- decoding -----------------------------------------------------------------------------
+
+    def decode_bytes(self, ids) -> bytes:
+        """Ids -> the exact bytes (special tokens as their text)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        try:
+            if ids and min(ids) < 0:
+                raise IndexError
+            return b"".join(map(self._vocab.__getitem__, ids))
+        except (IndexError, TypeError):
+            bad = [i for i in ids if not (0 <= i < self.vocab_size and self._vocab[i] is not None)]
+            raise UserError(f"token id {bad[0]} is not in this tokenizer (vocab_size {self.vocab_size}); "
+                            f"was it made with a different tokenizer?") from None
+
+    def decode(self, ids) -> str:
+        """Ids -> text. A cut in the middle of a multi-byte character (or bytes that are not
+        UTF-8 at all) decodes to U+FFFD rather than failing."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self._vocab)
+
+    # --- files ----------------------------------------------------------------------------------
+    #
+    # The file is plain text, one fact per line, diffable and readable:
+    #     nanostack-bpe 1
+    #     pattern "'(?i:[sdmt]|ll|ve|re)|..."            (JSON string)
+    #     byte_ids identity                            (or the 256 ids of bytes 0..255)
+    #     merges 3839
+    #     256 32 116 \x20 t                            (new_id left_id right_id left right)
+    #     ...
+    #     specials 1
+    #     4095 "<|endoftext|>"                         (id, JSON string)
+    # The ids make the file exact; the escaped bytes make it readable, and load() checks they agree.
+    # Lines starting with '#' are comments. fingerprint = sha256 of this text without comments.
+
+    def _serialize(self) -> str:
+        lines = [f"{FORMAT_NAME} {FORMAT_VERSION}", f"pattern {json.dumps(self.pattern)}"]
+        identity = self.byte_ids == list(range(N_BYTES))
+        lines.append("byte_ids identity" if identity else "byte_ids " + " ".join(map(str, self.byte_ids)))
+        lines.append(f"merges {len(self.merges)}")
+        vocab = self._vocab
+        lines += [f"{z} {a} {b} {escape_token(vocab[a])} {escape_token(vocab[b])}" for a, b, z in self.merges]
+        lines.append(f"specials {len(self.special_tokens)}")
+        lines += [f"{i} {json.dumps(s)}" for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])]
+        return "\n".join(lines) + "\n"
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical serialization: equal fingerprints <=> identical tokenizers."""
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(self._serialize().encode("utf-8")).hexdigest()
+        return self._fingerprint
+
+    def save(self, path):
+        header = (f"# byte-level BPE tokenizer written by nanostack bpe.py; vocab_size {self.vocab_size}\n"
+                  f"# merge lines: new_id left_id right_id left_bytes right_bytes "
+                  f"(bytes escaped: \\xNN, \\\\)\n# fingerprint {self.fingerprint}\n")
+        _atomic_write(path, (header + self._serialize()).encode("utf-8"))
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by save(); any problem is a UserError naming the file and line."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise UserError(f"tokenizer file {path} not found: train one with `python bpe.py --train=...` "
+                            f"or run prepare.py") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read tokenizer file {path} ({e}); "
+                            f"re-create it with bpe.py or prepare.py") from None
+        lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line and not line.startswith("#")]
+        pos = 0
+
+        def take(what):
+            nonlocal pos
+            if pos >= len(lines):
+                raise ValueError(f"file ends where {what} was expected")
+            n, line = lines[pos]
+            pos += 1
+            return n, line
+
+        try:
+            n, line = take("the header")
+            if line.split(" ")[0] != FORMAT_NAME:
+                raise ValueError(f"line {n}: not a nanostack tokenizer file (no '{FORMAT_NAME}' header)")
+            if line != f"{FORMAT_NAME} {FORMAT_VERSION}":
+                raise ValueError(f"line {n}: format {line!r}, this bpe.py reads version {FORMAT_VERSION}")
+            n, line = take("pattern")
+            if not line.startswith("pattern "):
+                raise ValueError(f"line {n}: expected 'pattern \"...\"'")
+            pattern = json.loads(line[len("pattern "):])
+            n, line = take("byte_ids")
+            fields = line.split(" ")
+            if fields[0] != "byte_ids":
+                raise ValueError(f"line {n}: expected 'byte_ids'")
+            byte_ids = None if fields[1:] == ["identity"] else [int(x) for x in fields[1:]]
+            if byte_ids is not None and len(byte_ids) != N_BYTES:
+                raise ValueError(f"line {n}: byte_ids needs {N_BYTES} ids")
+            n, line = take("merges")
+            if not line.startswith("merges "):
+                raise ValueError(f"line {n}: expected 'merges N'")
+            vocab = {i: bytes([b]) for b, i in enumerate(byte_ids or range(N_BYTES))}
+            merges = []
+            for _ in range(int(line.split(" ")[1])):
+                n, line = take("a merge line")
+                fields = line.split(" ")
+                if len(fields) != 5:
+                    raise ValueError(f"line {n}: expected a merge 'new_id left_id right_id left right'")
+                z, a, b, left, right = fields
+                z, a, b = int(z), int(a), int(b)
+                if a not in vocab or b not in vocab or z in vocab:
+                    raise ValueError(f"line {n}: merge {z} = {a} + {b} uses an unknown id or reuses one")
+                if unescape_token(left) != vocab[a] or unescape_token(right) != vocab[b]:
+                    raise ValueError(f"line {n}: the bytes do not match ids {a} and {b}")
+                vocab[z] = vocab[a] + vocab[b]
+                merges.append((a, b, z))
+            n, line = take("specials")
+            if not line.startswith("specials "):
+                raise ValueError(f"line {n}: expected 'specials N'")
+            specials = {}
+            for _ in range(int(line.split(" ")[1])):
+                n, line = take("a special token line")
+                fields = line.split(" ", 1)
+                if len(fields) != 2:
+                    raise ValueError(f"line {n}: expected a special token 'id \"text\"'")
+                specials[json.loads(fields[1])] = int(fields[0])
+            if pos != len(lines):
+                raise ValueError(f"line {lines[pos][0]}: unexpected text after the special tokens")
+            return cls(pattern, merges, specials, byte_ids)
+        except (ValueError, IndexError, TypeError, regex.error) as e:
+            raise UserError(f"bad tokenizer file {path}: {e}; re-create it with bpe.py or prepare.py") from None
+
+    # --- GPT-2 and tiktoken interop ---------------------------------------------------------------
+
+    @classmethod
+    def from_gpt2(cls, encoder_json, vocab_bpe):
+        """Load GPT-2's published files so that encode() returns GPT-2's exact ids.
+
+        encoder.json maps token text -> id and vocab.bpe lists the merges in rank order, one
+        "left right" per line, both written with gpt2_bytes_to_unicode() (a space is 'Ġ').
+        Tokens that are neither a byte nor a merge result (<|endoftext|>) are special tokens."""
+        try:
+            with open(encoder_json, encoding="utf-8") as f:
+                encoder = json.load(f)
+            with open(vocab_bpe, encoding="utf-8") as f:
+                merge_lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read GPT-2 tokenizer files {encoder_json}, {vocab_bpe}: {e}") from None
+        table = gpt2_bytes_to_unicode()
+        try:
+            byte_ids = [encoder[table[b]] for b in range(N_BYTES)]
+            merges = []
+            for line in merge_lines:
+                left, right = line.split(" ")
+                merges.append((encoder[left], encoder[right], encoder[left + right]))
+        except (KeyError, ValueError) as e:
+            raise UserError(f"{vocab_bpe} does not match {encoder_json} (problem at {e}); use the pair "
+                            f"published together") from None
+        used = set(byte_ids) | {z for _, _, z in merges}
+        from_unicode = {c: b for b, c in table.items()}
+
+        def special_name(s):  # GPT-2 writes "<|endoftext|>" in printable ASCII, which maps to itself
+            try:
+                return bytes(from_unicode[c] for c in s).decode("utf-8")
+            except (KeyError, UnicodeDecodeError):
+                return s
+
+        specials = {special_name(s): i for s, i in encoder.items() if i not in used}
+        return cls(GPT2_PATTERN, merges, specials, byte_ids)
+
+    def save_tiktoken(self, path):
+        """tiktoken's rank file: 'base64(token bytes) rank' per line, rank = our id; specials are not
+        in it (tiktoken takes them as a separate argument)."""
+        specials = set(self.special_tokens.values())
+        lines = [f"{base64.b64encode(v).decode('ascii')} {i}" for i, v in enumerate(self._vocab)
+                 if v is not None and i not in specials]
+        _atomic_write(path, ("\n".join(lines) + "\n").encode("ascii"))
+
+    @classmethod
+    def from_tiktoken(cls, path, pattern=GPT4_PATTERN, special_tokens=(EOT,)):
+        """Read a tiktoken rank file. It lists tokens, not merges, so each merge is recovered by
+        encoding the token's bytes with the merges of lower rank: what is left are the two halves
+        that merge into it. special_tokens: names (ids after the last rank) or a dict name -> id."""
+        ranks = {}
+        try:
+            with open(path, encoding="ascii") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        token, rank = line.split()
+                        ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read tiktoken file {path}: {e}") from None
+        singles = {t[0]: r for t, r in ranks.items() if len(t) == 1}
+        if len(singles) != N_BYTES:
+            raise UserError(f"{path}: a byte-level rank file needs all {N_BYTES} single bytes, found {len(singles)}")
+        tok = cls(pattern, [], {}, [singles[b] for b in range(N_BYTES)])
+        for token, rank in sorted(((t, r) for t, r in ranks.items() if len(t) > 1), key=lambda tr: tr[1]):
+            parts = tok._bpe([tok.byte_ids[b] for b in token])
+            if len(parts) != 2:
+                raise UserError(f"{path}: token {token!r} (rank {rank}) is not the merge of two earlier tokens")
+            tok._rank[tuple(parts)] = len(tok._merged)
+            tok._merged.append(rank)
+            tok.merges.append((parts[0], parts[1], rank))
+        if not isinstance(special_tokens, dict):
+            top = max(ranks.values()) + 1
+            special_tokens = {s: top + k for k, s in enumerate(special_tokens or ())}
+        return cls(pattern, tok.merges, special_tokens, tok.byte_ids)
+
+
+# -----------------------------------------------------------------------------
+# 6. Teaching demo and benchmark
+
+DEMO_TEXT = """\
+The cat sat on the mat. The cat ate the rat, and then the other cat sat on the hat.
+A tokenizer that has seen "the cat" many times learns " the" and " cat" as single tokens,
+while rare words like "anthropomorphic" stay split into smaller pieces."""
+DEMO_MERGES = 20  # merges printed by the demo
+DEMO_SENTENCE = "The other cat sat on the anthropomorphic hat."
+
+
+def demo():
+    """Train on DEMO_TEXT, printing each merge with its count, then split a sentence."""
+    print(f"Training text ({len(DEMO_TEXT)} characters):\n{DEMO_TEXT}\n")
+    counts = count_chunks_serial([DEMO_TEXT], GPT4_PATTERN)
+    print(f"The GPT-4 pattern cuts it into {sum(counts.values())} chunks, {len(counts)} distinct, e.g. "
+          f"{list(counts)[:8]}\n")
+    words, word_counts = chunks_to_words(counts)
+    merges = train_merges(words, word_counts, DEMO_MERGES)
+    vocab = [bytes([i]) for i in range(N_BYTES)]
+    print("Each step merges the most frequent adjacent pair (ties: greatest bytes) into a new token:")
+    for a, b, count in merges:
+        vocab.append(vocab[a] + vocab[b])
+        print(f"  merge {len(vocab) - N_BYTES:2d}: {vocab[a]!r:>8} + {vocab[b]!r:<8} -> id {len(vocab) - 1}"
+              f" {vocab[-1]!r:<12} (seen {count} times)")
+    tok = Tokenizer(GPT4_PATTERN, [(a, b, N_BYTES + r) for r, (a, b, _) in enumerate(merges)], {EOT: len(vocab)})
+    ids = tok.encode(DEMO_SENTENCE)
+    pieces = [tok.decode([i]) for i in ids]
+    print(f"\n{DEMO_SENTENCE!r}\n  -> {len(DEMO_SENTENCE.encode())} bytes, {len(ids)} tokens: {pieces}")
+    print(f"  ids: {ids}\n  decode(ids) == text: {tok.decode(ids) == DEMO_SENTENCE}")
+
+
+def stdlib_documents():
+    """The default corpus: the Python standard library's own .py files, read from the running
+    interpreter (no download). Test folders and site-packages are left out; files are sorted,
+    so every machine with the same Python version reads the same ~13 MB in the same order."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in ("test", "tests", "site-packages", "__pycache__"))
+        paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+    for path in sorted(paths):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield f.read()
+
+
+def _peak_rss_mb():
+    """Peak resident memory of this process in MB. Linux: VmHWM (reset by exec, unlike ru_maxrss,
+    which a spawned child inherits from its parent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _train_in_child(vocab_size, num_proc, queue):
+    docs = list(stdlib_documents())
+    base = _peak_rss_mb()
+    t0 = time.perf_counter()
+    Tokenizer.train(docs, vocab_size, num_proc=num_proc, quiet=True)
+    queue.put((time.perf_counter() - t0, base, _peak_rss_mb()))
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+BENCH_VOCAB = 4096  # the issue's target size for the stdlib corpus
+BENCH_BIG_VOCAB = 32768  # a GPT-2-like size, timed once per trainer
+
+
+def bench(settings):
+    """Side by side in one process, alternating, medians. Reference libraries are optional;
+    HF `tokenizers` trains with all cores (its default), tiktoken encodes with 1 and all threads."""
+    docs = list(stdlib_documents())
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    cores = os.cpu_count() or 1
+    reps = settings.bench_repeats
+    print(f"bench: stdlib corpus {len(docs)} files, {mb:.1f} MB; {cores} cores; medians of {reps}")
+    try:
+        import tokenizers as hf
+    except ImportError:
+        hf = None
+        print("bench: Hugging Face `tokenizers` not installed (pip install tokenizers): no training reference")
+
+    def hf_train(vocab_size):
+        t = hf.Tokenizer(hf.models.BPE())
+        t.pre_tokenizer = hf.pre_tokenizers.Sequence([
+            hf.pre_tokenizers.Split(hf.Regex(GPT4_PATTERN), behavior="isolated"),
+            hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        trainer = hf.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                         initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+        t.train_from_iterator(docs, trainer)
+
+    sizes = [BENCH_VOCAB, BENCH_BIG_VOCAB] if settings.bench_big else [BENCH_VOCAB]
+    for vocab_size in sizes:
+        r = reps if vocab_size == BENCH_VOCAB else 1
+        ours, ours_par, ref = [], [], []
+        for _ in range(r):  # alternate so that load from other users hits both alike
+            t0 = time.perf_counter()
+            Tokenizer.train(docs, vocab_size, quiet=True)
+            ours.append(time.perf_counter() - t0)
+            if cores > 1:
+                t0 = time.perf_counter()
+                Tokenizer.train(docs, vocab_size, num_proc=cores, quiet=True)
+                ours_par.append(time.perf_counter() - t0)
+            if hf is not None:
+                t0 = time.perf_counter()
+                hf_train(vocab_size)
+                ref.append(time.perf_counter() - t0)
+        line = f"train vocab {vocab_size}: ours {statistics.median(ours):.2f}s (1 proc)"
+        if ours_par:
+            line += f", {statistics.median(ours_par):.2f}s ({cores} procs)"
+        if ref:
+            best = min(statistics.median(ours), statistics.median(ours_par or ours))
+            hf_median = statistics.median(ref)
+            line += f" | HF tokenizers {hf_median:.2f}s | ratio ours/HF {best / hf_median:.2f}"
+        print(line)
+    # peak memory of one training run in a fresh process (our parent holds HF and the corpus)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_train_in_child, args=(BENCH_VOCAB, 1, queue))
+    child.start()
+    seconds, base, peak = queue.get()
+    child.join()
+    print(f"train vocab {BENCH_VOCAB} in a fresh process: {seconds:.2f}s, peak RSS {peak:.0f} MB "
+          f"({base:.0f} MB of it is the interpreter and the corpus as str)")
+
+    tok = Tokenizer.train(docs, BENCH_VOCAB, quiet=True)
+    text = "".join(docs)
+
+    def ours_single():
+        tok._cache.clear()  # cold cache each run: honest, every distinct chunk pays its BPE once
+        tok.encode_ordinary(text)
+
+    def ours_warm():
+        tok.encode_ordinary(text)  # what a long run sees once the common chunks are cached
+
+    def ours_multi():
+        tok._cache.clear()  # cold here too (forked workers would inherit a warm cache)
+        tok.encode_batch(docs, num_proc=cores)
+
+    enc = None
+    try:
+        import tiktoken
+        ranks = {tok._vocab[i]: i for i in range(tok.vocab_size) if i not in tok.special_tokens.values()}
+        enc = tiktoken.Encoding("nanostack-bench", pat_str=GPT4_PATTERN, mergeable_ranks=ranks,
+                                special_tokens=dict(tok.special_tokens))
+        same = enc.encode_ordinary(text[:1_000_000]) == tok.encode_ordinary(text[:1_000_000])
+        print(f"tiktoken with our merges gives the same ids on the first 1M characters: {same}")
+    except ImportError:
+        print("bench: tiktoken not installed (pip install tiktoken): no encoding reference")
+    timings = collections.defaultdict(list)
+    for _ in range(reps):
+        timings["ours 1 proc"].append(_median_time(ours_single, 1))
+        timings["ours 1 proc warm cache"].append(_median_time(ours_warm, 1))
+        timings[f"ours {cores} procs"].append(_median_time(ours_multi, 1))
+        if enc is not None:
+            timings["tiktoken 1 thread"].append(_median_time(lambda: enc.encode_ordinary_batch(docs, num_threads=1), 1))
+            timings[f"tiktoken {cores} threads"].append(
+                _median_time(lambda: enc.encode_ordinary_batch(docs, num_threads=cores), 1))
+    speed = {name: mb / statistics.median(ts) for name, ts in timings.items()}
+    print("encode MB/s: " + ", ".join(f"{name} {s:.1f}" for name, s in speed.items()))
+    if enc is not None:
+        tt = speed["tiktoken 1 thread"]
+        print(f"encode ratio ours/tiktoken, 1 thread: {speed['ours 1 proc'] / tt:.2f} (cold cache), "
+              f"{speed['ours 1 proc warm cache'] / tt:.2f} (warm); ours {cores} procs / tiktoken 1 thread: "
+              f"{speed[f'ours {cores} procs'] / tt:.2f}")
+    findall = compile_pattern(GPT4_PATTERN).findall
+    seconds = _median_time(lambda: findall(text), reps)
+    print(f"limit: the split regex alone (regex.findall) runs at {mb / seconds:.1f} MB/s on one core")
+
+
+# -----------------------------------------------------------------------------
+# 7. Settings from the command line (shared by every nanostack script)
+#
+# Every script keeps its knobs in one dataclass whose fields read like a table:
+#     lr: float = 3e-4        # peak learning rate
+# and calls parse_settings(ThatClass, sys.argv[1:]). The trailing comment of each
+# field IS its --help text (read back from the source with inspect), so the table
+# and the help can never drift apart. This lives in bpe.py only because bpe.py is
+# the one file that every other script already imports.
+
+class UserError(Exception):
+    """An error caused by the user's input (a bad setting, a missing file, a corrupt
+    shard). main_guard prints its message as one line, without a traceback, so the
+    message itself must say what to do."""
+
+
+class SettingsError(UserError):
+    """A bad --key=value."""
+
+
+def _field_comments(cls):
+    """Map field name -> its trailing '# comment' in the class source ('' if none)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source available (frozen app, REPL)
+        return {}
+    comments = {}
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+)\s*:\s*[^=]+=.*?#\s?(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def settings_help(cls, description=""):
+    """The --help text: one line per setting with its default and comment."""
+    comments = _field_comments(cls)
+    lines = [description.strip(), ""] if description else []
+    lines.append("settings (override with --key=value):")
+    for f in dataclasses.fields(cls):
+        key = f"--{f.name}={_default(f)!r}"
+        lines.append(f"  {key:<36} {comments.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _coerce(name, text, default):
+    """Parse one value against the type of its default.
+
+    ast.literal_eval gives Python literals (3, 3e-4, True, None, [1, 2], (0, 64));
+    anything it cannot parse stays a plain string, so --input=data/*.txt needs no
+    quotes. Ints are accepted where floats are expected (--lr=1 means 1.0), and a
+    None default accepts anything (it has no type to check against)."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = text
+    if default is None:
+        return value
+    want = type(default)
+    if want is str:
+        return text  # --prompt=123 is the string "123", quotes are not needed
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if want in (list, tuple) and isinstance(value, (list, tuple)):
+        return want(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise SettingsError(f"--{name}={text}: expected {want.__name__} like {default!r}, "
+                            f"got {type(value).__name__}")
+    return value
+
+
+def parse_settings(cls, argv, description=""):
+    """Build cls() from ['--key=value', ...]; --help prints the table and exits.
+
+    Unknown keys fail with the closest valid key suggested, e.g.
+    --lr_rate=0.1 -> "unknown setting --lr_rate (did you mean --lr?)".
+    Validation errors raised (as ValueError) by cls.__post_init__ become
+    SettingsError, so main_guard prints them as one line."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(settings_help(cls, description))
+        sys.exit(0)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SettingsError(f"bad argument {arg!r}: write settings as --key=value (see --help)")
+        key, text = arg[2:].split("=", 1)  # split once: values may contain '='
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.0)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise SettingsError(f"unknown setting --{key}{hint}; see --help for the list")
+        values[key] = _coerce(key, text, _default(fields[key]))
+    try:
+        return cls(**values)
+    except ValueError as e:  # __post_init__ validation
+        raise SettingsError(str(e)) from None
+
+
+def main_guard(fn):
+    """Run fn() and turn a UserError into one line on stderr and exit code 2.
+    Anything else is a bug and keeps its traceback."""
+    try:
+        return fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main():
+    s = parse_settings(Settings, sys.argv[1:], description=__doc__)
+    if s.bench:
+        return bench(s)
+    if not s.train:
+        return demo()
+    paths = sorted({p for g in s.train.split(",") if g for p in glob.glob(g, recursive=True) if os.path.isfile(p)})
+    if not paths:
+        raise UserError(f"--train={s.train}: no file matches; give a glob such as --train='data/*.txt'")
+
+    def documents():  # one document per file, read lazily
+        for path in paths:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read()
+
+    specials = tuple(x for x in s.special_tokens.split(",") if x)
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(documents(), s.vocab_size, pattern=s.pattern, special_tokens=specials,
+                          num_proc=s.num_proc or os.cpu_count() or 1, quiet=s.quiet)
+    tok.save(s.out)
+    print(f"trained on {len(paths)} files in {time.perf_counter() - t0:.1f}s: vocab_size {tok.vocab_size}, "
+          f"wrote {s.out} (fingerprint {tok.fingerprint[:16]})")
+
+
+if __name__ == "__main__":
+    main_guard(main)
