@@ -1,0 +1,1260 @@
+"""
+model.py -- a modern decoder-only transformer (GPT), written out, with a KV cache.
+
+Where it sits: bpe.py (tokenizer) -> prepare.py (token shards) -> model.py (this file)
+-> train.py (optimises it) -> sample.py (generates with its KV cache).
+
+Every modern choice is a switch in GPTConfig, so a reader can turn it off and see what it did:
+  - RMSNorm, with or without a learnable gain (norm_gain)
+  - rotary position embeddings (RoPE) with base rope_theta, and context extension at inference
+    by linear position interpolation or YaRN (rope_scaling, rope_factor)
+  - attention with one merged QKV projection, grouped-query attention (n_kv_head: 1 = multi-query,
+    n_head = multi-head), QK-norm, an attention-logit softcap
+  - two attention paths with the same result: F.scaled_dot_product_attention (fast) and a
+    hand-written one (scores, mask, softmax, weighted sum) that you can read line by line
+  - masks: causal, sliding window (changeable at run time), global prefix tokens that are always
+    visible, document masking for packed sequences
+  - MLP: ReLU^2, SwiGLU or GELU, hidden size configurable
+  - pre-norm residual blocks, zero-initialised output projections, tied or untied embeddings,
+    final norm, final-logit softcap
+  - multi-token prediction (mtp): an extra head that predicts token t+2
+  - mixture of experts (n_experts > 0): token-choice top-k routing, shared experts, capacity
+    with token dropping, load-balancing loss, router z-loss, aux-loss-free bias balancing
+  - a KV cache: preallocated, prefill + one-token decode, branching one prompt into N samples
+  - accounting: parameters per component, FLOPs per token, KV-cache bytes per token, and the
+    optimizer parameter groups (Muon for hidden matrices, AdamW for the rest)
+
+Run it:
+  python model.py                                  # default architecture: table + one fwd/bwd
+  python model.py --n_layer=12 --n_embd=768 --n_head=6 --n_kv_head=2 --block_size=1024
+  python model.py --n_experts=8 --top_k=2 --moe_hidden=256      # MoE: total vs active params
+  python model.py --bench=True                     # time SDPA vs hand-written attention, and
+                                                   # cached decoding vs recomputing everything
+  python model.py --help                           # every GPTConfig field with its meaning
+
+Use it (train.py and sample.py do this):
+  model = GPT(GPTConfig(n_layer=4))
+  loss, aux = model(idx, targets)                  # aux: unweighted auxiliary losses ("mtp", ...)
+  logits = model(idx)                              # (B, T, vocab_size) float32
+  cache = model.make_cache(batch_size=1, max_len=512)
+  logits = model(prompt, cache=cache)              # prefill; then one token at a time
+
+Sections:
+  1. Configuration (GPTConfig)
+  2. RMSNorm
+  3. Rotary position embeddings (RoPE, linear interpolation, YaRN)
+  4. Attention masks (causal, sliding window, global prefix, documents)
+  5. Attention (merged QKV, GQA, QK-norm, softcap, SDPA and hand-written paths)
+  6. MLP (ReLU^2, SwiGLU, GELU)
+  7. Mixture of experts (routing, capacity, balancing, statistics)
+  8. Transformer block
+  9. KV cache
+ 10. The GPT model (init, forward, loss, multi-token prediction)
+ 11. Accounting (parameters, FLOPs, KV bytes) and optimizer groups
+ 12. main: print the architecture, run a forward/backward, optional benchmark
+"""
+import dataclasses
+import math
+import sys
+import time
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bpe
+
+# -----------------------------------------------------------------------------
+# 1. Configuration
+#
+# One dataclass holds every architectural choice. Its trailing comments are the --help text of
+# `python model.py`, and train.py stores dataclasses.asdict(config) in each checkpoint, so a model
+# can always be rebuilt from its checkpoint alone.
+
+MLP_KINDS = ("relu2", "swiglu", "gelu")
+ROPE_SCALINGS = ("none", "linear", "yarn")
+ATTN_IMPLS = ("sdpa", "manual")
+SWIGLU_ROUND = 64  # hidden sizes that are multiples of 64 map well onto matmul tiles
+
+
+def dense_hidden(config):
+    """Hidden width of the dense MLP: config.mlp_hidden if set, else 4*n_embd; for swiglu
+    8/3*n_embd rounded up to a multiple of SWIGLU_ROUND. SwiGLU has three matrices instead
+    of two, so 2/3 of the width keeps its parameter count close to the two-matrix MLPs.
+    Example: n_embd=48 -> relu2 192, swiglu 128 (8/3*48 = 128 is already a multiple of 64)."""
+    if config.mlp_hidden:
+        return config.mlp_hidden
+    if config.mlp == "swiglu":
+        return SWIGLU_ROUND * math.ceil(8 * config.n_embd / 3 / SWIGLU_ROUND)
+    return 4 * config.n_embd
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int = 4096          # number of token ids (tokenizer vocab incl. special tokens)
+    block_size: int = 256           # training context length in tokens (RoPE tables cover this)
+    n_layer: int = 4                # number of transformer blocks
+    n_head: int = 4                 # query heads per attention layer
+    n_kv_head: int = 4              # key/value heads: n_head = multi-head, 1 = multi-query, between = GQA
+    n_embd: int = 256               # width of the residual stream (head_dim = n_embd / n_head)
+    mlp: str = "relu2"              # MLP activation: relu2 (ReLU squared) | swiglu | gelu
+    mlp_hidden: int = 0             # MLP hidden size; 0 = 4*n_embd (relu2, gelu) or ~8/3*n_embd (swiglu)
+    rope_theta: float = 10000.0     # RoPE base: the slowest rotation has wavelength ~2*pi*theta tokens
+    rope_scaling: str = "none"      # context extension at inference: none | linear | yarn
+    rope_factor: float = 1.0        # extension factor s: usable context = block_size * s (needs scaling)
+    qk_norm: bool = True            # RMSNorm queries and keys per head before RoPE (stabilises logits)
+    attn_softcap: float = 0.0       # cap*tanh(score/cap) on attention scores; 0 = off (off keeps SDPA)
+    logit_softcap: float = 15.0     # cap*tanh(logit/cap) on output logits; 0 = off
+    norm_gain: bool = False         # RMSNorm has a learnable per-channel gain (False = parameter-free)
+    tie_embeddings: bool = False    # share the token embedding matrix with the output head
+    window: int = 0                 # sliding attention window in tokens; 0 = full causal attention
+    n_global: int = 0               # first n_global positions stay visible to every query (with a window)
+    mtp: bool = False               # multi-token prediction head: extra loss predicting token t+2
+    attn_impl: str = "sdpa"         # sdpa = F.scaled_dot_product_attention where it applies | manual
+    # Mixture of experts (section 7); n_experts = 0 keeps every MLP dense.
+    n_experts: int = 0              # routed experts per MoE layer; 0 = dense model
+    moe_every: int = 1              # every k-th block uses MoE (blocks with index % k == k-1)
+    top_k: int = 2                  # experts chosen per token
+    n_shared_experts: int = 0       # experts every token always uses, on top of the routed ones
+    capacity_factor: float = 0.0    # tokens per expert <= factor*tokens*top_k/n_experts; 0 = no dropping
+    moe_hidden: int = 0             # hidden size of each expert; 0 = the dense MLP hidden size
+    moe_aux_coef: float = 0.01      # weight of the load-balancing loss aux["moe_aux"] (used by train.py)
+    moe_z_coef: float = 0.001       # weight of the router z-loss aux["moe_z"] (used by train.py)
+    moe_bias_rate: float = 0.0      # step size of aux-loss-free bias balancing; 0 = off
+
+    def __post_init__(self):
+        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head} "
+                             "(each key/value head serves a whole group of query heads)")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head_dim = n_embd/n_head = {self.n_embd // self.n_head} must be even "
+                             "(RoPE rotates pairs of channels)")
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp={self.mlp!r}: choose one of {', '.join(MLP_KINDS)}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling={self.rope_scaling!r}: choose one of {', '.join(ROPE_SCALINGS)}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r}: choose one of {', '.join(ATTN_IMPLS)}")
+        if not self.rope_factor >= 1.0:
+            raise ValueError(f"rope_factor={self.rope_factor} must be >= 1 (it stretches the context)")
+        if self.rope_scaling == "none" and self.rope_factor != 1.0:
+            raise ValueError(f"rope_factor={self.rope_factor} needs rope_scaling=linear or yarn")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be positive")
+        for name in ("mlp_hidden", "window", "n_global", "n_experts", "n_shared_experts", "moe_hidden"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("attn_softcap", "logit_softcap", "capacity_factor", "moe_aux_coef",
+                     "moe_z_coef", "moe_bias_rate"):
+            if not getattr(self, name) >= 0:  # `not >=` also rejects NaN
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.n_global > self.block_size:
+            raise ValueError(f"n_global={self.n_global} must not exceed block_size={self.block_size}")
+        if self.moe_every < 1:
+            raise ValueError(f"moe_every={self.moe_every} must be at least 1")
+        if self.n_experts > 0 and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.n_experts > 0 and self.moe_every > self.n_layer:
+            raise ValueError(f"moe_every={self.moe_every} > n_layer={self.n_layer}: no block would "
+                             "use the experts; lower moe_every")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def max_context(self):
+        """Longest sequence the RoPE tables cover: block_size, stretched by rope_factor."""
+        return int(math.ceil(self.block_size * self.rope_factor))
+
+    @property
+    def hidden_size(self):
+        return dense_hidden(self)
+
+    @property
+    def expert_hidden(self):
+        return self.moe_hidden or dense_hidden(self)
+
+    def is_moe_layer(self, layer_index):
+        return self.n_experts > 0 and layer_index % self.moe_every == self.moe_every - 1
+
+    @property
+    def n_moe_layers(self):
+        return sum(self.is_moe_layer(i) for i in range(self.n_layer))
+
+# -----------------------------------------------------------------------------
+# 2. RMSNorm
+#
+# RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g         (Zhang & Sennrich, 2019)
+# LayerNorm without the mean subtraction and the bias: cheaper, and works as well in transformers.
+# With gain=False the norm has no parameters at all (g = 1), as in modded-nanogpt / nanochat.
+# (F.rms_norm computes the same thing in one fused kernel; the formula is written out to be read.)
+
+RMS_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, gain=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim)) if gain else None
+
+    def forward(self, x):
+        xf = x.float()  # the mean of squares in float32 even when x is bfloat16
+        y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)).type_as(x)
+        return y * self.weight if self.weight is not None else y
+
+# -----------------------------------------------------------------------------
+# 3. Rotary position embeddings (Su et al., 2021)
+#
+# Split each head's channels into pairs (x1[i], x2[i]) = (x[i], x[i + D/2]) and rotate pair i by
+# the angle p * w_i, where p is the token's position and w_i = theta^(-2i/D) its frequency:
+#     y1 = x1 cos(p w) - x2 sin(p w)
+#     y2 = x1 sin(p w) + x2 cos(p w)
+# A rotation by angle a of q and by angle b of k changes their dot product into one that depends
+# on a - b only, so q_m . k_n is a function of the relative offset m - n: attention sees relative
+# positions without any learned position table (test_model_rope_relative checks it).
+#
+# Context extension at inference (the model was trained on block_size tokens, we want s times more):
+#   linear: w_i -> w_i / s. Positions are squeezed so that s*block_size fits into the angles seen
+#           in training (Chen et al., 2023, "position interpolation").
+#   yarn:   squeeze only the slow pairs (Peng et al., 2023). A pair that completes r = L / lambda_i
+#           turns in the training length L (lambda_i = 2 pi / w_i is its wavelength) is left alone
+#           when r > YARN_BETA (fast pairs encode local order, which must not change), fully
+#           interpolated when r < YARN_ALPHA (slow pairs never saw the new angles), and blended
+#           linearly in between. YaRN also sharpens attention with a temperature: q and k are both
+#           multiplied by 0.1 ln(s) + 1, so scores grow by its square.
+# At s = 1 both reduce to plain RoPE exactly (test_model_rope_scaling_identity_and_yarn_ramp).
+
+YARN_ALPHA = 1.0   # below this many turns in the training context: full interpolation (YaRN paper)
+YARN_BETA = 32.0   # above this many turns: no interpolation (YaRN paper's value for LLaMA)
+
+
+def rope_frequencies(head_dim, theta, scaling="none", factor=1.0, train_len=None):
+    """Angular frequency of each channel pair, shape (head_dim/2,), and the attention scale that
+    q and k are multiplied by (1.0 except for YaRN)."""
+    w = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling == "linear":
+        return w / factor, 1.0
+    if scaling == "yarn":
+        turns = train_len * w / (2 * math.pi)                         # r_i = L / lambda_i
+        keep = ((turns - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)
+        w = keep * w + (1.0 - keep) * w / factor
+        return w, 0.1 * math.log(factor) + 1.0
+    return w, 1.0
+
+
+def rope_tables(config):
+    """cos and sin of p * w_i for every position p < config.max_context: two (max_context, D/2)
+    float32 tensors, already multiplied by the YaRN attention scale."""
+    w, scale = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
+                                config.rope_factor, train_len=config.block_size)
+    angles = torch.outer(torch.arange(config.max_context, dtype=torch.float64), w)  # (L, D/2)
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos, sin: (T, D/2). Rotates channel pairs (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)                              # each (B, H, T, D/2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+# -----------------------------------------------------------------------------
+# 4. Attention masks
+#
+# A query at absolute position i may look at a key at position j when all of these hold:
+#   causal:    j <= i                                   (never the future)
+#   window:    i - j < window, or j < n_global          (window = 0: no limit; the window counts
+#              the query itself, so window = 1 sees only itself; the first n_global positions
+#              stay visible, an "attention sink" that keeps long sliding-window runs stable)
+#   documents: doc[i] == doc[j]                         (packed sequences: never attend across a
+#              document start; this holds for the global prefix too)
+# Every query can at least see itself, so no row of the mask is empty (an empty row would make
+# softmax divide 0 by 0).
+
+
+def attention_mask(q_pos, k_pos, window=0, n_global=0, q_doc=None, k_doc=None):
+    """Boolean mask, True where the query may attend the key.
+    q_pos: (Tq,) and k_pos: (Tk,) absolute positions; q_doc: (B, Tq), k_doc: (B, Tk) doc ids.
+    Returns (1, 1, Tq, Tk), or (B, 1, Tq, Tk) with documents; broadcasts over heads.
+
+    Example: positions 0..3, window=2 -> [[1,0,0,0],[1,1,0,0],[0,1,1,0],[0,0,1,1]]."""
+    qp, kp = q_pos[:, None], k_pos[None, :]                   # (Tq, 1), (1, Tk)
+    allowed = kp <= qp
+    if window > 0:
+        near = (qp - kp) < window
+        if n_global > 0:
+            near = near | (kp < n_global)
+        allowed = allowed & near
+    allowed = allowed[None, None]                             # (1, 1, Tq, Tk)
+    if q_doc is not None:
+        same_doc = q_doc[:, :, None] == k_doc[:, None, :]     # (B, Tq, Tk)
+        allowed = allowed & same_doc[:, None]                 # (B, 1, Tq, Tk)
+    return allowed
+
+
+def doc_ids_from_bos(idx, bos_id):
+    """Document id of every token in a packed batch: the number of BOS tokens at or before it.
+    idx: (B, T) token ids -> (B, T) int64.
+    Example (bos_id=0): [[5, 0, 7, 8, 0, 9]] -> [[0, 1, 1, 1, 2, 2]]
+    (tokens before the first BOS form document 0, the tail of a document cut by the crop)."""
+    return (idx == bos_id).long().cumsum(dim=1)
+
+
+class AttnLayout(NamedTuple):
+    """What every attention layer of one forward call shares (built once in GPT.forward)."""
+    cos: torch.Tensor            # (T, D/2) RoPE table rows for the new tokens
+    sin: torch.Tensor
+    pos: int                     # absolute position of the first new token (cache.pos or 0)
+    k_start: int                 # first cached position the new tokens can see (sliding window)
+    mask: Optional[torch.Tensor]  # bool (1|B, 1, T, Tk); None = every key visible
+    is_causal: bool              # mask is exactly the square causal mask: SDPA's is_causal flag
+
+# -----------------------------------------------------------------------------
+# 5. Attention
+#
+# softmax(q k^T / sqrt(D) + mask) v, with n_head query heads and n_kv_head key/value heads.
+# Grouped-query attention (Ainslie et al., 2023): query head h reads key/value head
+# h // (n_head / n_kv_head). Fewer kv heads shrink the KV cache (and its memory traffic while
+# decoding) by n_head / n_kv_head, at little cost in quality.
+# One merged projection c_attn computes q, k and v in a single matmul (one kernel launch, one read
+# of x), then the columns are split.
+
+
+def manual_attention(q, k, v, mask=None, softcap=0.0):
+    """The hand-written path. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); mask: bool, broadcastable
+    to (B, H, Tq, Tk), True = visible (None = all visible). Returns (B, H, Tq, D)."""
+    group = q.size(1) // k.size(1)
+    k = k.repeat_interleave(group, dim=1)                     # (B, H, Tk, D): head h -> kv h//group
+    v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, Tq, Tk)
+    if softcap > 0:
+        # Gemma 2's softcap: scores stay in (-cap, cap), smoothly, so no single logit can blow up.
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores.float(), dim=-1).type_as(v)
+    return probs @ v                                          # (B, H, Tq, D)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        # QK-norm (Dehghani et al., 2023): normalise every query and key vector, so the attention
+        # logits stay bounded by ~sqrt(D) no matter how large the weights grow.
+        self.q_norm = RMSNorm(config.head_dim, config.norm_gain) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_gain) if config.qk_norm else None
+        self.softcap = config.attn_softcap
+        # SDPA cannot express a softcap (it is applied between q k^T and softmax), so softcapped
+        # attention always takes the hand-written path.
+        self.manual = config.attn_impl == "manual" or config.attn_softcap > 0
+
+    def forward(self, x, layout, cache=None, layer=0):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)                # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)              # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)              # (B, Hkv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, layout.cos, layout.sin), apply_rope(k, layout.cos, layout.sin)
+        if cache is not None:
+            # keys and values are stored after RoPE, so cached ones never need rotating again
+            k, v = cache.update(layer, k, v, layout.pos, layout.k_start)  # (B, Hkv, Tk, D)
+        if self.manual:
+            mask = layout.mask
+            if layout.is_causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            y = manual_attention(q, k, v, mask, self.softcap)
+        else:
+            gqa = H != Hkv
+            if gqa and layout.mask is not None:
+                # SDPA runs GQA only in its flash and math kernels (torch docs), and flash takes
+                # no mask: a masked GQA call would fall back to the slow math kernel on GPUs.
+                # Repeating the kv heads (one copy of K and V) lets the masked kernels run.
+                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+                gqa = False
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if layout.is_causal else layout.mask,
+                is_causal=layout.is_causal, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, H * D)            # (B, T, C) heads side by side
+        return self.c_proj(y)
+
+# -----------------------------------------------------------------------------
+# 6. MLP
+#
+#   relu2:  c_proj(relu(c_fc x)^2)                  (So et al., 2021, "Primer"; sparse, cheap)
+#   gelu:   c_proj(gelu(c_fc x))                    (GPT-2)
+#   swiglu: c_proj(silu(x W_gate) * (x W_up))       (Shazeer, 2020); W_gate and W_up are one
+#           merged matrix c_fc of width 2*hidden, split after the matmul.
+
+
+def mlp_activation(kind, h, gate=None):
+    """The elementwise nonlinearity shared by the dense MLP and the experts of section 7.
+    h: pre-activation (..., hidden); gate: x W_gate for swiglu (None otherwise)."""
+    if kind == "relu2":
+        return F.relu(h).square()
+    if kind == "gelu":
+        return F.gelu(h)
+    return F.silu(gate) * h
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = config.hidden_size
+        self.kind = config.mlp
+        fc_out = 2 * hidden if self.kind == "swiglu" else hidden
+        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=False)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, h = h.chunk(2, dim=-1)                      # (B, T, hidden) each
+            return self.c_proj(mlp_activation("swiglu", h, gate))
+        return self.c_proj(mlp_activation(self.kind, h))
+
+# -----------------------------------------------------------------------------
+# 7. Mixture of experts: a feed-forward layer with many MLPs, each token using a few
+#
+# A dense MLP spends the same FLOPs on every token. An MoE layer holds n_experts MLPs ("experts")
+# plus a small linear "router"; each token is sent to only top_k of them, so parameters grow with
+# n_experts while FLOPs per token grow only with top_k. It replaces the MLP in every moe_every-th
+# block. One forward, for N = B*T tokens and E = n_experts:
+#
+#   1. route    logits = x @ W_router                       (N, E)
+#               choose top_k experts per token by logits + expert_bias
+#               gates  = softmax over the chosen experts' logits (bias NOT included)
+#   2. dispatch sort the N*top_k (token, expert) choices by expert, so each expert's tokens sit
+#               in one contiguous run; drop the ones past the expert's capacity (training only)
+#   3. experts  run every expert's MLP on its run of tokens
+#   4. combine  y[token] = sum over its kept choices of gate * expert_out
+#               (+ the shared experts, which every token always uses)
+#
+# Balancing. A router left alone tends to collapse onto a few experts (they get more gradient,
+# get better, get chosen more). Three switchable remedies:
+#   - moe_aux: Switch-Transformer load-balancing loss, E * sum_i f_i * P_i   (moe_aux_coef)
+#   - moe_z:   router z-loss, mean(logsumexp(logits)^2), keeps logits small  (moe_z_coef)
+#   - expert_bias: "auxiliary-loss-free" balancing (DeepSeek-V3): a per-expert bias added to
+#     the scores used for CHOOSING only, nudged after every optimizer step toward equal load
+#     (moe_bias_rate); it never touches the gradients.
+#
+# Worked example (E=4, top_k=2, one token): logits = [2.0, 0.0, 1.0, -1.0]
+#   chosen experts = {0, 2}; gates = softmax([2.0, 1.0]) = [0.731, 0.269]
+#   y = 0.731 * expert0(x) + 0.269 * expert2(x)
+# With expert_bias = [0, 0, 0, 1.5] the scores are [2.0, 0.0, 1.0, 0.5], so the choice is still
+# {0, 2}; with expert_bias = [0, 0, 0, 3.5] the scores are [2.0, 0.0, 1.0, 2.5], the choice
+# becomes {3, 0}, and the gates are the softmax of the UNbiased logits [-1.0, 2.0] = [0.047, 0.953].
+
+CAPACITY_EPS = 1e-9  # keeps float noise (1.1 * 10 = 11.000000000000002) from rounding up
+
+
+def moe_capacity(capacity_factor, n_tokens, top_k, n_experts):
+    """Max tokens one expert may take: ceil(capacity_factor * n_tokens * top_k / n_experts).
+    Perfect balance needs capacity_factor = 1; 1.25 leaves 25% slack. 0 or inf -> None
+    (no limit). Example: factor 1.0, 8 tokens, top_k 1, 4 experts -> 2."""
+    if capacity_factor == 0 or math.isinf(capacity_factor):
+        return None
+    return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts - CAPACITY_EPS))
+
+
+class MoE(nn.Module):
+    """Token-choice mixture-of-experts feed-forward layer: (B, T, C) -> (B, T, C).
+
+    After each forward:
+      self.aux   = {"moe_aux": scalar, "moe_z": scalar}, UNWEIGHTED (GPT.forward sums them over
+                   layers into its aux dict; the trainer multiplies by moe_aux_coef, moe_z_coef)
+      self.stats = {"counts": (E,) float, tokens kept per expert (after capacity),
+                    "dropped": int tensor, choices dropped by capacity,
+                    "routed": int tensor, choices made (= N * top_k)}
+    The stats are detached tensors (no host sync in forward); the trainer sums "counts" over
+    micro-steps and ranks and hands them to update_bias.
+
+    Parameters (E experts of hidden width H, S shared experts), stored (in, out) so that the
+    forward reads x @ W:
+      router.weight (E, C)   router (a Linear, no bias)
+      c_fc   (E, C, H)       expert input projections
+      c_gate (E, C, H)       swiglu only: the gate projections
+      c_proj (E, H, C)       expert output projections, zero at init like the dense MLP's,
+                             so a fresh layer adds nothing to the residual stream
+      shared_fc/shared_gate (C, S*H), shared_proj (S*H, C)   the shared experts
+      expert_bias (E,)       a buffer (saved in checkpoints, no gradient)
+    Keeping all experts in ONE 3-D tensor per matrix also suits DDP: an expert that got no token
+    this micro-batch just has a zero slice in a gradient that exists, so no parameter is ever
+    "unused" (no find_unused_parameters needed).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        C, E, k = config.n_embd, config.n_experts, config.top_k
+        # GPTConfig validates all of this already; MoE also accepts any object with these
+        # fields (the MoE tests build the layer alone), so it checks again.
+        if config.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp={config.mlp!r}: choose one of {', '.join(MLP_KINDS)}")
+        if E < 1:
+            raise ValueError(f"n_experts={E}: an MoE layer needs n_experts >= 1 (0 means a dense MLP)")
+        if not 1 <= k <= E:
+            raise ValueError(f"top_k={k}: must be between 1 and n_experts={E}")
+        if config.n_shared_experts < 0 or not config.capacity_factor >= 0:
+            raise ValueError("n_shared_experts and capacity_factor must be >= 0 (0 capacity = no dropping)")
+        self.n_embd, self.n_experts, self.top_k = C, E, k
+        self.n_shared = config.n_shared_experts
+        self.capacity_factor = float(config.capacity_factor)
+        self.bias_rate = float(config.moe_bias_rate)
+        self.mlp = config.mlp
+        self.hidden = H = config.moe_hidden or dense_hidden(config)
+        gated = self.mlp == "swiglu"
+
+        self.router = nn.Linear(C, E, bias=False)
+        self.c_fc = nn.Parameter(torch.empty(E, C, H))
+        self.c_gate = nn.Parameter(torch.empty(E, C, H)) if gated else None
+        self.c_proj = nn.Parameter(torch.empty(E, H, C))
+        # S shared experts of width H are, summed, exactly ONE MLP of width S*H (the activation
+        # is elementwise per hidden unit, so concatenating the hidden units of S MLPs and
+        # summing their outputs is the same computation). So we store them as one wider MLP
+        # and run it with two plain matmuls.
+        SH = self.n_shared * H
+        self.shared_fc = nn.Parameter(torch.empty(C, SH)) if SH else None
+        self.shared_gate = nn.Parameter(torch.empty(C, SH)) if SH and gated else None
+        self.shared_proj = nn.Parameter(torch.empty(SH, C)) if SH else None
+        # Persistent buffer: it is part of the model (it changes which expert a token gets),
+        # so it is saved in the state_dict and restored on resume.
+        self.register_buffer("expert_bias", torch.zeros(E))
+        self.aux, self.stats = {}, {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Init: input projections and router ~ N(0, 1/C), so on a unit-RMS input their outputs
+        have unit variance (router logits ~ N(0, 1): distinct, no ties); output projections
+        zero, so the layer starts as the identity on the residual stream. GPT.init_weights
+        calls this after its own pass (the (in, out) layout has its fan-in on dim -2)."""
+        std = self.n_embd ** -0.5
+        self.router.weight.normal_(0.0, std)
+        for w in (self.c_fc, self.c_gate, self.shared_fc, self.shared_gate):
+            if w is not None:
+                w.normal_(0.0, std)
+        for w in (self.c_proj, self.shared_proj):
+            if w is not None:
+                w.zero_()
+        self.expert_bias.zero_()
+
+    # -- the pieces of one forward ------------------------------------------------------------
+
+    def route(self, xf):
+        """xf (N, C) -> logits (N, E) float32, chosen (N, k) expert ids, gates (N, k).
+
+        The router runs in float32 even under bf16 autocast: top-k is a hard decision, and
+        bf16 logits (8 bits of mantissa) tie and flip between experts."""
+        with torch.autocast(device_type=xf.device.type, enabled=False):
+            logits = F.linear(xf.float(), self.router.weight.float())   # (N, E)
+        # The bias shifts which experts are CHOSEN, never how much they are trusted: it is
+        # excluded from the gates, so balancing does not distort the output.
+        chosen = torch.topk(logits + self.expert_bias, self.top_k, dim=-1).indices  # (N, k)
+        chosen_logits = logits.gather(1, chosen)                        # (N, k)
+        if self.top_k == 1:
+            # Routing weight = the expert's probability under the softmax over ALL experts
+            # (Switch Transformer). The softmax over the single chosen expert would be exactly
+            # 1, and the router would get no gradient from the language-model loss at all,
+            # only from the auxiliary losses.
+            gates = torch.softmax(logits, dim=-1).gather(1, chosen)     # (N, 1)
+        else:
+            # Routing weights = softmax over the chosen experts' logits (Mixtral): the k
+            # weights of a token sum to 1, whatever the other experts scored.
+            gates = torch.softmax(chosen_logits, dim=-1)                # (N, k)
+        return logits, chosen, gates
+
+    def dispatch(self, chosen, capacity):
+        """Group the N*k choices by expert and apply the capacity limit.
+
+        Choices are numbered slot-major: choice a = s*N + n is token n's s-th pick (s = 0 its
+        best expert). A stable sort by expert id keeps that order inside each expert's group,
+        so PRIORITY under capacity is: all first choices before any second choice, then
+        earlier token (flattened B*T position) first. A token thus loses its backup expert
+        before anyone loses their favourite.
+
+        Returns expert (N*k,) expert of each choice, rank (N*k,) its place in that expert's
+        queue, keep (N*k,) bool, counts (E,) choices per expert (before capacity), and order
+        (N*k,) the choices sorted by expert."""
+        E = self.n_experts
+        expert = chosen.t().reshape(-1)                     # (k*N,) slot-major
+        order = torch.argsort(expert, stable=True)          # choices grouped by expert
+        counts = torch.zeros(E, dtype=torch.long, device=expert.device)
+        counts.scatter_add_(0, expert, torch.ones_like(expert))  # (E,) static shape, unlike bincount
+        starts = torch.cumsum(counts, 0) - counts           # (E,) where each group begins in `order`
+        rank_sorted = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]]
+        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # back to choice order
+        keep = rank < capacity if capacity is not None else torch.ones_like(expert, dtype=torch.bool)
+        return expert, rank, keep, counts, order
+
+    def expert_weights(self):
+        """Per-expert views of the 3-D weights: lists of E tensors (C, H) / (H, C).
+        unbind() once rather than indexing c_fc[e] inside the loop: the backward of each
+        c_fc[e] would allocate and zero a full (E, C, H) gradient per expert (measured by the
+        MoE engineer: a third of the layer's CPU time); unbind's backward stacks once."""
+        gate = self.c_gate.unbind(0) if self.c_gate is not None else [None] * self.n_experts
+        return self.c_fc.unbind(0), gate, self.c_proj.unbind(0)
+
+    def expert_mlp(self, xe, w_fc, w_gate, w_proj):
+        """One expert on its tokens (n, C) with (C, H) weights, or all experts at once on
+        (E, cap, C) buffers with the (E, C, H) weights (then @ is a batched matmul)."""
+        g = xe @ w_gate if w_gate is not None else None
+        return mlp_activation(self.mlp, xe @ w_fc, g) @ w_proj
+
+    def run_experts_padded(self, xf, expert, rank, keep, capacity):
+        """All experts at once with two batched matmuls over (E, capacity, C) buffers. Static
+        shapes and no host sync, so torch.compile and CUDA graphs like it; the cost is
+        capacity*E rows whether or not they are full. Returns (k*N, C)."""
+        N, C = xf.shape
+        E = self.n_experts
+        pad = E * capacity  # index of an all-zero row appended below
+        # slot of each choice in the flattened (E*capacity) buffer; dropped -> pad row
+        slot = torch.where(keep, expert * capacity + rank, torch.full_like(rank, pad))
+        token = torch.arange(expert.numel(), device=xf.device) % N  # choice a = s*N + n -> token n
+        token_of_slot = torch.full((pad + 1,), N, dtype=torch.long, device=xf.device)
+        token_of_slot[slot] = token  # kept slots point to their token; others to row N (zeros)
+        x_pad = torch.cat([xf, xf.new_zeros(1, C)])                   # (N+1, C)
+        xe = x_pad[token_of_slot[:pad]].view(E, capacity, C)          # (E, cap, C)
+        ye = self.expert_mlp(xe, self.c_fc, self.c_gate, self.c_proj)  # (E, cap, C) via bmm
+        ye = torch.cat([ye.reshape(pad, C), ye.new_zeros(1, C)])      # (E*cap+1, C)
+        return ye[slot]  # (k*N, C): each choice's expert output, zeros where dropped
+
+    def run_experts_grouped(self, xf, expert, keep, counts_kept, order):
+        """One matmul pair per expert on exactly its tokens: no padding waste, but a Python
+        loop over experts and one host sync (the group sizes). Returns (k*N, C)."""
+        N, C = xf.shape
+        kept = order[keep[order]]            # kept choices, grouped by expert
+        sizes = counts_kept.tolist()         # host sync: the group sizes drive the split
+        xs = xf[kept % N]                    # (n_kept, C) tokens in expert order
+        weights = zip(xs.split(sizes), *self.expert_weights())
+        outs = [self.expert_mlp(*chunk_and_w) for chunk_and_w in weights if len(chunk_and_w[0])]
+        y = xf.new_zeros(expert.numel(), C, dtype=outs[0].dtype if outs else xf.dtype)
+        if outs:
+            y = y.index_copy(0, kept, torch.cat(outs))  # unique indices: deterministic
+        return y
+
+    def shared_mlp(self, xf):
+        g = xf @ self.shared_gate if self.shared_gate is not None else None
+        return mlp_activation(self.mlp, xf @ self.shared_fc, g) @ self.shared_proj
+
+    def forward(self, x, impl="auto"):
+        """x (B, T, C) -> (B, T, C). impl: "grouped", "padded" (the tests run both and check
+        they agree) or "auto", decided here and only here: padded on CUDA when a capacity
+        fixes the buffer size (static shapes, no host sync: what torch.compile and CUDA graphs
+        need), grouped otherwise. On CPU grouped was faster (MoE engineer's measurement,
+        fwd+bwd at C=256, E=8, top_k=2, H=512, 2048 tokens, 1 thread: padded with capacity
+        1.25 took 1.3x the time of grouped; CPU bmm is slower than mm, and it computes the
+        padding)."""
+        B, T, C = x.shape
+        E, k = self.n_experts, self.top_k
+        xf = x.reshape(B * T, C)                                        # (N, C)
+        N = xf.shape[0]
+        logits, chosen, gates = self.route(xf)
+        # Capacity only while training: at inference every token keeps all its experts, so a
+        # token's output never depends on the rest of the batch, and a KV-cached decode (one
+        # token at a time) equals the full forward (test_model_moe_cached_decode_equals_full_forward).
+        capacity = moe_capacity(self.capacity_factor, N, k, E) if self.training else None
+        expert, rank, keep, counts, order = self.dispatch(chosen, capacity)
+        counts_kept = counts.clamp(max=capacity) if capacity is not None else counts
+
+        if impl == "auto":
+            impl = "padded" if capacity is not None and x.is_cuda else "grouped"
+        if impl == "padded":
+            cap = capacity if capacity is not None else max(1, int(counts.max()))  # host sync
+            out = self.run_experts_padded(xf, expert, rank, keep, cap)
+        else:
+            out = self.run_experts_grouped(xf, expert, keep, counts_kept, order)
+        # combine: y[n] = sum_s gates[n, s] * out[s*N + n]; dropped choices are zero rows, so
+        # a token that lost all its experts passes through on the residual stream alone
+        out = out.view(k, N, C)
+        y = (out * gates.t().unsqueeze(-1).to(out.dtype)).sum(0)       # (N, C)
+        if self.shared_fc is not None:
+            y = y + self.shared_mlp(xf)
+
+        # Balancing losses (float32 scalars, UNWEIGHTED).
+        # Switch aux loss = E * sum_i f_i * P_i with
+        #   f_i = fraction of the N*k choices that picked expert i (before capacity; a count,
+        #         so no gradient flows through it)
+        #   P_i = mean over tokens of softmax(logits)_i (differentiable)
+        # Both sum to 1, so under UNIFORM routing (f_i = P_i = 1/E) it equals exactly 1.0 for
+        # every top_k; it approaches E when every token goes to the same expert with
+        # certainty. (Normalising f per token instead of per choice would give top_k at
+        # balance; dividing by N*k lets one moe_aux_coef fit every top_k.)
+        probs = torch.softmax(logits, dim=-1)                           # (N, E)
+        f = counts.float() / (N * k)
+        aux = E * (f * probs.mean(0)).sum()
+        z = torch.logsumexp(logits, dim=-1).square().mean()            # router z-loss (ST-MoE)
+        self.aux = {"moe_aux": aux, "moe_z": z}
+        kept_total = counts_kept.sum()
+        self.stats = {"counts": counts_kept.detach().float(),
+                      "dropped": (N * k - kept_total).detach(),
+                      "routed": torch.tensor(N * k, device=x.device)}
+        return y.view(B, T, C).to(x.dtype)
+
+    # -- balancing without a loss -------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_bias(self, counts):
+        """Nudge expert_bias toward equal load: b_i += moe_bias_rate * sign(mean - count_i).
+
+        counts: (E,) tokens per expert summed over the micro-steps of one optimizer step AND
+        over all ranks (the trainer all-reduces first), so every rank applies the same update
+        and the biases stay identical without being broadcast. An overloaded expert's bias
+        goes down, an idle one's goes up; sign() makes the step size independent of batch
+        size. The biases are re-centred (a shift common to all experts changes no choice) so
+        their values stay readable in logs."""
+        if self.bias_rate == 0:
+            return
+        counts = counts.to(self.expert_bias.device, torch.float32)
+        self.expert_bias.add_(self.bias_rate * torch.sign(counts.mean() - counts))
+        self.expert_bias.sub_(self.expert_bias.mean())
+
+    @staticmethod
+    def load_stats(counts):
+        """Summary of a load vector (E,): {"min_share", "max_share", "load_entropy"}.
+        share_i = count_i / sum(counts) (1/E each when balanced); load_entropy =
+        -sum share_i log share_i / log E, 1.0 when balanced, 0.0 when one expert takes
+        everything. Example: counts [3, 1, 0, 0] -> min 0.0, max 0.75,
+        entropy (0.75 ln(1/0.75) + 0.25 ln 4) / ln 4 = 0.406."""
+        counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
+        total = counts.sum()
+        if total <= 0:
+            return {"min_share": 0.0, "max_share": 0.0, "load_entropy": 0.0}
+        share = counts / total
+        nz = share[share > 0]
+        ent = -(nz * nz.log()).sum() / math.log(len(counts)) if len(counts) > 1 else torch.tensor(1.0)
+        return {"min_share": share.min().item(), "max_share": share.max().item(),
+                "load_entropy": ent.item()}
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def param_counts(self):
+        """{"total": every parameter of the layer, "active": those one token uses}.
+        active = router + top_k experts + shared experts (the bias is a buffer)."""
+        per_expert = sum(p[0].numel() for p in (self.c_fc, self.c_gate, self.c_proj) if p is not None)
+        always = self.router.weight.numel() + sum(
+            p.numel() for p in (self.shared_fc, self.shared_gate, self.shared_proj) if p is not None)
+        return {"total": always + self.n_experts * per_expert,
+                "active": always + self.top_k * per_expert}
+
+    def flops_per_token(self, backward=True):
+        """Matmul FLOPs per token counting only ACTIVE experts: 2 per active weight forward,
+        6 with the backward pass (the 6N rule of GPT.flops_per_token). An upper bound while
+        training with capacity (dropped choices cost nothing); padding in the padded path is
+        wasted work not counted here."""
+        return (6 if backward else 2) * self.param_counts()["active"]
+
+
+def moe_reference(moe, x):
+    """The slow, obvious MoE forward the fast one must equal (no capacity): for each token,
+    for each of its top-k experts, run that expert on that token alone. Reads moe's weights
+    and bias; used by the tests and as a reading aid."""
+    B, T, C = x.shape
+    xf = x.reshape(-1, C)
+    y = torch.zeros_like(xf)
+    for n in range(xf.shape[0]):
+        logits = xf[n] @ moe.router.weight.t()                          # (E,)
+        chosen = torch.topk(logits + moe.expert_bias, moe.top_k).indices.tolist()
+        if moe.top_k == 1:
+            weights = torch.softmax(logits, 0)[chosen]
+        else:
+            weights = torch.softmax(logits[chosen], 0)
+        for w, e in zip(weights, chosen):
+            g = xf[n] @ moe.c_gate[e] if moe.c_gate is not None else None
+            y[n] = y[n] + w * (mlp_activation(moe.mlp, xf[n] @ moe.c_fc[e], g) @ moe.c_proj[e])
+        for s in range(moe.n_shared):  # shared experts one by one, from the concatenated weights
+            cols = slice(s * moe.hidden, (s + 1) * moe.hidden)
+            g = xf[n] @ moe.shared_gate[:, cols] if moe.shared_gate is not None else None
+            y[n] = y[n] + mlp_activation(moe.mlp, xf[n] @ moe.shared_fc[:, cols], g) @ moe.shared_proj[cols]
+    return y.view(B, T, C)
+
+# -----------------------------------------------------------------------------
+# 8. Transformer block
+#
+# Pre-norm residual block: x = x + attn(norm(x)); x = x + mlp(norm(x)).
+# Normalising the branch inputs (not the residual stream itself) keeps an identity path from the
+# embedding to the output, which is what lets deep stacks train without warm-up tricks.
+# The feed-forward is an MoE layer in blocks with layer_index % moe_every == moe_every - 1
+# (when n_experts > 0), else the dense MLP; both are called self.mlp.
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_index=0):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_gain)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = RMSNorm(config.n_embd, config.norm_gain)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_index) else MLP(config)
+
+    def forward(self, x, layout, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), layout, cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+# -----------------------------------------------------------------------------
+# 9. KV cache
+#
+# Generating token t+1 needs the keys and values of all tokens <= t in every layer; recomputing them
+# costs a full forward per new token. The cache keeps them: one preallocated buffer per layer of
+# shape (B, n_kv_head, max_len, D) for keys and for values (with GQA only the kv heads are stored,
+# n_head / n_kv_head times less memory). The prompt is run once ("prefill", many tokens at
+# cache.pos = 0), then each decode step feeds one new token at cache.pos; every layer writes its
+# new keys at [pos, pos + T) and attends to [k_start, pos + T). RoPE uses the absolute position
+# pos + t, so cached and uncached runs rotate every token identically.
+# Document ids are stored too, so a cache prefilled with packed documents keeps masking them.
+
+
+class KVCache:
+    def __init__(self, n_layer, batch_size, max_len, n_kv_head, head_dim, device=None, dtype=None):
+        self.batch_size, self.max_len = batch_size, max_len
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.doc = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.pos = 0             # number of positions filled (the same for every row)
+        self.uses_docs = False   # whether any call passed doc_ids (only then is doc masking applied)
+
+    def update(self, layer, k, v, pos, k_start):
+        """Write the new keys/values (B, Hkv, T, D) at [pos, pos + T) and return the visible ones
+        [k_start, pos + T), in the dtype of the queries."""
+        T = k.size(2)
+        self.k[layer, :, :, pos:pos + T] = k
+        self.v[layer, :, :, pos:pos + T] = v
+        return (self.k[layer, :, :, k_start:pos + T].to(k.dtype),
+                self.v[layer, :, :, k_start:pos + T].to(v.dtype))
+
+    def branch(self, n):
+        """A new cache of batch n whose rows are all copies of row 0 up to pos: prefill a prompt
+        once with batch 1, then draw n samples from it without recomputing the prompt."""
+        new = KVCache(self.k.size(0), n, self.max_len, self.k.size(2), self.k.size(4),
+                      self.k.device, self.k.dtype)
+        p = self.pos
+        new.k[:, :, :, :p] = self.k[:, :1, :, :p]                # broadcasts row 0 over n rows
+        new.v[:, :, :, :p] = self.v[:, :1, :, :p]
+        new.doc[:, :p] = self.doc[:1, :p]
+        new.pos, new.uses_docs = p, self.uses_docs
+        return new
+
+    def reset(self):
+        self.pos, self.uses_docs = 0, False
+
+# -----------------------------------------------------------------------------
+# 10. The GPT model
+#
+# tokens -> wte -> n_layer blocks -> final RMSNorm -> lm_head -> (softcap) -> logits
+#
+# Multi-token prediction (DeepSeek-V3's MTP, one extra depth): besides predicting token t+1 from
+# the final hidden state h_t, an extra block predicts t+2 from h_t and the embedding of the true
+# token t+1:  h' = block(proj([norm(h_t), norm(wte(x_{t+1}))])),  logits' = lm_head(norm_f(h'))
+# It shares wte, the final norm and lm_head with the main model, so it adds one block and one
+# (2C x C) matrix. Its loss comes back as aux["mtp"]; the trainer weights (and schedules) it. It
+# only runs when targets are given: at inference the model is an ordinary next-token predictor.
+
+TIED_EMBED_STD = 0.02    # GPT-2's init for a tied wte/lm_head matrix
+UNTIED_EMBED_STD = 1.0   # untied wte: unit-RMS residual stream at the start (blocks are pre-norm)
+LM_HEAD_STD = 0.001      # untied lm_head: near-zero logits, so the initial loss is ~ln(vocab_size)
+
+
+class MTPHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.norm_h = RMSNorm(config.n_embd, config.norm_gain)
+        self.norm_e = RMSNorm(config.n_embd, config.norm_gain)
+        self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+        dense = dataclasses.replace(config, n_experts=0)  # the MTP block is always a dense block
+        self.block = Block(dense)
+
+    def forward(self, h, next_emb, layout):
+        x = self.proj(torch.cat([self.norm_h(h), self.norm_e(next_emb)], dim=-1))  # (B, T, C)
+        return self.block(x, layout)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=RMSNorm(config.n_embd, config.norm_gain),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.mtp = MTPHead(config) if config.mtp else None
+        cos, sin = rope_tables(config)
+        # non-persistent: derived from the config, not stored in checkpoints, so a model can be
+        # loaded with a different rope_scaling / rope_factor for context extension
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialisation, the whole table (C = n_embd):
+
+            parameter                               init
+            wte (untied)                            N(0, UNTIED_EMBED_STD^2)
+            wte = lm_head (tied)                    N(0, TIED_EMBED_STD^2)
+            lm_head (untied)                        N(0, LM_HEAD_STD^2)
+            c_attn, c_fc, mtp.proj (input side)     N(0, 1/fan_in): unit-variance outputs for
+                                                    unit-variance inputs (inputs are RMS-normed)
+            c_proj (attention and MLP outputs)      0: every block starts as the identity, and
+                                                    the residual stream is the embedding
+            RMSNorm gains                           1
+            MoE router, expert inputs               N(0, 1/n_embd); expert outputs 0
+        """
+        cfg = self.config
+        std = TIED_EMBED_STD if cfg.tie_embeddings else UNTIED_EMBED_STD
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=LM_HEAD_STD)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.zeros_(p)
+            elif name.endswith(("c_attn.weight", "c_fc.weight", "proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=p.size(-1) ** -0.5)   # p: (out, in)
+            elif p.ndim == 1:
+                nn.init.ones_(p)                                        # norm gains
+        for layer in self.moe_layers():
+            layer.reset_parameters()   # router, experts: see MoE.reset_parameters
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _layout(self, B, T, pos, window, doc_ids, cache, device):
+        """Build the RoPE rows and the attention mask shared by all layers of this call."""
+        cfg = self.config
+        end = pos + T
+        if window < 0:
+            raise ValueError(f"window={window} must be >= 0 (0 = full causal attention)")
+        if end > cfg.max_context:
+            raise bpe.UserError(
+                f"{end} positions exceed the model's context of {cfg.max_context} tokens; "
+                "use a shorter input, or extend the context with --rope_scaling=yarn --rope_factor=S")
+        if window >= end:
+            window = 0  # the window reaches back to position 0: plain causal (and SDPA's fast flag)
+        if cache is not None:
+            if end > cache.max_len:
+                raise bpe.UserError(f"the KV cache holds {cache.max_len} positions, {end} needed; "
+                                    "make a longer cache with model.make_cache(max_len=...)")
+            if doc_ids is None and cache.uses_docs:
+                doc_ids = cache.doc[:, pos - 1:pos].expand(B, T)  # new tokens continue the last doc
+            if doc_ids is not None:
+                cache.doc[:, pos:end] = doc_ids
+                cache.uses_docs = True
+        # A sliding window lets a cached query skip everything older than pos - window + 1.
+        k_start = max(0, pos - window + 1) if window and not cfg.n_global else 0
+        q_pos = torch.arange(pos, end, device=device)
+        k_pos = torch.arange(k_start, end, device=device)
+        k_doc = None
+        if doc_ids is not None:
+            k_doc = cache.doc[:, k_start:end] if cache is not None else doc_ids
+        is_causal = window == 0 and doc_ids is None and pos == 0
+        if is_causal:
+            mask = None                     # SDPA's is_causal; the manual path builds a tril
+        elif window == 0 and doc_ids is None and T == 1:
+            mask = None                     # one new token sees every cached key
+        else:
+            mask = attention_mask(q_pos, k_pos, window, cfg.n_global, doc_ids, k_doc)
+        return AttnLayout(self.rope_cos[pos:end], self.rope_sin[pos:end], pos, k_start, mask,
+                          is_causal)
+
+    def _logits(self, h):
+        logits = self.lm_head(self.transformer.ln_f(h)).float()    # (B, T, V) float32
+        cap = self.config.logit_softcap
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def forward(self, idx, targets=None, *, doc_ids=None, window=None, cache=None,
+                ignore_index=-1, reduction="mean"):
+        """idx: (B, T) token ids. Without targets: logits (B, T, vocab_size) float32.
+        With targets (B, T): (loss, aux), loss = next-token cross-entropy ("mean" / "sum": a
+        scalar, "none": (B, T)), aux = dict of UNWEIGHTED auxiliary losses (scalar tensors):
+        "mtp" (config.mtp, no cache), "moe_aux" and "moe_z" (summed over the MoE layers).
+        doc_ids (B, T): tokens attend only within their document. window: overrides
+        config.window for this call (0 = full). cache: a KVCache; the new tokens sit at
+        cache.pos.. and cache.pos advances by T."""
+        B, T = idx.shape
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction={reduction!r}: choose mean, sum or none")
+        if doc_ids is not None and doc_ids.shape != idx.shape:
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of idx {tuple(idx.shape)}")
+        pos = cache.pos if cache is not None else 0
+        window = self.config.window if window is None else window
+        layout = self._layout(B, T, pos, window, doc_ids, cache, idx.device)
+
+        x = self.transformer.wte(idx)                                # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, layout, cache, i)
+        if cache is not None:
+            cache.pos += T
+        logits = self._logits(x)
+        if targets is None:
+            return logits
+
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T),
+                               ignore_index=ignore_index, reduction=reduction)
+        if reduction == "none":
+            loss = loss.view(B, T)
+        aux = {}
+        if self.mtp is not None and cache is None and T > 1:
+            aux["mtp"] = self._mtp_loss(x, targets, layout, ignore_index)
+        moe = self.moe_layers()
+        if moe:  # summed over layers, unweighted: the trainer applies moe_aux_coef, moe_z_coef
+            aux["moe_aux"] = sum(layer.aux["moe_aux"] for layer in moe)
+            aux["moe_z"] = sum(layer.aux["moe_z"] for layer in moe)
+        return loss, aux
+
+    def moe_layers(self):
+        """The MoE layers, in depth order (empty for a dense model). The trainer reads their
+        .stats after each forward and calls update_bias(counts) once per optimizer step."""
+        return [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
+
+    def _mtp_loss(self, h, targets, layout, ignore_index):
+        """Mean cross-entropy of predicting targets[:, t+1] (= token t+2) at position t < T-1."""
+        ignored = targets == ignore_index
+        nxt = targets.masked_fill(ignored, 0)      # ignored targets get any valid id as input ...
+        h2 = self.mtp(h, self.transformer.wte(nxt), layout)
+        logits = self._logits(h2[:, :-1])          # (B, T-1, V)
+        tgt = targets[:, 1:].masked_fill(ignored[:, :-1], ignore_index)
+        # ... and their t+2 prediction is dropped from the loss (the input token was not real)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                               ignore_index=ignore_index)
+
+    def make_cache(self, batch_size, max_len, device=None, dtype=None):
+        """A KV cache for batch_size rows and up to max_len positions (prompt + new tokens).
+        device/dtype default to the model's."""
+        p = self.lm_head.weight
+        return KVCache(self.config.n_layer, batch_size, max_len, self.config.n_kv_head,
+                       self.config.head_dim, device or p.device, dtype or p.dtype)
+
+    # -----------------------------------------------------------------------------------------
+    # 11. Accounting and optimizer groups
+    #
+    # Parameter counts come from formulas over the config, so the table reads as the
+    # architecture's arithmetic (test_model_param_and_flops_formulas_match_count checks them
+    # against model.parameters()).
+
+    def _param_table(self):
+        """component -> (total params, params active per token)."""
+        c = self.config
+        C, D, H, Hkv, V = c.n_embd, c.head_dim, c.n_head, c.n_kv_head, c.vocab_size
+        g = 1 if c.norm_gain else 0
+        attn = C * (H + 2 * Hkv) * D + H * D * C              # c_attn + c_proj
+        qk = 2 * D * g if c.qk_norm else 0                     # q_norm, k_norm gains
+        mlp = (3 if c.mlp == "swiglu" else 2) * C * c.hidden_size
+        n_blocks = c.n_layer + (1 if c.mtp else 0)           # the MTP head has one more block
+        gains = n_blocks * (2 * C * g + qk) + C * g + (2 * C * g if c.mtp else 0)  # + ln_f, mtp norms
+        n_moe = c.n_moe_layers
+        table = {
+            "embedding (wte)": (V * C, V * C),
+            "attention": (c.n_layer * attn,) * 2,
+            "mlp": ((c.n_layer - n_moe) * mlp,) * 2,
+            "norm gains": (gains, gains),
+            "lm_head": (0, 0) if c.tie_embeddings else (V * C, V * C),
+        }
+        if n_moe:
+            # per MoE layer: router (C x E), E routed experts of which top_k run per token,
+            # n_shared shared experts that always run; each expert is an MLP of width moe_hidden
+            expert = (3 if c.mlp == "swiglu" else 2) * C * c.expert_hidden
+            table["moe router"] = (n_moe * C * c.n_experts,) * 2
+            table["moe experts"] = (n_moe * c.n_experts * expert, n_moe * c.top_k * expert)
+            if c.n_shared_experts:
+                table["moe shared experts"] = (n_moe * c.n_shared_experts * expert,) * 2
+        if c.mtp:
+            n = 2 * C * C + attn + mlp                        # proj + its block's matrices
+            table["mtp head"] = (n, n)
+        return table
+
+    def num_params(self, by_component=False, active=False):
+        """Total parameter count (tied weights once), or per-token active count (MoE), or the
+        dict component -> count."""
+        table = {k: v[1 if active else 0] for k, v in self._param_table().items()}
+        return table if by_component else sum(table.values())
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs (forward + backward) per token:
+            6 * N_matmul + 12 * L_attn * n_head * head_dim * ctx
+        N_matmul counts the active parameters used in matmuls (everything but the wte lookup and
+        the norm gains; a tied wte still counts once, as lm_head). Each such weight costs 2 FLOPs
+        per token forward (multiply + add) and 4 backward (grads of input and weight): 6.
+        Attention adds q k^T and probs v: 2 * 2 * head_dim * n_head FLOPs per attended key
+        forward, times 3 for fwd + bwd. ctx is the mean number of keys a query attends to in a
+        seq_len window (causal: (seq_len+1)/2; a sliding window caps it). This counts useful
+        FLOPs: nanoGPT's estimate_mfu uses ctx = seq_len (the masked half too)."""
+        c = self.config
+        T = seq_len or c.block_size
+        table = self.num_params(by_component=True, active=True)
+        n_matmul = sum(table.values()) - table["norm gains"] - table["embedding (wte)"]
+        if c.tie_embeddings:
+            n_matmul += c.vocab_size * c.n_embd                        # wte used as lm_head
+        w = c.window if 0 < c.window < T else T
+        ctx = sum(min(t + 1, w) for t in range(T)) / T
+        n_attn_layers = c.n_layer + (1 if c.mtp else 0)
+        return int(6 * n_matmul + 12 * n_attn_layers * c.n_head * c.head_dim * ctx)
+
+    def kv_cache_bytes_per_token(self, dtype=torch.bfloat16):
+        """Bytes of KV cache per token of context: keys + values, per layer, per kv head."""
+        c = self.config
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * c.n_layer * c.n_kv_head * c.head_dim * itemsize
+
+    def optim_groups(self):
+        """Parameter groups for the trainer, each {"name", "params", "optimizer"}:
+            matrix  (muon):  2-D weights inside the blocks (c_attn, c_proj, c_fc, mtp.proj).
+                             Muon orthogonalises each update, which suits hidden linear maps.
+            expert  (muon):  MoE expert weights: 3-D stacks (n_experts, in, out), which Muon
+                             orthogonalises one expert matrix at a time, and the shared
+                             experts' 2-D (in, out) matrices. Note the (in, out) layout: the
+                             transpose of nn.Linear's (out, in).
+            router  (adamw): MoE router weights (n_experts, n_embd). Not Muon: an orthogonalised
+                             update moves every direction of this small matrix by the same
+                             amount, so a router whose gradient is tiny (balanced, confident)
+                             would still see its logits jump each step and routing flip; AdamW
+                             steps each weight by its own gradient statistics.
+            embed   (adamw): wte. A lookup table, not a linear map: each row is updated only
+                             by the tokens that occur, so Muon's whole-matrix update does not fit.
+            head    (adamw): lm_head (left out when tied to wte: the tied matrix is in "embed").
+            scalar  (adamw): norm gains and any other 1-D parameters.
+        Groups without parameters are left out (e.g. "scalar" when norm_gain=False). Every
+        parameter is in exactly one group (test_model_optim_groups_cover_every_parameter_once)."""
+        groups = {"matrix": [], "expert": [], "router": [], "embed": [], "head": [], "scalar": []}
+        wte, head = self.transformer.wte.weight, self.lm_head.weight
+        routers = {id(layer.router.weight) for layer in self.moe_layers()}
+        experts = {id(p) for layer in self.moe_layers() for n, p in layer.named_parameters()
+                   if not n.startswith("router.")}
+        for p in self.parameters():                  # parameters() yields a tied weight once
+            if id(p) in routers:
+                groups["router"].append(p)
+            elif id(p) in experts:
+                groups["expert"].append(p)
+            elif p is wte:
+                groups["embed"].append(p)
+            elif p is head:
+                groups["head"].append(p)
+            elif p.ndim >= 2:
+                groups["matrix"].append(p)
+            else:
+                groups["scalar"].append(p)
+        optimizer = {"matrix": "muon", "expert": "muon", "router": "adamw", "embed": "adamw",
+                     "head": "adamw", "scalar": "adamw"}
+        return [{"name": k, "params": v, "optimizer": optimizer[k]} for k, v in groups.items() if v]
+
+# -----------------------------------------------------------------------------
+# 12. main: print the architecture, run a forward/backward on random tokens
+
+
+def architecture_table(model):
+    """The default architecture as text: parameters per component, FLOPs/token, KV bytes/token."""
+    c = model.config
+    total = model._param_table()
+    moe = c.n_experts > 0
+    lines = [f"{'component':<22} {'params':>12}" + (f" {'active':>12}" if moe else "")]
+    for name, (n, a) in total.items():
+        lines.append(f"{name:<22} {n:>12,}" + (f" {a:>12,}" if moe else ""))
+    lines.append(f"{'total':<22} {model.num_params():>12,}"
+                 + (f" {model.num_params(active=True):>12,}" if moe else ""))
+    f = model.flops_per_token()
+    lines.append(f"FLOPs/token (fwd+bwd, T={c.block_size}): {f:,} ({f / 1e6:.1f} MFLOP)")
+    lines.append(f"KV cache per token: {model.kv_cache_bytes_per_token(torch.bfloat16):,} bytes "
+                 f"(bf16), {model.kv_cache_bytes_per_token(torch.float32):,} bytes (fp32)")
+    return "\n".join(lines)
+
+
+def _alternate(fns, repeats):
+    """Run the functions in turn, `repeats` rounds, and return each one's median seconds.
+    Alternating (a, b, a, b, ...) spreads the noise of a shared machine evenly over all."""
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def bench(config, repeats=7):
+    """Two side-by-side timings, each in one process, alternating, medians:
+    the SDPA path vs the hand-written attention (training step), and decoding with the KV
+    cache vs recomputing the whole prefix for every new token."""
+    torch.manual_seed(0)
+    fast = GPT(config)
+    slow = GPT(dataclasses.replace(config, attn_impl="manual"))
+    slow.load_state_dict(fast.state_dict())
+    T = config.block_size
+    idx = torch.randint(config.vocab_size, (4, T))
+
+    def train_step(m):
+        loss, _ = m(idx, idx)
+        loss.backward()
+    t_sdpa, t_manual = _alternate([lambda: train_step(fast), lambda: train_step(slow)], repeats)
+    print(f"fwd+bwd B=4 T={T}: sdpa {t_sdpa * 1e3:.1f} ms, manual {t_manual * 1e3:.1f} ms "
+          f"(manual/sdpa = {t_manual / t_sdpa:.2f}x)")
+
+    # greedy decoding of n tokens after a prompt of T/2 tokens, both ways (same tokens out)
+    n, prompt = T // 4, idx[:1, :T // 2]
+    fast.eval()
+    out = {}
+
+    @torch.no_grad()
+    def cached():
+        cache = fast.make_cache(1, prompt.size(1) + n)
+        tok = fast(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)   # prefill
+        toks = [tok]
+        for _ in range(n - 1):
+            tok = fast(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)  # one-token steps
+            toks.append(tok)
+        out["cached"] = torch.cat(toks, 1)
+
+    @torch.no_grad()
+    def uncached():
+        seq = prompt
+        for _ in range(n):
+            seq = torch.cat([seq, fast(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        out["uncached"] = seq[:, prompt.size(1):]
+    t_cached, t_full = _alternate([cached, uncached], max(3, repeats // 2))
+    same = torch.equal(out["cached"], out["uncached"])
+    print(f"decode {n} tokens after a {T // 2}-token prompt: cached {t_cached * 1e3:.1f} ms, "
+          f"uncached {t_full * 1e3:.1f} ms (speed-up {t_full / t_cached:.2f}x, "
+          f"same tokens: {same})")
+
+
+def main():
+    argv = sys.argv[1:]
+    # --bench is a switch of this script, not of the architecture, so it is not a GPTConfig field
+    run_bench = any(a in ("--bench=True", "--bench=1", "--bench=true") for a in argv)
+    argv = [a for a in argv if not a.startswith("--bench=")]
+    config = bpe.parse_settings(GPTConfig, argv, description=__doc__)
+    torch.manual_seed(0)
+    model = GPT(config)
+    print(config)
+    print(architecture_table(model))
+    B, T = 2, config.block_size
+    idx = torch.randint(config.vocab_size, (B, T))
+    t0 = time.perf_counter()
+    loss, aux = model(idx, idx.roll(-1, dims=1))
+    loss.backward()
+    dt = time.perf_counter() - t0
+    aux_text = "".join(f", {k} {v.item():.3f}" for k, v in aux.items())
+    print(f"forward/backward on random tokens (B={B}, T={T}): loss {loss.item():.3f} "
+          f"(uniform guess: ln(vocab) = {math.log(config.vocab_size):.3f}){aux_text}, "
+          f"{dt * 1e3:.0f} ms")
+    if run_bench:
+        bench(config)
+
+
+if __name__ == "__main__":
+    bpe.main_guard(main)
