@@ -196,22 +196,37 @@ def gpt2_bytes_to_unicode():
     return table  # dict insertion order == GPT-2 id order of the byte tokens
 
 
-def _atomic_write(path, data):
-    """Write bytes so that `path` is either the old file or the complete new one, never half:
-    temp file in the same folder, fsync, then os.replace (atomic on POSIX and Windows)."""
+def atomic_write(path, write):
+    """Write a file so that `path` is either the old file or the complete new one, never half.
+
+    write(f) fills an open binary temp file in the same folder; then fsync (the bytes are on
+    disk), os.replace (atomic on POSIX and Windows), and fsync of the folder (the rename is
+    on disk too). If anything fails, the temp file is removed and `path` is untouched.
+    prepare.py (meta.json) and train.py (checkpoints, logs) write through this too."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path, data):
+    """atomic_write for bytes already in memory (tokenizer files, meta.json)."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 # -----------------------------------------------------------------------------
@@ -864,7 +879,7 @@ class Tokenizer:
         header = (f"# byte-level BPE tokenizer written by nanostack bpe.py; vocab_size {self.vocab_size}\n"
                   f"# merge lines: new_id left_id right_id left_bytes right_bytes "
                   f"(bytes escaped: \\xNN, \\\\)\n# fingerprint {self.fingerprint}\n")
-        _atomic_write(path, (header + self._serialize()).encode("utf-8"))
+        atomic_write_bytes(path, (header + self._serialize()).encode("utf-8"))
 
     @classmethod
     def load(cls, path):
@@ -984,7 +999,7 @@ class Tokenizer:
         specials = set(self.special_tokens.values())
         lines = [f"{base64.b64encode(v).decode('ascii')} {i}" for i, v in enumerate(self._vocab)
                  if v is not None and i not in specials]
-        _atomic_write(path, ("\n".join(lines) + "\n").encode("ascii"))
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("ascii"))
 
     @classmethod
     def from_tiktoken(cls, path, pattern=GPT4_PATTERN, special_tokens=(EOT,)):
@@ -1295,8 +1310,11 @@ def parse_settings(cls, argv, description=""):
             raise SettingsError(f"bad argument {arg!r}: write settings as --key=value (see --help)")
         key, text = arg[2:].split("=", 1)  # split once: values may contain '='
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.0)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
+            # a near spelling first (--max_step -> --max_steps), else keys containing
+            # what was typed (--lr -> --matrix_lr, --embed_lr, ...), else no guess
+            close = (difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+                     or [name for name in fields if key in name][:3])
+            hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
             raise SettingsError(f"unknown setting --{key}{hint}; see --help for the list")
         values[key] = _coerce(key, text, _default(fields[key]))
     try:

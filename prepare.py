@@ -468,21 +468,6 @@ def pack_header(dtype, n_tokens, n_docs, vocab_size, bos_id, fingerprint):
     return raw.ljust(SHARD_HEADER_BYTES, b"\0")
 
 
-def atomic_write_bytes(path, data):
-    """Write data to path so that path is either the old file or the complete new one."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class ShardWriter:
     """Appends documents' tokens to <split>_0000.bin, <split>_0001.bin, ... .
 
@@ -1060,7 +1045,7 @@ def build(s, log=print, quiet=False):
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         seconds=dict(total=round(time.time() - t0, 2), tokenize=round(t_tok, 2)),
     )
-    atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    bpe.atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     for sp in ("train", "val"):
         st = stats[sp]
         log(f"{sp}: {st['docs']:,} docs, {st['bytes'] / MB:.1f} MB, {st['tokens']:,} tokens "

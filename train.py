@@ -13,6 +13,7 @@ Run it:
     python train.py --init_from=out/best.pt --data_dir=data/custom --matrix_lr=0.005   # fine-tune
     python train.py --bench=True                   # print tokens/s and MFU for these settings
     torchrun --standalone --nproc_per_node=8 train.py --data_dir=data/fineweb   # 8 GPUs, DDP
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 train.py   # 2 nodes, R=0,1
     python train.py --help                         # every setting with its default and meaning
 
 Outputs in --out_dir (default out/): last.pt, best.pt (lowest val loss), metrics.jsonl
@@ -704,7 +705,10 @@ class Muon(torch.optim.Optimizer):
     the Frobenius normalisation inside newton_schulz5 removes any overall scale.)
 
     Only for 2-D matrices, or 3-D stacks of matrices (each orthogonalised separately).
-    Embeddings, the output head, gains and scalars go to AdamW.
+    Embeddings, the output head, gains and scalars go to AdamW. A group with
+    fan_in_first=True holds matrices stored (fan_in, fan_out), the transpose of a
+    torch Linear weight (MoE experts keep (n_experts, in, out) for batched matmuls):
+    the aspect-ratio factor then reads the shape the other way round.
 
     Distributed (torch.distributed initialised, world_size > 1): grads are already
     averaged by DDP, so every rank holds the same grads and the same momentum. The
@@ -720,7 +724,7 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=NS_STEPS,
-                 weight_decay=0.0, cautious=False, ns_dtype=None):
+                 weight_decay=0.0, cautious=False, fan_in_first=False, ns_dtype=None):
         # ns_dtype: precision of Newton-Schulz; None = default_ns_dtype(device) (bf16 on
         # CUDA, float32 elsewhere). A trainer running bf16 on a CPU with fast bf16
         # matmuls may pass torch.bfloat16 (only 1.05-1.3x faster on this CPU for 128-wide
@@ -731,7 +735,7 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon needs lr, weight_decay >= 0 and 0 <= momentum < 1, "
                              f"got {lr}, {weight_decay}, {momentum}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay, cautious=cautious)
+                        weight_decay=weight_decay, cautious=cautious, fan_in_first=fan_in_first)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -750,7 +754,8 @@ class Muon(torch.optim.Optimizer):
         """Nesterov look-ahead, Newton-Schulz, aspect-ratio scale: the step direction of p."""
         buf, mu = self.state[p]["momentum_buffer"], group["momentum"]
         u = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # (1-mu) g + mu buf
-        return newton_schulz5(u, group["ns_steps"], self.ns_dtype) * muon_scale(p.shape)
+        shape = p.shape[:-2] + p.shape[-2:][::-1] if group["fan_in_first"] else p.shape
+        return newton_schulz5(u, group["ns_steps"], self.ns_dtype) * muon_scale(shape)
 
     def _apply(self, p, update, group):
         """W -= lr wd W (maybe cautious), then W -= lr * update."""
@@ -831,7 +836,9 @@ def build_optimizers(cfg, raw_model, rt):
         if not params:
             continue
         if kind == "muon":
-            group = dict(params=params, lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
+            # expert stacks are stored (n_experts, in, out): see Muon's fan_in_first
+            group = dict(params=params, lr=cfg.matrix_lr, weight_decay=cfg.weight_decay,
+                         fan_in_first=(name == "expert"))
             muon_groups.append(group)
         else:
             wd = 0.0 if name == "scalar" else cfg.adam_weight_decay  # never decay gains
@@ -994,12 +1001,7 @@ def format_seconds(s):
 
 
 def write_text_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    bpe.atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class MetricsLog:
@@ -1154,24 +1156,9 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, checkpoint):
-    """torch.save into path atomically (temp file + fsync + os.replace)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        fd = os.open(directory, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+    """torch.save into path atomically (temp file + fsync + os.replace, see bpe.atomic_write):
+    a crash or a full disk mid-save leaves the previous checkpoint intact."""
+    bpe.atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path):
