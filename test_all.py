@@ -1,0 +1,2863 @@
+"""
+test_all.py -- every nanostack test, one section per script, in reading order.
+
+    python -m pytest -q test_all.py            # the whole suite (CPU, about a minute on 2 cores)
+    python -m pytest -q test_all.py -k bpe     # one section
+
+Tests are hermetic: tiny corpora built in tmp_path, no network (downloads are tested
+against a local http.server), CPU only, float32 where numbers are compared.
+"""
+import base64
+import copy
+import dataclasses
+import functools
+import hashlib
+import http.server
+import io
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import bpe
+import model as M
+import prepare
+import sample
+import train
+from model import GPT, GPTConfig
+from model import MoE, dense_hidden, moe_capacity, moe_reference
+from train import NS_BAND, NS_BAND_FROM, NS_COEFFS, AdamW, Muon, muon_scale, newton_schulz5
+
+
+# =============================================================================
+# 1. bpe.py: the tokenizer
+# =============================================================================
+
+def _bpe_corpus():
+    """A small corpus with repetition (so merges have something to learn), Unicode and emoji."""
+    lines = [
+        "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away!\n",
+        "def add(a, b):\n    return a + b  # 12345 + 678\n\n",
+        "Café crème, naïve façade, Grüße aus Köln. 日本語のテキスト。 Emoji: 😀🎉👍🏽\n",
+        "It's what they'll say: we're sure you've seen it, I'm told he'd agree.\n",
+        "    indented\tline with\ttabs   and   spaces\r\nwindows line\r\n",
+    ]
+    return [(line * 3) + f"document {k} ends here\n" for k, line in enumerate(lines * 4)]
+
+
+def _bpe_trained(vocab_size=400, **kw):
+    return bpe.Tokenizer.train(_bpe_corpus(), vocab_size, quiet=True, **kw)
+
+
+def _bpe_texts():
+    """Round-trip material: ASCII, Unicode, emoji with modifiers, control chars, long runs."""
+    return ["", " ", "hello world", "The quick brown fox.\n\n\n", "Grüße, naïve café — ½ ∑ ∞",
+            "日本語のテキスト", "😀🎉👍🏽👨‍👩‍👧 flags 🇫🇷", "\x00\x01\x7f\t\r\n",
+            "a" * 300 + " " * 50 + "9" * 20,
+            "it's IT'S we'll 'll ''", "  leading and trailing  \n  ", "<|endoftext|> inside text"]
+
+
+# --- the split pattern ---------------------------------------------------------------------------
+
+def test_bpe_gpt4_pattern_splits_a_sentence_as_worked_out_by_hand():
+    # letters take one leading non-letter (the space); numbers go in groups of <= 3; a punctuation
+    # run takes a leading space and trailing newlines; whitespace before a word leaves one space
+    # to it; contractions are their own chunk.
+    chunks = bpe.regex.findall(bpe.GPT4_PATTERN, "Hello world123456 !!!\n\n  x's")
+    assert chunks == ["Hello", " world", "123", "456", " !!!\n\n", " ", " x", "'s"]
+    chunks2 = bpe.regex.findall(bpe.GPT2_PATTERN, "Hello world123456 !!!\n\n  x's")
+    assert chunks2 == ["Hello", " world", "123456", " !!!", "\n\n ", " x", "'s"]
+
+
+# --- training --------------------------------------------------------------------------------------
+
+def test_bpe_training_example_worked_out_by_hand():
+    # Chunks: "aaab" x2 (the special token is cut out, never merged), "ab" x1.
+    #   counts (a,a)=4 (a,b)=3                  -> merge 1: a+a   -> 256 "aa"   (count 4)
+    #   words [aa,a,b] x2, [a,b]: (a,b)=3 (aa,a)=2 -> merge 2: a+b   -> 257 "ab"   (count 3)
+    #   words [aa,ab] x2, [ab]: (aa,ab)=2       -> merge 3: aa+ab -> 258 "aaab" (count 2)
+    # then every chunk is one token: the 4th requested merge cannot happen (early stop).
+    a, b = ord("a"), ord("b")
+    expected = [(a, a, 4), (a, b, 3), (256, 257, 2)]
+    counts = bpe.count_chunks(["aaab<|endoftext|>aaab", "ab"], bpe.GPT4_PATTERN, (bpe.EOT,))
+    assert counts == {"aaab": 2, "ab": 1}
+    words, word_counts = bpe.chunks_to_words(counts)
+    assert bpe.train_merges(words, word_counts, 4) == expected
+    assert bpe.train_merges_reference(words, word_counts, 4) == expected
+    tok = bpe.Tokenizer.train(["aaab<|endoftext|>aaab", "ab"], vocab_size=261, quiet=True)
+    assert tok.merges == [(a, a, 256), (a, b, 257), (256, 257, 258)]
+    assert tok.special_tokens == {bpe.EOT: 259}  # right after the last merge, even when stopping early
+    assert tok.vocab_size == 260 and tok.eot_id == 259
+    # " aab": merge 1 (a+a) comes first, then nothing applies to aa+b
+    assert tok.encode("aaab ab aab") == [258, 32, 257, 32, 256, ord("b")]
+
+
+def test_bpe_tie_break_prefers_greatest_bytes():
+    # every pair occurs once: the winner is the greatest (left bytes, right bytes)
+    words, counts = bpe.chunks_to_words({"ab": 1, "cd": 1, "ca": 1})
+    merges = bpe.train_merges(words, counts, 3)
+    assert [(chr(x), chr(y)) for x, y, _ in merges] == [("c", "d"), ("c", "a"), ("a", "b")]
+    # a prefix sorts before its extensions: after merge 1 (c+d, count 6) the pairs cd+x and c+x
+    # both occur once, and b"cd" > b"c", so cd+x wins the tie
+    words, counts = bpe.chunks_to_words({"cd": 5, "cdx": 1, "cx": 1})
+    expected = [(ord("c"), ord("d"), 6), (256, ord("x"), 1), (ord("c"), ord("x"), 1)]
+    assert bpe.train_merges(words, counts, 3) == expected
+    assert bpe.train_merges_reference(words, counts, 3) == expected
+
+
+def test_bpe_fast_training_equals_the_textbook_loop_on_random_corpora():
+    # guards the incremental updates (neighbours, touching occurrences like "aaaa", stale heap
+    # entries) and the tie-break: small alphabets make repeated letters and equal counts common
+    rng = random.Random(0)
+    for trial in range(25):
+        alphabet = "ab" if trial % 3 == 0 else "abcé " if trial % 3 == 1 else "aaab\n"
+        docs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(30)]
+        words, counts = bpe.chunks_to_words(bpe.count_chunks(docs, bpe.GPT4_PATTERN))
+        assert bpe.train_merges(words, counts, 60) == bpe.train_merges_reference(words, counts, 60), trial
+
+
+def test_bpe_encoding_training_chunks_replays_the_merges():
+    # encode() applies merges by rank per chunk (_bpe); the trainer applied them in order to all
+    # words. The two must agree, or the model would see different ids than the trainer counted;
+    # train() also seeds the encode cache with the trainer's words, which is only valid if so.
+    docs = _bpe_corpus()
+    tok = bpe.Tokenizer.train(docs, 420, quiet=True)
+    counts = bpe.count_chunks(docs, tok.pattern, (bpe.EOT,))
+    words, word_counts = bpe.chunks_to_words(counts)
+    final = []
+    bpe.train_merges(words, word_counts, 420 - 257, final_words=final)
+    assert len(tok._cache) == len(words)  # seeded
+    for w, trained in zip(words, final):
+        replayed = list(w)
+        for a, b, z in tok.merges:
+            replayed = bpe._merge_word(replayed, a, b, z)
+        assert tok._bpe(list(w)) == replayed == trained
+        assert tok._cache[bytes(w).decode("utf-8", "surrogateescape")] == tuple(trained)
+    fresh = bpe.Tokenizer(tok.pattern, tok.merges, tok.special_tokens)  # cold cache, same ids
+    text = "".join(docs)
+    assert fresh.encode(text) == tok.encode(text)
+
+
+def test_bpe_parallel_equals_serial():
+    docs = _bpe_corpus() * 3
+    serial = bpe.count_chunks(docs, bpe.GPT4_PATTERN, (bpe.EOT,), num_proc=1)
+    parallel = bpe.count_chunks(docs, bpe.GPT4_PATTERN, (bpe.EOT,), num_proc=2, batch_chars=500)
+    assert serial == parallel
+    t1 = bpe.Tokenizer.train(docs, 350, num_proc=1, quiet=True)
+    t2 = bpe.Tokenizer.train(iter(docs), 350, num_proc=2, quiet=True)  # a generator works too
+    assert t1.fingerprint == t2.fingerprint
+
+
+def test_bpe_training_is_deterministic_and_sizes_are_exact():
+    t1, t2 = _bpe_trained(), _bpe_trained()
+    assert t1.fingerprint == t2.fingerprint and t1.merges == t2.merges
+    assert t1.vocab_size == 400 and len(t1.merges) == 400 - 256 - 1
+    t3 = bpe.Tokenizer.train(_bpe_corpus(), 300, special_tokens=(), quiet=True)
+    assert t3.vocab_size == 300 and t3.special_tokens == {}
+    with pytest.raises(bpe.UserError, match="endoftext"):
+        t3.eot_id
+
+
+def test_bpe_training_errors_are_one_line_user_errors(capsys):
+    with pytest.raises(bpe.UserError, match="too small"):
+        bpe.Tokenizer.train(["abc"], 256, quiet=True)  # no room for <|endoftext|>
+    with pytest.raises(bpe.UserError, match="empty"):
+        bpe.Tokenizer.train([], 300, quiet=True)
+    with pytest.raises(bpe.UserError, match="empty"):
+        bpe.Tokenizer.train(["", "<|endoftext|>"], 300, quiet=True)
+    tok = bpe.Tokenizer.train(["abab"], 1000, quiet=True)  # runs out of pairs: stops and says so
+    assert "stopped early" in capsys.readouterr().err
+    assert tok.vocab_size == 256 + 2 + 1
+
+
+# --- encoding and decoding --------------------------------------------------------------------------
+
+def test_bpe_round_trips_unicode_emoji_and_arbitrary_bytes():
+    tok = _bpe_trained()
+    for text in _bpe_texts():
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.decode_bytes(ids) == text.encode("utf-8")
+        assert sum(tok.token_bytes()[i] for i in ids) == len(text.encode("utf-8"))
+    rng = random.Random(1)
+    for _ in range(50):  # random bytes, most of them invalid UTF-8, survive via surrogateescape
+        raw = bytes(rng.randrange(256) for _ in range(rng.randint(0, 80)))
+        ids = tok.encode(raw.decode("utf-8", "surrogateescape"))
+        assert tok.decode_bytes(ids) == raw
+        assert tok.decode(ids) == raw.decode("utf-8", "replace")
+
+
+def test_bpe_decode_replaces_invalid_utf8_and_rejects_unknown_ids():
+    tok = _bpe_trained()
+    half_euro = list("€".encode())[:2]  # byte tokens of an unfinished 3-byte character
+    assert tok.decode([ord("a"), *half_euro, ord("b")]) == "a\ufffdb"
+    assert tok.decode_bytes([0xFF]) == b"\xff"
+    for bad in (tok.vocab_size, -1):
+        with pytest.raises(bpe.UserError, match="not in this tokenizer"):
+            tok.decode([1, bad])
+
+
+def test_bpe_special_tokens_are_plain_text_unless_allowed():
+    tok = _bpe_trained()
+    text = "one<|endoftext|>two"
+    plain = tok.encode(text)
+    assert tok.eot_id not in plain and tok.decode(plain) == text  # default "none": no injection
+    assert plain == tok.encode_ordinary(text)
+    allowed = tok.encode(text, allowed_special="all")
+    assert allowed == tok.encode("one") + [tok.eot_id] + tok.encode("two")
+    assert tok.encode(text, allowed_special={bpe.EOT}) == allowed
+    assert tok.decode(allowed) == text
+    assert tok.token_bytes()[tok.eot_id] == 0
+    with pytest.raises(bpe.UserError, match="unknown"):
+        tok.encode(text, allowed_special={"<|im_start|>"})
+    with pytest.raises(bpe.UserError, match="'none', 'all'"):
+        tok.encode(text, allowed_special=bpe.EOT)
+
+
+def test_bpe_encode_iterable_equals_encode_for_any_line_split():
+    # guards the hold-back of the last chunks: the regex looks ahead ("  x" -> " ", " x" but a
+    # final "  " stays whole), so chunks near the end of what was read may still change
+    tok = _bpe_trained()
+    rng = random.Random(2)
+    alphabet = [" ", " ", "\n", "\r", "\t", "a", "Bc", "1", "234", "!", "'", "'ll", "é", "😀", "<|"]
+    for t in (tok, bpe.Tokenizer(bpe.GPT2_PATTERN, [])):
+        t.STREAM_BLOCK = 8  # a pass every few characters: many cut points
+        for _ in range(200):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+            cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 12))))
+            pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+            assert list(t.encode_iterable(pieces)) == t.encode(text), repr(text)
+    lines = _bpe_texts() * 5
+    assert list(tok.encode_iterable(iter(lines))) == tok.encode("".join(lines))
+
+
+def test_bpe_encode_batch_parallel_equals_serial(monkeypatch):
+    tok = _bpe_trained()
+    docs = _bpe_corpus() + _bpe_texts()
+    monkeypatch.setattr(bpe, "PARALLEL_MIN_CHARS", 0)  # force worker processes on tiny input
+    assert tok.encode_batch(docs, num_proc=2) == [tok.encode(d) for d in docs]
+    both = tok.encode_batch(docs, num_proc=2, allowed_special="all")
+    assert both == [tok.encode(d, allowed_special="all") for d in docs]
+
+
+def test_bpe_stream_decoder_never_emits_replacement_for_valid_text():
+    # one token per byte is the hardest case: every character boundary and every byte in
+    # between is a separate push
+    text = "naïve café — ∑ 日本 😀👍🏽 end"
+    for tok in (bpe.Tokenizer(bpe.GPT4_PATTERN, []), _bpe_trained()):
+        ids = tok.encode(text)
+        d = tok.stream_decoder()
+        pieces = [d.push(i) for i in ids] + [d.flush()]
+        assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) == text
+    d = bpe.Tokenizer(bpe.GPT4_PATTERN, []).stream_decoder()
+    raw = text.encode()
+    for cut in range(len(raw) + 1):  # any split of the bytes into two tokens
+        pieces = [d.push(b) for b in raw[:cut]] + [d.push(b) for b in raw[cut:]]
+        assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert d.push(0xFF) == "\ufffd" and d.push(0xE2) == "" and d.flush() == "\ufffd"  # invalid stays visible
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+def test_bpe_save_load_round_trip_and_fingerprint(tmp_path):
+    tok = _bpe_trained()
+    path = tmp_path / "tok.bpe"
+    tok.save(path)
+    assert os.listdir(tmp_path) == ["tok.bpe"]  # no temp file left behind
+    text = path.read_text()
+    assert text.splitlines()[3] == "nanostack-bpe 1"  # after the 3 comment lines
+    a, b, z = tok.merges[0]  # merges are written as ids and as readable, escaped bytes
+    assert f"\n{z} {a} {b} {bpe.escape_token(bytes([a]))} {bpe.escape_token(bytes([b]))}\n" in text
+    back = bpe.Tokenizer.load(path)
+    assert back.fingerprint == tok.fingerprint and back.vocab_size == tok.vocab_size
+    assert back.special_tokens == tok.special_tokens
+    for t in _bpe_texts():
+        assert back.encode(t, allowed_special="all") == tok.encode(t, allowed_special="all")
+    other = _bpe_trained(vocab_size=401)
+    assert other.fingerprint != tok.fingerprint
+    assert len(tok.fingerprint) == 64 and int(tok.fingerprint, 16) >= 0
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: "hello\n", "not a nanostack tokenizer"),
+    (lambda t: t.replace("nanostack-bpe 1", "nanostack-bpe 9"), "version"),
+    (lambda t: t[: len(t) // 2], "ends where|line \\d+: expected"),
+    (lambda t: t.replace("\nmerges ", "\nmerges 9", 1), "merges|ends where|line"),
+    (lambda t: t.replace(" 97 ", " 9999 ", 1), "unknown id|bytes do not match"),
+], ids=["not-ours", "version", "truncated", "merge-count", "unknown-id"])
+def test_bpe_load_rejects_damaged_files_with_one_line(tmp_path, damage, message):
+    tok = _bpe_trained(vocab_size=300)
+    path = tmp_path / "tok.bpe"
+    tok.save(path)
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(bpe.UserError, match=message) as e:
+        bpe.Tokenizer.load(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    with pytest.raises(bpe.UserError, match="not found"):
+        bpe.Tokenizer.load(tmp_path / "missing.bpe")
+
+
+def test_bpe_escape_token_round_trips_every_byte():
+    allbytes = bytes(range(256))
+    s = bpe.escape_token(allbytes)
+    assert " " not in s and s.isascii() and bpe.unescape_token(s) == allbytes
+    assert bpe.escape_token(b" the\\") == "\\x20the\\\\"
+    with pytest.raises(ValueError):
+        bpe.unescape_token("a b")
+
+
+# --- GPT-2 and tiktoken files ---------------------------------------------------------------------
+
+def _bpe_gpt2_files(tmp_path):
+    """A miniature GPT-2 tokenizer: the 256 byte tokens in GPT-2's order, 3 merges, 1 special."""
+    table = bpe.gpt2_bytes_to_unicode()
+    encoder = {ch: k for k, ch in enumerate(table.values())}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for left, right in merges:
+        encoder[left + right] = len(encoder)
+    encoder["<|endoftext|>"] = len(encoder)
+    (tmp_path / "encoder.json").write_text(json.dumps(encoder))
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{l} {r}\n" for l, r in merges))
+    return tmp_path / "encoder.json", tmp_path / "vocab.bpe"
+
+
+def _bpe_gpt2_reference(word, merges):
+    """GPT-2's original algorithm on text symbols: merge the lowest-ranked adjacent pair."""
+    rank = {m: r for r, m in enumerate(merges)}
+    parts = list(word)
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: rank.get(p, float("inf")))
+        if pair not in rank:
+            break
+        out, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                out.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                out.append(parts[i])
+                i += 1
+        parts = out
+    return parts
+
+
+def test_bpe_gpt2_files_give_gpt2_ids(tmp_path):
+    tok = bpe.Tokenizer.from_gpt2(*_bpe_gpt2_files(tmp_path))
+    # GPT-2's byte ids, checkable by hand: '!' (0x21) is id 0, 't' is 0x74 - 0x21 = 83; the 68
+    # non-printable bytes follow the 188 printable ones, so ' ' (the 33rd) is 188 + 32 = 220 and
+    # '\n' is 188 + 10 = 198, exactly as in the real GPT-2 vocabulary.
+    assert tok.encode("!") == [0] and tok.encode("t") == [83]
+    assert tok.encode(" ") == [220] and tok.encode("\n") == [198]
+    assert tok.encode(" the") == [258] and tok.encode("the") == [83, 257]
+    assert tok.special_tokens == {"<|endoftext|>": 259} and tok.eot_id == 259
+    assert tok.pattern == bpe.GPT2_PATTERN and tok.vocab_size == 260
+    encoder = json.loads((tmp_path / "encoder.json").read_text())
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    table = bpe.gpt2_bytes_to_unicode()
+    text = "the other then hethe theta 😀 x"
+    expected = []
+    for chunk in bpe.regex.findall(bpe.GPT2_PATTERN, text):
+        symbols = "".join(table[b] for b in chunk.encode())
+        expected += [encoder[s] for s in _bpe_gpt2_reference(symbols, merges)]
+    assert tok.encode(text) == expected and tok.decode(expected) == text
+    # survives our own file format (byte ids are not the identity here)
+    tok.save(tmp_path / "gpt2.bpe")
+    assert bpe.Tokenizer.load(tmp_path / "gpt2.bpe").encode(text) == expected
+
+
+def test_bpe_tiktoken_files_hand_made_and_round_trip(tmp_path):
+    # a hand-made rank file: byte b has rank (b + 7) % 256, then "ab" = 300 and "abc" = 301
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {(b + 7) % 256}" for b in range(256)]
+    lines += [f"{base64.b64encode(b'ab').decode()} 300", f"{base64.b64encode(b'abc').decode()} 301"]
+    (tmp_path / "hand.tiktoken").write_text("\n".join(lines) + "\n")
+    tok = bpe.Tokenizer.from_tiktoken(tmp_path / "hand.tiktoken", special_tokens={"<|endoftext|>": 400})
+    assert tok.encode("abcab") == [301, 300] and tok.encode("a") == [(ord("a") + 7) % 256]
+    assert tok.encode("<|endoftext|>", allowed_special="all") == [400]
+    # export and import of a trained tokenizer gives the same tokenizer
+    trained = _bpe_trained()
+    trained.save_tiktoken(tmp_path / "t.tiktoken")
+    first = (tmp_path / "t.tiktoken").read_text().splitlines()[ord("A")]
+    assert first == f"{base64.b64encode(b'A').decode()} {ord('A')}"
+    back = bpe.Tokenizer.from_tiktoken(tmp_path / "t.tiktoken")
+    assert back.fingerprint == trained.fingerprint
+    (tmp_path / "bad.tiktoken").write_text("not base64!! 1\n")
+    with pytest.raises(bpe.UserError, match="tiktoken"):
+        bpe.Tokenizer.from_tiktoken(tmp_path / "bad.tiktoken")
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def _bpe_run(*args, cwd):
+    return subprocess.run([sys.executable, os.path.abspath(bpe.__file__), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_bpe_command_line_trains_demo_help_and_errors(tmp_path):
+    for k, doc in enumerate(_bpe_corpus()[:5]):
+        (tmp_path / f"doc{k}.txt").write_text(doc, encoding="utf-8")
+    r = _bpe_run("--train=*.txt", "--vocab_size=300", "--out=tok.bpe", "--quiet=True", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    tok = bpe.Tokenizer.load(tmp_path / "tok.bpe")
+    assert tok.vocab_size == 300 and tok.eot_id == 299
+    r = _bpe_run("--vocab_size=100", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "at least 256" in r.stderr
+    r = _bpe_run("--train=nothing*.txt", cwd=tmp_path)
+    assert r.returncode == 2 and "no file matches" in r.stderr
+    r = _bpe_run("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--vocab_size=4096" in r.stdout
+    r = _bpe_run(cwd=tmp_path)  # the teaching demo
+    assert r.returncode == 0 and "merge  1:" in r.stdout and "decode(ids) == text: True" in r.stdout
+
+
+def test_bpe_bad_inputs_are_user_errors():
+    with pytest.raises(bpe.UserError, match="bad split pattern"):
+        bpe.Tokenizer.train(["abc"], 300, pattern="(", quiet=True)
+    with pytest.raises(bpe.UserError, match="distinct"):
+        bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 98, 256)], {"<|x|>": 256})  # special reuses a merge id
+    tok = _bpe_trained(vocab_size=300)
+    with pytest.raises(bpe.UserError, match="not in this tokenizer"):
+        tok.stream_decoder().push(tok.vocab_size)
+    assert tok.encode_batch([]) == [] and tok.encode("") == [] and tok.decode([]) == ""
+    shuffled = bpe.Tokenizer(bpe.GPT2_PATTERN, [], byte_ids=[(b + 1) % 256 for b in range(256)])
+    assert shuffled.encode("\x00\xff") == [1, 0xC3 + 1, 0xBF + 1]  # byte b has id b + 1; ÿ is C3 BF in UTF-8
+
+
+def test_bpe_encode_iterable_is_lazy_and_decode_takes_arrays(capsys):
+    import itertools
+    import numpy as np
+    tok = _bpe_trained()
+    endless = itertools.cycle(["first line\n", "  second, indented\n"])  # a "file" larger than memory
+    head = list(itertools.islice(tok.encode_iterable(endless), 500))
+    assert len(head) == 500 and tok.decode(head).startswith("first line\n  second, indented\nfirst")
+    ids = tok.encode("numpy and torch ids decode too")
+    assert tok.decode(np.array(ids, dtype=np.uint16)) == "numpy and torch ids decode too"
+    bpe.Tokenizer.train(_bpe_corpus(), 300, quiet=False)  # progress goes to stderr, not stdout
+    out = capsys.readouterr()
+    assert out.out == "" and "bpe: merges 43/43" in out.err and "distinct" in out.err
+
+# =============================================================================
+# 2. prepare.py: corpus to token shards
+# =============================================================================
+
+# Tests for prepare.py: shard format, reader API, corpus -> shards pipeline, downloads.
+# Everything runs on tiny corpora in tmp_path with a 300-token vocab; downloads go to
+# an http.server on 127.0.0.1 in a thread, never to the internet.
+
+
+
+
+def _prepare_docs():
+    """Six small documents with enough repetition for a 300-token BPE. One contains
+    the special token's text, one is non-ASCII."""
+    words = "the quick brown fox jumps over the lazy dog while a cat sleeps".split()
+    docs = []
+    for d in range(6):
+        lines = [" ".join(words[(d + i) % len(words):] + words[:(d + i) % len(words)]) for i in range(30)]
+        docs.append(f"# doc {d}\n" + "\n".join(lines) + "\n")
+    docs[2] += "a literal <|endoftext|> inside the text must stay text\n"
+    docs[4] += "unicode: caf\u00e9 \u65e5\u672c \U0001f600\n"
+    return docs
+
+
+def _prepare_write_corpus(root, docs):
+    root.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(docs):
+        (root / f"doc{i:02d}.txt").write_text(d, encoding="utf-8")
+    return str(root / "*.txt")
+
+
+def _prepare_settings(tmp_path, pattern, **kw):
+    kw.setdefault("out_dir", str(tmp_path / "out"))
+    kw.setdefault("download_dir", str(tmp_path / "downloads"))
+    kw.setdefault("vocab_size", 300)
+    kw.setdefault("num_proc", 1)
+    return prepare.Settings(input=pattern, **kw)
+
+
+def _prepare_quiet(*a, **k):
+    pass
+
+
+def _prepare_split_docs(data_dir, split):
+    """All documents of a split as token arrays (BOS included), stitched across shards
+    using only the document index (documents may continue into the next shard)."""
+    shards = prepare.load_split(data_dir, split)
+    tokens = np.concatenate([np.asarray(s.tokens) for s in shards])
+    offsets = np.cumsum([0] + [len(s.tokens) for s in shards[:-1]])
+    starts = np.concatenate([s.doc_starts + o for s, o in zip(shards, offsets)])
+    bounds = list(starts) + [len(tokens)]
+    return [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# -----------------------------------------------------------------------------
+# shard format and reader
+
+
+def test_prepare_shard_header_round_trip(tmp_path):
+    fp = "ab" * 32
+    docs = [np.array([7, 1, 2, 3]), np.array([7, 4]), np.array([7, 5, 6, 1, 2])]  # 7 = BOS
+    with prepare.ShardWriter(str(tmp_path), "train", np.dtype("<u2"), 5, 300, 7, fp) as w:
+        w.add(np.concatenate(docs[:2]), [4, 2])
+        w.add(docs[2], [5])
+    assert w.names == ["train_0000.bin", "train_0001.bin", "train_0002.bin"]  # 11 tokens, 5 per shard
+    shards = [prepare.open_shard(str(tmp_path / n), fp) for n in w.names]
+    assert shards[0].header == dict(version=1, dtype="uint16", n_tokens=5, n_docs=2, vocab_size=300,
+                                    bos_id=7, fingerprint=fp)
+    assert shards[0].tokens.dtype == np.uint16
+    assert np.concatenate([s.tokens for s in shards]).tolist() == np.concatenate(docs).tolist()
+    # Worked by hand: starts 0, 4, 6 in the stream -> shard0 [0, 4], shard1 [1] (6 - 5), shard2 none.
+    assert [s.doc_starts.tolist() for s in shards] == [[0, 4], [1], []]
+    assert os.path.getsize(shards[0].path) == prepare.SHARD_HEADER_BYTES + 5 * 2 + 2 * 8
+
+
+def test_prepare_uint32_path_for_large_vocab(tmp_path):
+    # Guards: ids >= 65536 silently wrapping when written as uint16.
+    assert prepare.choose_dtype(50257).name == "uint16"
+    assert prepare.choose_dtype(65536).name == "uint16"
+    assert prepare.choose_dtype(65537).name == "uint32"
+    with pytest.raises(bpe.UserError, match="uint16"):
+        prepare.choose_dtype(70000, "uint16")
+    ids = np.array([69999, 1, 65536, 69999, 70000 - 2, 3], dtype=np.int64)  # BOS = 69999
+    with prepare.ShardWriter(str(tmp_path), "val", prepare.choose_dtype(70000), 100, 70000, 69999, "f" * 64) as w:
+        w.add(ids, [3, 3])
+    shard = prepare.open_shard(str(tmp_path / "val_0000.bin"), "f" * 64)
+    assert shard.tokens.dtype == np.uint32 and shard.header["dtype"] == "uint32"
+    assert shard.tokens.tolist() == ids.tolist() and shard.doc_starts.tolist() == [0, 3]
+
+
+def test_prepare_truncated_foreign_and_wrong_fingerprint_refused(tmp_path):
+    fp = "c" * 64
+    with prepare.ShardWriter(str(tmp_path), "train", np.dtype("<u2"), 100, 300, 9, fp) as w:
+        w.add(np.array([9, 1, 2, 9, 3]), [3, 2])
+    good = tmp_path / "train_0000.bin"
+    data = good.read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[:-3])
+    with pytest.raises(prepare.ShardError, match=r"cut\.bin.*truncated.*re-run prepare\.py"):
+        prepare.open_shard(str(tmp_path / "cut.bin"))
+    (tmp_path / "foreign.bin").write_bytes(b"\x00" * 300)
+    with pytest.raises(prepare.ShardError, match=r"foreign\.bin.*not a nanostack.*re-run prepare\.py"):
+        prepare.open_shard(str(tmp_path / "foreign.bin"))
+    with pytest.raises(prepare.ShardError, match=r"train_0000\.bin.*tokenizer.*re-run prepare\.py"):
+        prepare.open_shard(str(good), expected_fingerprint="d" * 64)
+    # A document index that points at a non-BOS token is caught too.
+    bad = bytearray(data)
+    bad[-8:] = np.array([1], "<i8").tobytes()
+    (tmp_path / "badindex.bin").write_bytes(bytes(bad))
+    with pytest.raises(prepare.ShardError, match="index"):
+        prepare.open_shard(str(tmp_path / "badindex.bin"))
+    assert prepare.open_shard(str(good), fp).tokens.tolist() == [9, 1, 2, 9, 3]
+
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+
+def test_prepare_default_corpus_is_stdlib_without_tests():
+    root, paths = prepare.stdlib_files()
+    rel = [os.path.relpath(p, root) for p in paths]
+    assert len(paths) > 100 and all(p.endswith(".py") for p in paths)
+    assert rel == sorted(rel) and "os.py" in rel                      # same order on every machine
+    for r in rel:
+        parts = r.split(os.sep)[:-1]
+        assert not {"test", "tests", "site-packages"} & set(parts), r
+
+
+def test_prepare_oversized_document_is_refused(tmp_path, monkeypatch):
+    # Guards: a huge file without --doc_sep silently becoming one giant in-memory document.
+    monkeypatch.setattr(prepare, "MAX_DOC_BYTES", 100)
+    (tmp_path / "big.txt").write_text("x" * 500)
+    with pytest.raises(bpe.UserError, match="--doc_sep"):
+        list(prepare.iter_documents([str(tmp_path / "big.txt")]))
+    with pytest.raises(bpe.UserError, match="--doc_sep"):
+        list(prepare.iter_documents([str(tmp_path / "big.txt")], "SEP"))
+
+
+def test_prepare_round_trip_bos_and_exact_decode(tmp_path):
+    docs = _prepare_docs()
+    pattern = _prepare_write_corpus(tmp_path / "src", docs)
+    # Small shards so documents run across shard boundaries.
+    s = _prepare_settings(tmp_path, pattern, shard_tokens=700, val_fraction=0.2)
+    meta = prepare.build(s, log=_prepare_quiet, quiet=True)
+    out = s.out_dir
+    tok = prepare.load_tokenizer(out)
+    assert meta["vocab_size"] == tok.vocab_size == 300 and meta["bos_id"] == tok.eot_id
+    assert len(meta["splits"]["train"]["shards"]) > 1
+    decoded = {}
+    for split in ("train", "val"):
+        split_docs = _prepare_split_docs(out, split)
+        assert len(split_docs) == meta["splits"][split]["docs"]
+        total = 0
+        for d in split_docs:
+            assert d[0] == tok.eot_id                      # every document starts with BOS
+            assert (d[1:] != tok.eot_id).all()             # ... and the literal text never becomes BOS
+            decoded.setdefault(split, []).append(tok.decode(d[1:].tolist()))
+            total += len(d)
+        assert total == meta["splits"][split]["tokens"]
+    assert sorted(decoded["train"] + decoded["val"]) == sorted(docs)   # exact, nothing lost or added
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(d.encode()) for d in docs)
+    with open(os.path.join(out, "meta.json")) as f:
+        on_disk = json.load(f)
+    for key in ("tokenizer", "fingerprint", "vocab_size", "bos_id", "splits", "bytes_per_token",
+                "sources", "settings", "created"):
+        assert key in on_disk
+
+
+def test_prepare_split_disjoint_deterministic_and_never_empty(tmp_path):
+    docs = _prepare_docs()
+    pattern = _prepare_write_corpus(tmp_path / "src", docs)
+    runs = []
+    for i, frac in enumerate((0.3, 0.3, 0.0)):
+        s = _prepare_settings(tmp_path, pattern, out_dir=str(tmp_path / f"o{i}"), val_fraction=frac,
+                              force=True)
+        prepare.build(s, log=_prepare_quiet, quiet=True)
+        tok = prepare.load_tokenizer(s.out_dir)
+        runs.append({sp: sorted(tok.decode(d[1:].tolist()) for d in _prepare_split_docs(s.out_dir, sp))
+                     for sp in ("train", "val")})
+    assert runs[0] == runs[1]                                    # deterministic
+    assert not set(runs[0]["train"]) & set(runs[0]["val"])       # disjoint
+    expected_val = sorted(d for d in docs if prepare.doc_hash(d)[0] < 0.3)
+    assert runs[0]["val"] == expected_val or (not expected_val and len(runs[0]["val"]) == 1)
+    assert len(runs[2]["val"]) == 1 and len(runs[2]["train"]) == len(docs) - 1   # fraction 0 -> still 1 val doc
+
+
+def test_prepare_rerun_reuses_and_force_rebuilds(tmp_path):
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern)
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    shard = os.path.join(s.out_dir, "train_0000.bin")
+    mtime = os.stat(shard).st_mtime_ns
+    lines = []
+    prepare.build(s, log=lines.append, quiet=True)
+    assert any("reusing" in line for line in lines) and os.stat(shard).st_mtime_ns == mtime
+    # Changing only how shards are cut rebuilds shards but reuses the trained tokenizer.
+    lines = []
+    prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=500), log=lines.append, quiet=True)
+    assert any("reusing" in line and "tokenizer" in line for line in lines)
+    assert len(prepare.load_meta(s.out_dir)["splits"]["train"]["shards"]) > 1
+    lines = []
+    prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=500, force=True), log=lines.append, quiet=True)
+    assert not any("reusing" in line for line in lines)
+    # Editing a source file invalidates the build.
+    (tmp_path / "src" / "doc00.txt").write_text("something else entirely, " * 50)
+    lines = []
+    prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=500), log=lines.append, quiet=True)
+    assert not any("reusing" in line for line in lines)
+
+
+def test_prepare_interrupted_write_leaves_no_valid_looking_shard(tmp_path, monkeypatch):
+    # Guards: a crash mid-shard leaving train_0000.bin (or meta.json) that the loader accepts.
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern, shard_tokens=400)
+    prepare.build(s, log=_prepare_quiet, quiet=True)           # a complete old build is present...
+    calls = []
+    real = prepare.ShardWriter._write_tokens
+
+    def failing(self, tokens):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # like Ctrl-C in the middle of a shard
+        real(self, tokens)
+
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=400, force=True), log=_prepare_quiet,
+                      quiet=True)
+    left = os.listdir(s.out_dir)
+    assert "meta.json" not in left and not any(".tmp" in n for n in left)
+    with pytest.raises(prepare.ShardError, match="meta.json"):   # ...and is not trusted any more
+        prepare.load_split(s.out_dir, "train")
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", real)
+    lines = []
+    prepare.build(s, log=lines.append, quiet=True)              # a plain re-run repairs it
+    assert not any("up to date" in line for line in lines)
+    assert prepare.load_split(s.out_dir, "train")
+
+
+def test_prepare_parallel_equals_serial_and_max_doc_tokens(tmp_path):
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs() * 2)
+    outs = []
+    for n in (1, 2):
+        s = _prepare_settings(tmp_path, pattern, out_dir=str(tmp_path / f"p{n}"), num_proc=n, chunk_mb=0.0005)
+        prepare.build(s, log=_prepare_quiet, quiet=True)
+        outs.append(s.out_dir)
+    for name in prepare.load_meta(outs[0])["splits"]["train"]["shards"]:
+        assert open(os.path.join(outs[0], name), "rb").read() == open(os.path.join(outs[1], name), "rb").read()
+    s = _prepare_settings(tmp_path, pattern, out_dir=str(tmp_path / "cap"), max_doc_tokens=20)
+    meta = prepare.build(s, log=_prepare_quiet, quiet=True)
+    lengths = [len(d) for sp in ("train", "val") for d in _prepare_split_docs(s.out_dir, sp)]
+    assert max(lengths) == 20 and meta["splits"]["train"]["tokens"] == 20 * meta["splits"]["train"]["docs"]
+
+
+def test_prepare_doc_sep_val_input_and_bad_utf8(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("first doc\n\n\n\nsecond doc\n\n\n\n\n\n   \n\n\n\nthird doc, caf", encoding="utf-8")
+    with open(src / "a.txt", "ab") as f:
+        f.write(b"\xe9 au lait\n")                               # Latin-1 byte: not UTF-8
+    (tmp_path / "held.txt").write_text("held out one\n\n\n\nheld out two\n", encoding="utf-8")
+    monkeypatch.setattr(prepare, "READ_BLOCK_CHARS", 5)         # separators straddle read blocks
+    expected = ["first doc", "second doc", "third doc, caf\ufffd au lait"]
+    assert list(prepare.iter_documents([str(src / "a.txt")], "\n\n\n\n")) == expected
+    s = _prepare_settings(tmp_path, str(src / "a.txt"), doc_sep="\\n\\n\\n\\n", val_input=str(tmp_path / "held.txt"),
+                          vocab_size=270)
+    assert s.doc_sep == "\n\n\n\n"                              # CLI escapes are turned into newlines
+    meta = prepare.build(s, log=_prepare_quiet, quiet=True)
+    tok = prepare.load_tokenizer(s.out_dir)
+    got = {sp: [tok.decode(d[1:].tolist()) for d in _prepare_split_docs(s.out_dir, sp)] for sp in ("train", "val")}
+    assert got == {"train": expected, "val": ["held out one", "held out two"]}
+    assert meta["replaced_chars"] == 1
+
+
+def test_prepare_gpt2_tokenizer_files(tmp_path):
+    # A miniature GPT-2 style encoder.json/vocab.bpe: the 256 byte symbols, one merge, EOT.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_char = {b: chr(c) for b, c in zip(bs, cs)}
+    encoder = {byte_char[b]: i for i, b in enumerate(range(256))}
+    encoder[byte_char[ord("h")] + byte_char[ord("e")]] = 256
+    encoder["<|endoftext|>"] = 257
+    gdir = tmp_path / "gpt2"
+    gdir.mkdir()
+    (gdir / "encoder.json").write_text(json.dumps(encoder))
+    (gdir / "vocab.bpe").write_text("#version: 0.2\nh e\n")
+    pattern = _prepare_write_corpus(tmp_path / "src", ["hello there\n", "he said hi\n"])
+    s = _prepare_settings(tmp_path, pattern, tokenizer=str(gdir / "encoder.json"))
+    meta = prepare.build(s, log=_prepare_quiet, quiet=True)
+    assert meta["vocab_size"] == 258 and meta["bos_id"] == 257
+    docs = [d for sp in ("train", "val") for d in _prepare_split_docs(s.out_dir, sp)]
+    assert sorted(d.tolist() for d in docs)[0][:2] == [257, 256]   # BOS, then the merged "he"
+
+
+def test_prepare_one_line_errors(tmp_path):
+    with pytest.raises(bpe.UserError, match="matches no files"):
+        prepare.resolve_globs(str(tmp_path / "nothing" / "*.txt"))
+    (tmp_path / "bin").mkdir()
+    for i in range(3):
+        (tmp_path / "bin" / f"x{i}.dat").write_bytes(b"\x00\x01\x02" * 10)
+    with pytest.raises(bpe.UserError, match="binary"):
+        prepare.resolve_globs(str(tmp_path / "bin"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "e.txt").write_text("")
+    with pytest.raises(bpe.UserError, match="empty"):
+        prepare.resolve_globs(str(tmp_path / "empty" / "*.txt"))
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    (tmp_path / "bad.bpe").write_text("this is not a tokenizer\n")
+    with pytest.raises(bpe.UserError):
+        prepare.build(_prepare_settings(tmp_path, pattern, tokenizer=str(tmp_path / "bad.bpe")),
+                      log=_prepare_quiet, quiet=True)
+    assert not os.path.exists(tmp_path / "out" / "meta.json")
+    with pytest.raises(bpe.UserError, match="not found"):
+        prepare.build(_prepare_settings(tmp_path, pattern, tokenizer=str(tmp_path / "missing.bpe")),
+                      log=_prepare_quiet)
+    with pytest.raises(bpe.UserError, match="uint16"):
+        prepare.build(_prepare_settings(tmp_path, pattern, dtype="uint16", vocab_size=70000), log=_prepare_quiet)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "only.txt").write_text("a single document cannot be split\n")
+    with pytest.raises(bpe.UserError, match="single document"):
+        prepare.build(_prepare_settings(tmp_path, str(tmp_path / "one" / "*.txt")), log=_prepare_quiet)
+    assert not os.path.exists(tmp_path / "out")                     # nothing written for any of these
+    # Through the real command line: exit code 2 and exactly one line on stderr.
+    here = os.path.dirname(os.path.abspath(prepare.__file__))
+    for args in ([f"--input={tmp_path / 'nothing' / '*.txt'}"], ["--vocab_sise=300"]):
+        r = subprocess.run([sys.executable, os.path.join(here, "prepare.py"), *args], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+
+
+# -----------------------------------------------------------------------------
+# downloads against a local http.server
+
+
+class _PrepareHandler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files with Range support; server.plan scripts failures:
+    "500" answers an error, "cut" sends half the body then drops the connection."""
+
+    def do_GET(self):
+        srv = self.server
+        srv.requests.append((self.path, self.headers.get("Range")))
+        data = srv.files.get(self.path)
+        action = srv.plan.pop(0) if srv.plan else "ok"
+        if data is None or action == "500":
+            self.send_error(404 if data is None else 500)
+            return
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        if start >= len(data):
+            self.send_error(416)
+            return
+        body = data[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        self.wfile.write(body[:len(body) // 2] if action == "cut" else body)
+        self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def _prepare_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PrepareHandler)
+    srv.files, srv.plan, srv.requests = {}, [], []
+    thread = threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _prepare_remote(srv, name, data, **kw):
+    srv.files["/" + name] = data
+    kw.setdefault("size", len(data))
+    kw.setdefault("sha256", hashlib.sha256(data).hexdigest())
+    return prepare.Remote(srv.url + "/" + name, name, **kw)
+
+
+def test_prepare_download_resume_retry_and_cache(tmp_path, _prepare_server):
+    srv = _prepare_server
+    data = bytes(range(256)) * 400
+    remote = _prepare_remote(srv, "d.txt", data)
+    # A .part from an interrupted run: the download continues with a Range request.
+    (tmp_path / "d.txt.part").write_bytes(data[:1000])
+    path = prepare.download(remote, str(tmp_path), backoff=0, log=_prepare_quiet)
+    assert open(path, "rb").read() == data and srv.requests == [("/d.txt", "bytes=1000-")]
+    assert not os.path.exists(tmp_path / "d.txt.part")
+    # Cached: no second request.
+    prepare.download(remote, str(tmp_path), backoff=0, log=_prepare_quiet)
+    assert len(srv.requests) == 1
+    # A server error, then a connection cut mid-body: retried, then resumed where it broke.
+    remote2 = _prepare_remote(srv, "e.txt", data[::-1])
+    srv.plan, srv.requests = ["500", "cut"], []
+    path = prepare.download(remote2, str(tmp_path), backoff=0, log=_prepare_quiet)
+    assert open(path, "rb").read() == data[::-1]
+    assert [r[1] for r in srv.requests] == [None, None, f"bytes={len(data) // 2}-"]
+
+
+def test_prepare_download_sha_mismatch_404_and_offline(tmp_path, _prepare_server):
+    srv = _prepare_server
+    bad = _prepare_remote(srv, "f.txt", b"hello world\n", sha256="0" * 64)
+    with pytest.raises(bpe.UserError, match="sha256"):
+        prepare.download(bad, str(tmp_path), backoff=0, log=_prepare_quiet)
+    assert not os.path.exists(tmp_path / "f.txt") and not os.path.exists(tmp_path / "f.txt.part")
+    with pytest.raises(bpe.UserError, match="HTTP 404"):
+        prepare.download(prepare.Remote(srv.url + "/missing", "m.txt"), str(tmp_path), backoff=0,
+                         log=_prepare_quiet)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()                                            # nothing listens there now
+    with pytest.raises(bpe.UserError, match="offline") as e:
+        prepare.download(prepare.Remote(f"http://127.0.0.1:{port}/x", "x.txt"), str(tmp_path), retries=2,
+                         backoff=0, log=_prepare_quiet)
+    assert "\n" not in str(e.value)
+
+
+def test_prepare_dataset_download_end_to_end(tmp_path, _prepare_server, monkeypatch):
+    srv = _prepare_server
+    text = "".join(f"SPEAKER {i}:\nwords and more words, line {i}\n\n" for i in range(60)).encode()
+    remote = _prepare_remote(srv, "tiny.txt", text)
+    monkeypatch.setitem(prepare.DATASETS, "tinyshakespeare", dict(train=[remote], val=[], doc_sep="\n\n"))
+    s = prepare.Settings(dataset="tinyshakespeare", out_dir=str(tmp_path / "ts"), vocab_size=280, num_proc=1,
+                         download_dir=str(tmp_path / "dl"))
+    meta = prepare.build(s, log=_prepare_quiet, quiet=True)
+    assert os.path.exists(tmp_path / "dl" / "tiny.txt")
+    assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == 60
+    assert meta["splits"]["val"]["docs"] >= 1
+
+# =============================================================================
+# 3. model.py: the transformer and its KV cache
+# =============================================================================
+
+_MODEL_ATOL = 2e-5
+
+
+def _model_one_thread(test):
+    """Run a test on one torch thread. These models are tiny: on a busy 2-core machine two
+    OpenMP threads mostly wait for each other (measured: a fwd+bwd of the overfit model took
+    1.3 ms on 1 thread and 260 ms on 2)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return test(*args, **kwargs)
+        finally:
+            torch.set_num_threads(old)
+    return run
+
+
+def _model_cfg(**kw):
+    """A tiny config; every test model is small enough to run in milliseconds."""
+    base = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
+                logit_softcap=0.0)
+    base.update(kw)
+    return M.GPTConfig(**base)
+
+
+def _model_make(seed=0, **kw):
+    """A model whose parameters are ALL random (the real init zeroes every c_proj, which would
+    turn each block into the identity and make attention tests vacuous)."""
+    torch.manual_seed(seed)
+    m = M.GPT(_model_cfg(**kw))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * p.size(-1) ** -0.5)
+    return m.eval()
+
+
+def _model_twin(m, **kw):
+    """Same weights, different config fields (e.g. attn_impl="manual")."""
+    twin = M.GPT(dataclasses.replace(m.config, **kw))
+    twin.load_state_dict(m.state_dict())
+    return twin.eval()
+
+
+def _model_tokens(B, T, vocab=61, seed=1):
+    return torch.randint(vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _model_decode(m, idx, prefill, window=None, doc_ids=None, chunk=1):
+    """Logits from a cached run: prefill idx[:, :prefill], then `chunk` tokens per step."""
+    B, T = idx.shape
+    cache = m.make_cache(B, T)
+    outs = [m(idx[:, :prefill], cache=cache, window=window,
+              doc_ids=None if doc_ids is None else doc_ids[:, :prefill])]
+    for t in range(prefill, T, chunk):
+        d = None if doc_ids is None else doc_ids[:, t:t + chunk]
+        outs.append(m(idx[:, t:t + chunk], cache=cache, window=window, doc_ids=d))
+    assert cache.pos == T
+    return torch.cat(outs, dim=1)
+
+# ---------------------------------------------------------------------------- config
+
+
+@_model_one_thread
+def test_model_config_validation_one_line_errors():
+    cases = [dict(n_embd=30, n_head=4), dict(n_head=4, n_kv_head=3), dict(n_embd=12, n_head=4),
+             dict(mlp="tanh"), dict(rope_scaling="ntk"), dict(rope_factor=2.0),
+             dict(window=-1), dict(n_experts=4, top_k=5), dict(attn_softcap=float("nan"))]
+    for kw in cases:
+        with pytest.raises(ValueError) as e:
+            _model_cfg(**kw)
+        assert "\n" not in str(e.value) and str(e.value)
+    with pytest.raises(bpe.SettingsError, match="divisible"):
+        bpe.parse_settings(M.GPTConfig, ["--n_embd=100", "--n_head=3"])
+
+
+@_model_one_thread
+def test_model_doc_ids_from_bos_example():
+    idx = torch.tensor([[5, 0, 7, 8, 0, 9]])
+    assert M.doc_ids_from_bos(idx, 0).tolist() == [[0, 1, 1, 1, 2, 2]]
+
+# ---------------------------------------------------------------------------- attention
+
+
+@_model_one_thread
+def test_model_causality():
+    """Changing token t never changes the logits at positions < t (every mask type)."""
+    for kw in [{}, dict(window=4, n_global=2), dict(attn_softcap=5.0), dict(n_kv_head=1)]:
+        m = _model_make(**kw)
+        idx = _model_tokens(2, 20)
+        base = m(idx)
+        for t in (0, 7, 19):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1) % 61
+            out = m(changed)
+            torch.testing.assert_close(out[:, :t], base[:, :t], atol=_MODEL_ATOL, rtol=0)
+            assert (out[:, t] - base[:, t]).abs().max() > 1e-4  # and token t itself matters
+
+
+@_model_one_thread
+def test_model_sliding_window_mask_equals_explicit_loop():
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    got = M.attention_mask(torch.arange(4), torch.arange(4), window=2)[0, 0]
+    assert torch.equal(got, expected)  # the docstring's worked example
+    for window, n_global in [(3, 0), (3, 2), (1, 1), (0, 0)]:
+        T = 9
+        mask = M.attention_mask(torch.arange(T), torch.arange(T), window, n_global)[0, 0]
+        for i in range(T):
+            for j in range(T):
+                ok = j <= i and (window == 0 or i - j < window or j < n_global)
+                assert bool(mask[i, j]) == ok, (window, n_global, i, j)
+
+
+@_model_one_thread
+def test_model_sliding_window_equals_explicit_mask_attention():
+    """A model with a window gives the same logits as hand-written attention fed a mask built
+    by explicit loops (guards against an off-by-one in the window)."""
+    m = _model_make(window=5)
+    idx = _model_tokens(2, 16)
+    T = 16
+    explicit = torch.tensor([[j <= i and i - j < 5 for j in range(T)] for i in range(T)])
+    captured = {}
+    original = M.manual_attention
+
+    def spy(q, k, v, mask=None, softcap=0.0):
+        captured["mask"] = mask
+        return original(q, k, v, explicit, softcap)
+    manual = _model_twin(m, attn_impl="manual")
+    M.manual_attention = spy
+    try:
+        ref = manual(idx)
+    finally:
+        M.manual_attention = original
+    torch.testing.assert_close(m(idx), ref, atol=_MODEL_ATOL, rtol=0)
+    assert torch.equal(captured["mask"][0, 0], explicit)
+    # the run-time override equals the config field
+    full = _model_twin(m, window=0)
+    torch.testing.assert_close(full(idx, window=5), ref, atol=_MODEL_ATOL, rtol=0)
+    assert (full(idx) - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@_model_one_thread
+def test_model_sdpa_equals_manual_every_mask(n_kv_head):
+    m = _model_make(n_kv_head=n_kv_head)
+    hand = _model_twin(m, attn_impl="manual")
+    idx = _model_tokens(2, 20)
+    docs = M.doc_ids_from_bos(idx, 3) + torch.tensor([[0], [5]])
+    for kw in [{}, dict(window=4), dict(window=1), dict(doc_ids=docs), dict(window=6, doc_ids=docs)]:
+        torch.testing.assert_close(m(idx, **kw), hand(idx, **kw), atol=_MODEL_ATOL, rtol=0)
+    for kw in [dict(window=4), dict(window=4, n_global=3)]:  # n_global is a config field
+        a, b = _model_twin(m, **kw), _model_twin(hand, **kw)
+        torch.testing.assert_close(a(idx), b(idx), atol=_MODEL_ATOL, rtol=0)
+    # cached paths: chunked prefill (explicit mask) and one-token steps (no mask)
+    torch.testing.assert_close(_model_decode(m, idx, 5, chunk=3), _model_decode(hand, idx, 5, chunk=3),
+                               atol=_MODEL_ATOL, rtol=0)
+
+
+@_model_one_thread
+def test_model_document_masking_equals_separate_documents():
+    m = _model_make(n_kv_head=2)
+    bos = 0
+    docs = [torch.tensor(d) for d in ([bos, 5, 9, 11, 4], [bos, 7, 7, 2], [bos, 1, 2, 3, 8, 6, 5])]
+    packed = torch.cat(docs)[None]                                       # (1, 16)
+    doc_ids = M.doc_ids_from_bos(packed, bos)
+    for impl in ("sdpa", "manual"):
+        mm = _model_twin(m, attn_impl=impl)
+        together = mm(packed, doc_ids=doc_ids)
+        apart = torch.cat([mm(d[None]) for d in docs], dim=1)
+        # positions stay absolute in the packed row, but RoPE only sees offsets between tokens
+        # of the same document, so the logits match the separate runs exactly
+        torch.testing.assert_close(together, apart, atol=_MODEL_ATOL, rtol=0)
+        assert (mm(packed) - apart).abs().max() > 1e-4  # without doc_ids they differ
+
+
+@_model_one_thread
+def test_model_softcap_bounds_logits():
+    m = _model_make(logit_softcap=2.0)
+    assert m(_model_tokens(1, 8)).abs().max() < 2.0
+
+# ---------------------------------------------------------------------------- RoPE
+
+
+@_model_one_thread
+def test_model_rope_relative():
+    """q_m . k_n after RoPE depends only on m - n."""
+    cfg = _model_cfg(block_size=64)
+    cos, sin = M.rope_tables(cfg)
+    D = cfg.head_dim
+    q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+
+    def score(m, n):
+        qm = M.apply_rope(q, cos[m:m + 1], sin[m:m + 1])  # q at position m
+        kn = M.apply_rope(k, cos[n:n + 1], sin[n:n + 1])  # k at position n
+        return (qm * kn).sum()
+    for m, n, s in [(5, 2, 7), (10, 10, 30), (3, 9, 40)]:
+        torch.testing.assert_close(score(m, n), score(m + s, n + s), atol=1e-5, rtol=0)
+    assert abs(score(5, 2) - score(6, 2)) > 1e-4
+    torch.testing.assert_close(score(0, 0), (q * k).sum(), atol=1e-6, rtol=0)  # position 0: no turn
+
+
+@_model_one_thread
+def test_model_rope_scaling_identity_and_yarn_ramp():
+    plain, s1 = M.rope_frequencies(16, 10000.0)
+    for scaling in ("linear", "yarn"):
+        w, scale = M.rope_frequencies(16, 10000.0, scaling, 1.0, train_len=32)
+        assert torch.equal(w, plain) and scale == 1.0
+    m = _model_make()
+    idx = _model_tokens(1, 20)
+    for scaling in ("linear", "yarn"):
+        torch.testing.assert_close(_model_twin(m, rope_scaling=scaling)(idx), m(idx), atol=0, rtol=0)
+    # factor 4: linear divides every frequency; YaRN keeps the fastest pairs and divides the slowest
+    lin, _ = M.rope_frequencies(16, 10000.0, "linear", 4.0, train_len=32)
+    torch.testing.assert_close(lin, plain / 4)
+    yarn, scale = M.rope_frequencies(16, 10000.0, "yarn", 4.0, train_len=1024)
+    assert yarn[0] == plain[0] and torch.isclose(yarn[-1], plain[-1] / 4)
+    assert scale == pytest.approx(0.1 * math.log(4) + 1)
+    # the extended model runs past block_size; the plain one refuses with a one-line UserError
+    long = _model_tokens(1, 100)
+    assert _model_twin(m, rope_scaling="yarn", rope_factor=4.0)(long).shape == (1, 100, 61)
+    with pytest.raises(bpe.UserError, match="rope_factor"):
+        m(long)
+
+# ---------------------------------------------------------------------------- GQA and the cache
+
+
+@_model_one_thread
+def test_model_gqa_equals_mha_with_repeated_kv_weights():
+    """GQA (2 kv heads for 4 query heads) equals MHA whose kv heads are copies: query head h
+    must read kv head h // 2, the same grouping SDPA's enable_gqa uses."""
+    for n_kv in (2, 1):
+        gqa = _model_make(n_kv_head=n_kv)
+        mha = M.GPT(dataclasses.replace(gqa.config, n_kv_head=4)).eval()
+        sd = gqa.state_dict()
+        C, D, H = 32, 8, 4
+        for key in list(sd):
+            if key.endswith("c_attn.weight"):
+                w = sd[key]
+                q, k, v = w.split([H * D, n_kv * D, n_kv * D])
+                rep = lambda t: t.view(n_kv, D, C).repeat_interleave(H // n_kv, dim=0).reshape(H * D, C)
+                sd[key] = torch.cat([q, rep(k), rep(v)])
+        mha.load_state_dict(sd)
+        idx = _model_tokens(2, 12)
+        for impl in ("sdpa", "manual"):
+            torch.testing.assert_close(_model_twin(gqa, attn_impl=impl)(idx),
+                                       _model_twin(mha, attn_impl=impl)(idx), atol=_MODEL_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(n_kv_head=4), dict(n_kv_head=2), dict(n_kv_head=1),
+                                dict(n_kv_head=2, window=5), dict(window=4, n_global=2),
+                                dict(attn_softcap=4.0, n_kv_head=2)])
+@_model_one_thread
+def test_model_cached_decode_equals_full_forward(kw):
+    m = _model_make(**kw)
+    idx = _model_tokens(2, 24)
+    full = m(idx)
+    torch.testing.assert_close(_model_decode(m, idx, 7), full, atol=_MODEL_ATOL, rtol=0)
+    torch.testing.assert_close(_model_decode(m, idx, 1, chunk=5), full, atol=_MODEL_ATOL, rtol=0)
+    cache = m.make_cache(2, 24)
+    assert cache.k.shape == (2, 2, m.config.n_kv_head, 24, 8)   # only the kv heads are cached
+
+
+@_model_one_thread
+def test_model_cached_decode_with_docs_and_runtime_window():
+    m = _model_make(n_kv_head=2)
+    idx = _model_tokens(1, 20)
+    idx[0, [0, 6, 13]] = 0
+    docs = M.doc_ids_from_bos(idx, 0)
+    torch.testing.assert_close(_model_decode(m, idx, 9, doc_ids=docs), m(idx, doc_ids=docs),
+                               atol=_MODEL_ATOL, rtol=0)
+    # doc_ids given only at prefill: later tokens continue the last document
+    cache = m.make_cache(1, 20)
+    out = [m(idx[:, :15], cache=cache, doc_ids=docs[:, :15])]
+    out += [m(idx[:, t:t + 1], cache=cache) for t in range(15, 20)]
+    torch.testing.assert_close(torch.cat(out, 1), m(idx, doc_ids=docs), atol=_MODEL_ATOL, rtol=0)
+    torch.testing.assert_close(_model_decode(m, idx, 4, window=3), m(idx, window=3), atol=_MODEL_ATOL, rtol=0)
+
+
+@_model_one_thread
+def test_model_cache_branch_equals_fresh_runs():
+    m = _model_make(n_kv_head=2, window=6)
+    prompt = _model_tokens(1, 9)
+    cache = m.make_cache(1, 20)
+    m(prompt, cache=cache)
+    branched = cache.branch(3)
+    assert branched.batch_size == 3 and branched.pos == 9 and cache.pos == 9
+    cont = _model_tokens(3, 6, seed=5)
+    got = torch.cat([m(cont[:, t:t + 1], cache=branched) for t in range(6)], dim=1)
+    full = m(torch.cat([prompt.expand(3, -1), cont], dim=1))[:, 9:]
+    torch.testing.assert_close(got, full, atol=_MODEL_ATOL, rtol=0)
+    cache.reset()
+    assert cache.pos == 0
+    with pytest.raises(bpe.UserError, match="cache"):
+        m(_model_tokens(1, 21), cache=cache)
+
+
+@_model_one_thread
+def test_model_kv_cache_bytes_per_token_matches_cache():
+    m = _model_make(n_kv_head=2)
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = m.make_cache(1, 10, dtype=dtype)
+        real = (cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()) / 10
+        assert m.kv_cache_bytes_per_token(dtype) == real
+
+# ---------------------------------------------------------------------------- loss, MTP, accounting
+
+
+@_model_one_thread
+def test_model_loss_ignore_index_and_reduction():
+    m = _model_make()
+    idx = _model_tokens(2, 10)
+    tgt = idx.roll(-1, 1)
+    tgt[:, -1] = -1
+    mean, aux = m(idx, tgt)
+    none, _ = m(idx, tgt, reduction="none")
+    total, _ = m(idx, tgt, reduction="sum")
+    assert none.shape == (2, 10) and aux == {} and (none[:, -1] == 0).all()
+    torch.testing.assert_close(mean, none.sum() / 18)
+    torch.testing.assert_close(total, none.sum())
+    logits = m(idx)
+    torch.testing.assert_close(mean, F.cross_entropy(logits[:, :-1].reshape(-1, 61), tgt[:, :-1].reshape(-1)))
+
+
+@_model_one_thread
+def test_model_mtp_head_predicts_t_plus_2():
+    m = _model_make(mtp=True)
+    idx = _model_tokens(2, 10)
+    tgt = idx.roll(-1, 1)
+    loss, aux = m(idx, tgt)
+    # by hand: hidden states before ln_f, the mtp block, shared ln_f + lm_head, targets shifted
+    x = m.transformer.wte(idx)
+    layout = m._layout(2, 10, 0, 0, None, None, idx.device)
+    for b in m.transformer.h:
+        x = b(x, layout)
+    h2 = m.mtp(x, m.transformer.wte(tgt), layout)
+    logits = m.lm_head(m.transformer.ln_f(h2))[:, :-1]
+    expected = F.cross_entropy(logits.reshape(-1, 61), tgt[:, 1:].reshape(-1))
+    torch.testing.assert_close(aux["mtp"], expected, atol=1e-5, rtol=0)
+    aux["mtp"].backward()
+    assert m.mtp.proj.weight.grad.abs().sum() > 0
+    # an ignored target at t drops the t+2 prediction made from it
+    tgt2 = tgt.clone()
+    tgt2[:, 3] = -1
+    _, aux2 = m(idx, tgt2)
+    assert torch.isfinite(aux2["mtp"]) and not torch.isclose(aux2["mtp"], aux["mtp"])
+    # a positive ignore_index (not a valid token id) must not reach the embedding lookup
+    tgt3 = tgt.clone()
+    tgt3[:, 4] = 99
+    loss3, aux3 = m(idx, tgt3, ignore_index=99)
+    assert torch.isfinite(loss3) and torch.isfinite(aux3["mtp"])
+
+
+def _model_matmul_params(m):
+    """Weights used in matmuls, counted from the modules: every >=2-D parameter except the wte
+    lookup, plus wte again when it is the tied lm_head."""
+    n = sum(p.numel() for p in m.parameters() if p.ndim >= 2 and p is not m.transformer.wte.weight)
+    return n + (m.transformer.wte.weight.numel() if m.config.tie_embeddings else 0)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=True, norm_gain=True),
+                                dict(mlp="swiglu", mtp=True, norm_gain=True),
+                                dict(mlp="gelu", mlp_hidden=50, n_kv_head=1, qk_norm=False, norm_gain=True),
+                                dict(window=8, mtp=True)])
+@_model_one_thread
+def test_model_param_and_flops_formulas_match_count(kw):
+    m = M.GPT(_model_cfg(**kw))
+    assert m.num_params() == sum(p.numel() for p in m.parameters())
+    assert sum(m.num_params(by_component=True).values()) == m.num_params()
+    c = m.config
+    T = 16
+    w = c.window if 0 < c.window < T else T
+    ctx = sum(min(t + 1, w) for t in range(T)) / T
+    layers = c.n_layer + (1 if c.mtp else 0)
+    expected = 6 * _model_matmul_params(m) + 12 * layers * c.n_head * c.head_dim * ctx
+    assert m.flops_per_token(T) == int(expected)
+    assert m.flops_per_token() == m.flops_per_token(c.block_size)
+
+
+@_model_one_thread
+def test_model_flops_hand_example():
+    """By hand: 1 layer, C=8, 2 heads of 4, V=10, untied, relu2 (hidden 32), T=4.
+    matmul params: c_attn 8*24 + c_proj 8*8 + c_fc 8*32 + c_proj 32*8 + lm_head 8*10 = 848.
+    attention: ctx = (1+2+3+4)/4 = 2.5 keys; 12 * 1 layer * 2 heads * 4 dims * 2.5 = 240.
+    total = 6 * 848 + 240 = 5328."""
+    m = M.GPT(M.GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_kv_head=2, n_embd=8))
+    assert m.flops_per_token() == 5328
+
+
+@_model_one_thread
+def test_model_optim_groups_cover_every_parameter_once():
+    for kw in [{}, dict(tie_embeddings=True, norm_gain=True, mtp=True)]:
+        m = M.GPT(_model_cfg(**kw))
+        groups = m.optim_groups()
+        seen = [id(p) for g in groups for p in g["params"]]
+        assert sorted(seen) == sorted(id(p) for p in m.parameters())
+        by = {g["name"]: g for g in groups}
+        assert all(p.ndim == 2 for p in by["matrix"]["params"]) and by["matrix"]["optimizer"] == "muon"
+        assert by["embed"]["params"] == [m.transformer.wte.weight] and by["embed"]["optimizer"] == "adamw"
+        assert ("head" in by) == (not m.config.tie_embeddings)
+        assert ("scalar" in by) == m.config.norm_gain
+        assert all(g["optimizer"] == "adamw" for g in groups if g["name"] != "matrix")
+
+
+@_model_one_thread
+def test_model_init_starts_near_uniform():
+    """Zero-initialised c_proj: every block starts as the identity, and the loss is ~ln(V)."""
+    torch.manual_seed(0)
+    m = M.GPT(_model_cfg())
+    for b in m.transformer.h:
+        assert (b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all()
+    idx = _model_tokens(2, 16)
+    loss, _ = m(idx, idx)
+    assert abs(loss.item() - math.log(61)) < 0.05
+
+
+@_model_one_thread
+def test_model_tiny_overfits_one_batch():
+    torch.manual_seed(0)
+    m = M.GPT(_model_cfg(vocab_size=32, n_embd=32, block_size=16, n_layer=1))
+    idx = _model_tokens(4, 17, vocab=32, seed=3)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    for step in range(300):
+        loss, _ = m(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.1:
+            break
+    assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step + 1} steps"
+
+# ---------------------------------------------------------------------------- mixture of experts
+
+_MODEL_MOE = dict(n_experts=4, top_k=2, moe_every=2, n_shared_experts=1, moe_hidden=24,
+                  capacity_factor=1.0, n_layer=3)
+
+
+@pytest.mark.parametrize("kw", [dict(_MODEL_MOE),
+                                dict(_MODEL_MOE, mlp="swiglu", top_k=1, moe_every=1, n_kv_head=2)])
+@_model_one_thread
+def test_model_moe_cached_decode_equals_full_forward(kw):
+    """Guards batch-dependence in MoE inference: with a capacity factor, dropping in eval mode
+    would make a token's output depend on its neighbours and break cached decoding."""
+    m = _model_make(**kw)
+    assert len(m.moe_layers()) == (1 if kw["moe_every"] == 2 else 3)
+    with torch.no_grad():
+        for layer in m.moe_layers():
+            layer.expert_bias.copy_(torch.tensor([0.2, -0.1, 0.0, 0.3]))
+    idx = _model_tokens(2, 16)
+    full = m(idx)
+    torch.testing.assert_close(_model_decode(m, idx, 5), full, atol=_MODEL_ATOL, rtol=0)
+    # the vectorised layers inside the model equal the per-token reference loop
+    x = torch.randn(2, 6, 32)
+    for layer in m.moe_layers():
+        torch.testing.assert_close(layer(x), M.moe_reference(layer, x), atol=1e-5, rtol=0)
+
+
+@_model_one_thread
+def test_model_moe_aux_losses_summed_over_layers_and_trainable():
+    m = _model_make(**dict(_MODEL_MOE, moe_every=1)).train()
+    idx = _model_tokens(2, 16)
+    loss, aux = m(idx, idx.roll(-1, 1))
+    layers = m.moe_layers()
+    assert len(layers) == 3 and set(aux) == {"moe_aux", "moe_z"}
+    torch.testing.assert_close(aux["moe_aux"], sum(layer.aux["moe_aux"] for layer in layers))
+    torch.testing.assert_close(aux["moe_z"], sum(layer.aux["moe_z"] for layer in layers))
+    assert sum(int(layer.stats["dropped"]) for layer in layers) > 0  # capacity 1.0 drops in training
+    (loss + 0.01 * aux["moe_aux"]).backward()
+    for layer in layers:
+        assert layer.router.weight.grad.abs().sum() > 0 and layer.c_fc.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kw", [dict(_MODEL_MOE),
+                                dict(_MODEL_MOE, mlp="swiglu", moe_hidden=0, n_shared_experts=0,
+                                     tie_embeddings=True, mtp=True, norm_gain=True)])
+@_model_one_thread
+def test_model_moe_active_and_total_params_match_count(kw):
+    m = M.GPT(_model_cfg(**kw))
+    c = m.config
+    total = sum(p.numel() for p in m.parameters())
+    assert m.num_params() == total
+    # active = total minus the routed experts a token does not use, counted from the tensors
+    unused = 0
+    for layer in m.moe_layers():
+        per_expert = sum(w[0].numel() for w in (layer.c_fc, layer.c_gate, layer.c_proj) if w is not None)
+        unused += (layer.n_experts - layer.top_k) * per_expert
+    assert unused > 0 and m.num_params(active=True) == total - unused
+    assert sum(m.num_params(by_component=True, active=True).values()) == total - unused
+    # FLOPs count only the active experts (matmul weights, attention as in the dense test)
+    T = 16
+    ctx = (T + 1) / 2
+    layers = c.n_layer + (1 if c.mtp else 0)
+    expected = 6 * (_model_matmul_params(m) - unused) + 12 * layers * c.n_head * c.head_dim * ctx
+    assert m.flops_per_token(T) == int(expected)
+    assert m.flops_per_token(T) < M.GPT(dataclasses.replace(c, top_k=c.n_experts)).flops_per_token(T)
+
+
+@_model_one_thread
+def test_model_moe_optim_groups():
+    m = M.GPT(_model_cfg(**_MODEL_MOE))
+    by = {g["name"]: g for g in m.optim_groups()}
+    seen = [id(p) for g in by.values() for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in m.parameters())
+    assert by["router"]["optimizer"] == "adamw" and by["expert"]["optimizer"] == "muon"
+    assert [id(p) for p in by["router"]["params"]] == [id(layer.router.weight) for layer in m.moe_layers()]
+    assert any(p.ndim == 3 for p in by["expert"]["params"])
+    assert all(p.ndim == 2 for p in by["matrix"]["params"])
+
+# =============================================================================
+# 4. model.py: mixture of experts
+# =============================================================================
+
+# Tests for the mixture-of-experts layer (model.py, section MoE). CPU, float32, tiny sizes.
+
+
+
+
+def _moe_config(**overrides):
+    cfg = dict(n_embd=16, n_experts=4, top_k=2, n_shared_experts=0, capacity_factor=0.0,
+               mlp="relu2", moe_hidden=8, mlp_hidden=0, moe_bias_rate=0.0)
+    cfg.update(overrides)
+    return types.SimpleNamespace(**cfg)
+
+
+def _moe_layer(seed=0, **overrides):
+    """An MoE with random (not zero) output projections, so every expert's output shows."""
+    torch.manual_seed(seed)
+    moe = MoE(_moe_config(**overrides))
+    with torch.no_grad():
+        for p in (moe.c_proj, moe.shared_proj):
+            if p is not None:
+                p.normal_(0.0, 0.3)
+    return moe
+
+
+@pytest.mark.parametrize("impl", ["padded", "grouped"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("mlp", ["relu2", "swiglu"])
+def test_moe_vectorised_equals_per_token_loop(impl, top_k, mlp):
+    # Guards the sort/scatter dispatch and the gate combine: any mix-up of which token
+    # went to which expert, or which gate multiplies which output, breaks equality.
+    moe = _moe_layer(top_k=top_k, mlp=mlp, n_shared_experts=1)
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.5, 0.0]))  # bias must change choices only
+    x = torch.randn(2, 7, 16)
+    y = moe(x, impl=impl)
+    torch.testing.assert_close(y, moe_reference(moe, x), rtol=1e-5, atol=1e-5)
+    assert int(moe.stats["dropped"]) == 0 and int(moe.stats["routed"]) == 14 * top_k
+    assert moe.stats["counts"].sum().item() == 14 * top_k
+
+
+def test_moe_bias_changes_choice_not_weights():
+    # Guards "bias for choosing only": with a bias that flips the choice, the gates are
+    # still the softmax of the UNbiased logits (the docstring's worked example).
+    moe = _moe_layer(n_embd=4, n_experts=4, top_k=2)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4))
+        moe.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 3.5]))
+    x = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
+    logits, chosen, gates = moe.route(x)
+    assert chosen.tolist() == [[3, 0]]
+    torch.testing.assert_close(gates, torch.softmax(torch.tensor([[-1.0, 2.0]]), -1))
+    assert gates[0, 0].item() == pytest.approx(0.0474, abs=1e-4)
+
+
+def _moe_onehot_layer(top_k, capacity_factor):
+    """E = C = 4, router = 10 * identity: token x = a*e_i + b*e_j (a > b) picks expert i
+    first and j second, so we know every routing decision in advance."""
+    moe = _moe_layer(n_embd=4, n_experts=4, top_k=top_k, capacity_factor=capacity_factor)
+    with torch.no_grad():
+        moe.router.weight.copy_(10 * torch.eye(4))
+    return moe
+
+
+def test_moe_capacity_drops_hand_counted_tokens():
+    # Guards the capacity rule and the drop count. 8 tokens, top_k=1, capacity_factor=1:
+    # capacity = ceil(1 * 8 * 1 / 4) = 2. Routing [0,0,0,0,0,1,1,2] -> expert 0 keeps
+    # its first 2 tokens and drops 3; experts 1 and 2 keep all; counts = [2, 2, 1, 0].
+    moe = _moe_onehot_layer(top_k=1, capacity_factor=1.0).train()
+    experts = [0, 0, 0, 0, 0, 1, 1, 2]
+    x = torch.eye(4)[experts].view(1, 8, 4)
+    y = moe(x)
+    assert int(moe.stats["dropped"]) == 3 and int(moe.stats["routed"]) == 8
+    assert moe.stats["counts"].tolist() == [2.0, 2.0, 1.0, 0.0]
+    # priority by position: tokens 2, 3, 4 are the dropped ones, their output is zero
+    # (no shared expert), everyone else gets the full expert output
+    ref = moe_reference(moe, x)
+    assert torch.all(y[0, 2:5] == 0)
+    keep = [0, 1, 5, 6, 7]
+    torch.testing.assert_close(y[0, keep], ref[0, keep])
+    assert ref[0, 2:5].abs().sum() > 0
+    # the grouped path drops exactly the same choices
+    torch.testing.assert_close(moe(x, impl="grouped"), y)
+    # eval mode never drops (outputs must not depend on the rest of the batch)
+    moe.eval()
+    torch.testing.assert_close(moe(x), ref)
+    assert int(moe.stats["dropped"]) == 0
+
+
+def test_moe_capacity_first_choices_win_over_second():
+    # Guards the stated priority: all first choices before any second choice. top_k=2,
+    # capacity = ceil(1 * 4 * 2 / 4) = 2. Tokens 0,1 pick expert 0 only as SECOND choice,
+    # tokens 2,3 pick it FIRST; expert 0 has 4 claims and keeps tokens 2,3 although they
+    # come later. Tokens' first choices: [1, 2, 0, 0]; second: [0, 0, 3, 3].
+    moe = _moe_onehot_layer(top_k=2, capacity_factor=1.0).train()
+    x = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.float)
+    x = x + 0.5 * torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]])
+    x = x.view(1, 4, 4)
+    moe(x)
+    assert moe.stats["counts"].tolist() == [2.0, 1.0, 1.0, 2.0]
+    assert int(moe.stats["dropped"]) == 2
+    expert, rank, keep, counts, order = moe.dispatch(moe.route(x.view(4, 4))[1], capacity=2)
+    # choice a = s*N + n; dropped choices are tokens 0 and 1's second choices (a = 4, 5)
+    assert (~keep).nonzero().flatten().tolist() == [4, 5]
+
+
+def test_moe_capacity_formula():
+    assert moe_capacity(1.0, 8, 1, 4) == 2
+    assert moe_capacity(1.25, 64, 2, 8) == 20
+    assert moe_capacity(1.1, 10, 1, 1) == 11  # not 12: float noise must not round up
+    assert moe_capacity(0.0, 8, 1, 4) is None and moe_capacity(math.inf, 8, 1, 4) is None
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_gradients_reach_router(top_k):
+    # Guards the top_k=1 trap: a softmax over ONE chosen logit is constant 1, so the
+    # router would learn only from the aux losses. Here the loss is the output alone.
+    moe = _moe_layer(top_k=top_k, n_shared_experts=1)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    (moe(x) ** 2).sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    for p in (moe.c_fc, moe.c_proj, moe.shared_fc, moe.shared_proj):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert moe.expert_bias.grad is None  # a buffer: balancing never enters the gradients
+    # and the aux losses alone also reach the router
+    moe.zero_grad()
+    moe(x)
+    (moe.aux["moe_aux"] + moe.aux["moe_z"]).backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("top_k,n_experts", [(1, 4), (2, 4), (2, 8)])
+def test_moe_aux_loss_documented_values(top_k, n_experts):
+    # Documented: moe_aux = E * sum f_i P_i = 1.0 exactly under uniform routing for every
+    # top_k; approaches E when all tokens go to one expert; moe_z = log(E)^2 at zero logits.
+    moe = _moe_layer(top_k=top_k, n_experts=n_experts)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # every logit 0 -> P_i = 1/E exactly
+    x = torch.randn(2, 8, 16)
+    moe(x)
+    assert moe.aux["moe_aux"].item() == pytest.approx(1.0, abs=1e-6)
+    assert moe.aux["moe_z"].item() == pytest.approx(math.log(n_experts) ** 2, rel=1e-6)
+    # balanced hard routing: token n goes to experts n, n+1 (mod E) with near-certain probs
+    moe = _moe_layer(n_embd=n_experts, n_experts=n_experts, top_k=top_k)
+    with torch.no_grad():
+        moe.router.weight.copy_(30 * torch.eye(n_experts))
+    x = torch.eye(n_experts).view(1, n_experts, n_experts)
+    moe(x)
+    assert moe.aux["moe_aux"].item() == pytest.approx(1.0, abs=1e-4)
+    # collapse: every token onto expert 0 (top_k=1) -> E
+    if top_k == 1:
+        x = torch.eye(n_experts)[[0] * n_experts].view(1, n_experts, n_experts)
+        moe(x)
+        assert moe.aux["moe_aux"].item() == pytest.approx(n_experts, rel=1e-4)
+
+
+def test_moe_bias_update_balances_skewed_router():
+    # Guards the sign of the update: a router that sends almost everything to expert 0
+    # must spread out after a few dozen forward + update_bias rounds.
+    moe = _moe_layer(top_k=1, n_experts=4, moe_bias_rate=0.1)
+    with torch.no_grad():
+        moe.router.weight[0, 0] = 2.0  # every token has feature 0 ~ 3 -> expert 0 gets +6
+    torch.manual_seed(1)
+    x = torch.randn(4, 16, 16)
+    x[..., 0] += 3.0
+    shares = []
+    with torch.no_grad():
+        for _ in range(40):
+            moe(x)
+            shares.append(MoE.load_stats(moe.stats["counts"])["max_share"])
+            moe.update_bias(moe.stats["counts"])
+    assert shares[0] > 0.9
+    assert max(shares[-5:]) < 0.4  # near 1/4 at the end
+    assert moe.expert_bias[0] < 0  # the overloaded expert was pushed down
+
+
+def test_moe_bias_update_identical_across_ranks_and_off_switch():
+    # Two "ranks" fed the same all-reduced counts keep bit-identical biases (they are
+    # never broadcast). The real 2-rank gloo test runs through train.py.
+    moe_a = _moe_layer(moe_bias_rate=0.01)
+    moe_b = copy.deepcopy(moe_a)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        counts = torch.randint(0, 50, (4,), generator=gen).float()
+        moe_a.update_bias(counts)
+        moe_b.update_bias(counts.clone())
+    assert torch.equal(moe_a.expert_bias, moe_b.expert_bias)
+    assert moe_a.expert_bias.abs().sum() > 0
+    assert "expert_bias" in moe_a.state_dict()  # saved in checkpoints, restored on resume
+    off = _moe_layer(moe_bias_rate=0.0)
+    off.update_bias(torch.tensor([100.0, 0.0, 0.0, 0.0]))
+    assert off.expert_bias.abs().sum() == 0
+
+
+def test_moe_load_stats_worked_example():
+    s = MoE.load_stats(torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    assert s["min_share"] == 0.0 and s["max_share"] == 0.75
+    assert s["load_entropy"] == pytest.approx((0.75 * math.log(4 / 3) + 0.25 * math.log(4)) / math.log(4))
+    assert MoE.load_stats(torch.ones(8))["load_entropy"] == pytest.approx(1.0)
+
+
+def test_moe_param_and_flop_accounting_by_hand():
+    # C=16, H=8, E=4, k=2, one shared expert, relu2 (2 matrices per expert):
+    # router 4*16 = 64; per expert 16*8 + 8*16 = 256; shared 256.
+    moe = _moe_layer(top_k=2, n_shared_experts=1)
+    counts = moe.param_counts()
+    assert counts["total"] == 64 + 4 * 256 + 256 == sum(p.numel() for p in moe.parameters())
+    assert counts["active"] == 64 + 2 * 256 + 256
+    assert moe.flops_per_token() == 6 * counts["active"]
+    # swiglu has 3 matrices per expert; moe_hidden=0 falls back to the dense hidden size
+    sw = MoE(_moe_config(mlp="swiglu", moe_hidden=0, n_embd=48))
+    H = dense_hidden(_moe_config(mlp="swiglu", n_embd=48))
+    assert H == 128 and sw.c_fc.shape == (4, 48, H)  # 8/3*48 = 128, a multiple of 64
+    assert sw.param_counts()["active"] == 4 * 48 + 2 * 3 * 48 * H
+
+
+def test_moe_fresh_layer_outputs_zero_and_eval_is_batch_independent():
+    # Zero-init output projections: a fresh MoE adds nothing to the residual stream.
+    moe = MoE(_moe_config(n_shared_experts=1, capacity_factor=1.0))
+    x = torch.randn(2, 6, 16)
+    assert torch.all(moe(x) == 0)
+    # In eval mode one token alone gives the same output as inside the batch (what a
+    # KV-cached decode relies on), even with a capacity factor set.
+    moe = _moe_layer(capacity_factor=0.5).eval()
+    full = moe(x)
+    one = torch.cat([moe(x[:, t:t + 1]) for t in range(6)], dim=1)
+    torch.testing.assert_close(one, full, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_bf16_autocast_runs_and_keeps_dtype():
+    # Guards the float32 router under autocast and the dtype of the combine.
+    moe = _moe_layer(n_shared_experts=1, capacity_factor=1.25).train()
+    x = torch.randn(2, 6, 16)
+    ref = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+        assert moe.aux["moe_aux"].dtype == torch.float32
+    assert y.dtype == x.dtype
+    torch.testing.assert_close(y, ref, rtol=0.1, atol=0.1)
+
+
+def test_moe_bad_config_is_one_line_error():
+    with pytest.raises(ValueError, match="top_k"):
+        MoE(_moe_config(top_k=5))
+    with pytest.raises(ValueError, match="mlp"):
+        MoE(_moe_config(mlp="tanh"))
+
+# =============================================================================
+# 5. train.py: optimizers (AdamW, Muon)
+# =============================================================================
+
+# Tests for the optimizers (AdamW, Newton-Schulz, Muon, distributed Muon).
+# Run: PYTHONPATH=.plan python -m pytest -q test_optim_part.py
+
+
+
+
+def _optim_params(seed, shapes):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def _optim_set_grads(params, seed):
+    """Deterministic fake gradients (what DDP would leave, already averaged). A param
+    may carry a `grad_scale` attribute (tiny grads make Adam's eps matter)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * getattr(p, "grad_scale", 1.0)
+
+
+def _optim_run(make_opt, params, steps, first_step=0, lrs=None):
+    """Run `steps` optimizer steps with seeded grads; optionally set group lrs per step
+    the way the trainer's schedule does (group["lr"] = ...)."""
+    opt = make_opt(params)
+    for s in range(first_step, first_step + steps):
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lrs(s)
+        _optim_set_grads(params, 1000 + s)
+        opt.step()
+    return opt
+
+
+# -----------------------------------------------------------------------------
+# AdamW
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_optim_adamw_matches_torch(weight_decay):
+    """Our AdamW == torch.optim.AdamW over several steps, two groups with different lr
+    and decay, lr changed every step like a schedule, one param with tiny grads (guards:
+    wrong bias correction, eps placement, decay not scaled by the current lr)."""
+    shapes = [(5, 7), (7,), (3, 2, 4)]
+    ours, ref = _optim_params(0, shapes), _optim_params(0, shapes)
+    ours[1].grad_scale = ref[1].grad_scale = 1e-7  # |g| ~ eps: checks where eps is added
+
+    def groups(ps, cls, **kw):
+        return cls([dict(params=ps[:2], lr=1e-2, base_lr=1e-2, weight_decay=weight_decay),
+                    dict(params=ps[2:], lr=3e-3, base_lr=3e-3, weight_decay=0.0)],
+                   betas=(0.9, 0.95), eps=1e-8, **kw)
+
+    sched = lambda s: 1.0 - 0.1 * s
+    _optim_run(lambda ps: groups(ps, AdamW), ours, steps=6, lrs=sched)
+    _optim_run(lambda ps: groups(ps, torch.optim.AdamW, foreach=False), ref, steps=6, lrs=sched)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours[0], _optim_params(0, shapes)[0])  # it did move
+
+
+def test_optim_adamw_first_step_is_sign_descent():
+    """Hand check (docstring example): step 1 with wd=0 moves each weight by ~lr*sign(g)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    p.grad = torch.tensor([0.5, -2.0])
+    AdamW([p], lr=0.1).step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, 1.1]))
+
+
+def test_optim_cautious_decay_only_where_signs_agree():
+    """Hand-checked: with lr=0.1, wd=0.5, decay factor is 1 - 0.05 = 0.95 on agreeing
+    coordinates only. First Adam step = lr*sign(g) (see above).
+        p = [ 2, -2,  2, -2],  g = [ 1, -1, -1,  1]  -> update sign = sign(g)
+        agree (update*p > 0):   yes  yes   no   no
+        after decay:  [1.9, -1.9, 2, -2];  after step p -= 0.1*sign(g):
+        [1.8, -1.8, 2.1, -2.1]
+    Guards: decay applied everywhere, or mask computed with the wrong sign."""
+    p = torch.nn.Parameter(torch.tensor([2.0, -2.0, 2.0, -2.0]))
+    p.grad = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    AdamW([p], lr=0.1, weight_decay=0.5, cautious=True).step()
+    torch.testing.assert_close(p.detach(), torch.tensor([1.8, -1.8, 2.1, -2.1]))
+    q = torch.nn.Parameter(torch.tensor([2.0, -2.0, 2.0, -2.0]))  # plain decay: all four
+    q.grad = p.grad.clone()
+    AdamW([q], lr=0.1, weight_decay=0.5).step()
+    torch.testing.assert_close(q.detach(), torch.tensor([1.8, -1.8, 2.0, -2.0]))
+
+
+def test_optim_muon_cautious_decay():
+    """Muon with cautious decay: coordinates whose update disagrees in sign with the
+    weight are not decayed (compare against the same step without decay)."""
+    ps = _optim_params(3, [(6, 4)])
+    base = [p.detach().clone() for p in ps]
+    _optim_set_grads(ps, 7)
+    grad = ps[0].grad.clone()
+    Muon(ps, lr=0.1, weight_decay=0.5, cautious=True).step()
+    nodecay = torch.nn.Parameter(base[0].clone())
+    nodecay.grad = grad
+    Muon([nodecay], lr=0.1).step()
+    update = (base[0] - nodecay.detach()) / 0.1            # what Muon subtracted
+    agree = update * base[0] > 0
+    expected = torch.where(agree, nodecay.detach() - 0.05 * base[0], nodecay.detach())
+    torch.testing.assert_close(ps[0].detach(), expected, rtol=1e-6, atol=1e-6)
+    assert 0 < agree.sum() < agree.numel()                 # both cases exercised
+
+
+# -----------------------------------------------------------------------------
+# Newton-Schulz
+
+def _optim_ns_reference(G, steps=5):
+    """Slow reference: SVD in float64, apply phi(s) = a s + b s^3 + c s^5 to each
+    normalised singular value `steps` times, rebuild U phi(S) V^T."""
+    a, b, c = NS_COEFFS
+    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    s = S / G.double().norm(dim=(-2, -1), keepdim=True)[..., 0]
+    for _ in range(steps):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return U @ torch.diag_embed(s) @ Vh
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (48, 16), (16, 48), (3, 20, 12)])
+def test_optim_newton_schulz_matches_svd_reference(shape):
+    """The matmul iteration equals the polynomial applied to singular values (square,
+    tall (transposed path), wide, batched = each matrix of a stack on its own)."""
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    X = newton_schulz5(G)
+    assert X.shape == G.shape and X.dtype == torch.float32
+    torch.testing.assert_close(X.double(), _optim_ns_reference(G), rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 24), (24, 96), (4, 40, 24)])
+def test_optim_newton_schulz_singular_values_near_one(shape):
+    """Every singular value that starts >= NS_BAND_FROM of the Frobenius norm ends in
+    NS_BAND = [0.68, 1.21]; random rectangular matrices are well-conditioned, so all of
+    theirs must be in the band. A square random matrix can have a few tiny singular
+    values (those stay below the band, by design of 5 steps)."""
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    s_in = torch.linalg.svdvals(G) / G.norm(dim=(-2, -1), keepdim=True)[..., 0]
+    s_out = torch.linalg.svdvals(newton_schulz5(G).double()).float()
+    lo, hi = NS_BAND
+    ok = s_in >= NS_BAND_FROM
+    assert ok.float().mean() > 0.9
+    if shape[-1] != shape[-2]:
+        assert ok.all()
+    assert ((s_out[ok] >= lo - 1e-3) & (s_out[ok] <= hi + 1e-3)).all(), (s_out.min(), s_out.max())
+    assert (s_out <= hi + 1e-3).all()
+
+
+def test_optim_newton_schulz_bf16():
+    """The bf16 path (default on CUDA, opt-in on CPU) stays within ~2% of fp32 and in
+    the same band; Muon with ns_dtype=bf16 keeps float32 weights float32."""
+    for shape in [(48, 16), (3, 40, 24)]:
+        G = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+        X = newton_schulz5(G, dtype=torch.bfloat16)
+        assert X.dtype == torch.bfloat16 and X.shape == G.shape
+        X32 = newton_schulz5(G)
+        assert (X.float() - X32).norm() / X32.norm() < 0.05
+        s = torch.linalg.svdvals(X.double())
+        assert s.min() > NS_BAND[0] - 0.03 and s.max() < NS_BAND[1] + 0.03
+    (p,) = _optim_params(4, [(8, 4)])
+    _optim_set_grads([p], 5)
+    Muon([p], ns_dtype=torch.bfloat16).step()
+    assert p.dtype == torch.float32 and torch.isfinite(p).all()
+
+
+def test_optim_newton_schulz_zero_matrix_stays_finite():
+    """Guards: dividing by a zero Frobenius norm (an all-zero grad) gives NaN weights."""
+    X = newton_schulz5(torch.zeros(8, 4))
+    assert torch.isfinite(X).all() and (X == 0).all()
+
+
+def test_optim_muon_one_step_by_hand():
+    """Step 1, momentum mu, nesterov: buf = (1-mu) g, u = (1-mu) g + mu buf; the
+    orthogonalisation removes the scale, so W1 = W0 - lr * scale * NS(g). Tall (8, 2)
+    matrix: scale = sqrt(8 / 2) = 2."""
+    assert muon_scale((8, 2)) == 2.0 and muon_scale((2, 8)) == 1.0 and muon_scale((3, 8, 2)) == 2.0
+    (p,) = _optim_params(4, [(8, 2)])
+    w0 = p.detach().clone()
+    _optim_set_grads([p], 5)
+    expected = w0 - 0.02 * 2.0 * newton_schulz5(p.grad)
+    Muon([p], lr=0.02).step()
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_optim_muon_rejects_vectors():
+    with pytest.raises(ValueError, match="AdamW"):
+        Muon([torch.nn.Parameter(torch.zeros(4))])
+
+
+# -----------------------------------------------------------------------------
+# Distributed Muon: 2 gloo ranks == 1 process
+
+# shapes: 3 of (8, 6) (odd -> one padding slot with 2 ranks), 1 tall (12, 4), a batched
+# (3, 5, 7) stack, in two groups; 2-step lr schedule + momentum warmup as the trainer does.
+_OPTIM_MUON_SHAPES = [(8, 6), (12, 4), (8, 6), (3, 5, 7), (8, 6)]
+_OPTIM_MUON_STEPS = 3
+
+
+def _optim_muon_make(params):
+    return Muon([dict(params=params[:3], lr=0.02, base_lr=0.02),
+                 dict(params=params[3:], lr=0.01, base_lr=0.01, weight_decay=0.1, cautious=True)],
+                momentum=0.9)
+
+
+def _optim_muon_train(params):
+    opt = _optim_muon_make(params)
+    for s in range(_OPTIM_MUON_STEPS):
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * (1.0 - 0.2 * s)
+            group["momentum"] = 0.85 + 0.05 * s  # momentum warmup
+        _optim_set_grads(params, 100 + s)  # same grads on every rank, as after DDP
+        opt.step()
+    return opt
+
+
+def _optim_dist_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        params = _optim_params(0, _OPTIM_MUON_SHAPES)
+        _optim_muon_train(params)
+        torch.save([p.detach() for p in params], os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_optim_muon_distributed_matches_single_process(tmp_path):
+    """Guards: ranks applying only their own slice, a wrong owner index, the padding
+    slot being applied to a real parameter, ranks drifting apart."""
+    mp.spawn(_optim_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    single = _optim_params(0, _OPTIM_MUON_SHAPES)
+    _optim_muon_train(single)
+    start = _optim_params(0, _OPTIM_MUON_SHAPES)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for a, b, s in zip(got, single, start):
+            assert torch.equal(a, b.detach())  # same NS calls on the same inputs: bitwise
+            assert not torch.equal(a, s)       # and every parameter moved
+
+
+# -----------------------------------------------------------------------------
+# state_dict round trip
+
+@pytest.mark.parametrize("which", ["adamw", "muon"])
+def test_optim_state_dict_resume_weights_only(which):
+    """Save after 2 steps through torch.save / torch.load(weights_only=True), load into a
+    fresh optimizer on fresh copies of the weights, run 2 more: equal (bitwise) to 4
+    uninterrupted steps. Guards: state that is not plain tensors/numbers, lost step
+    counters (bias correction) or momentum buffers."""
+    shapes = [(6, 4), (4, 6), (2, 3, 5)]
+    make = (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, cautious=True)) if which == "adamw" \
+        else (lambda ps: Muon(ps, lr=0.02, weight_decay=0.1))
+    full = _optim_params(0, shapes)
+    _optim_run(make, full, steps=4)
+
+    half = _optim_params(0, shapes)
+    opt = _optim_run(make, half, steps=2)
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "w": [p.detach() for p in half]}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = [torch.nn.Parameter(w.clone()) for w in ckpt["w"]]
+    opt2 = make(resumed)
+    opt2.load_state_dict(ckpt["opt"])
+    for s in range(2, 4):
+        _optim_set_grads(resumed, 1000 + s)
+        opt2.step()
+    for a, b in zip(resumed, full):
+        assert torch.equal(a, b)
+
+
+def test_optim_muon_fan_in_first_scales_like_the_transposed_matrix():
+    # Regression: MoE expert stacks are stored (n_experts, in, out), the transpose of a
+    # torch Linear weight, and once got the inverse aspect-ratio factor (c_fc and c_proj
+    # of the experts swapped their step sizes). A step on the stored layout with
+    # fan_in_first=True must equal a step on the Linear layout, transposed back.
+    torch.manual_seed(0)
+    w_linear = torch.randn(3, 8, 2)          # (experts, out=8, in=2): tall, factor 2
+    grad = torch.randn(3, 8, 2)
+    a = torch.nn.Parameter(w_linear.clone())
+    b = torch.nn.Parameter(w_linear.mT.contiguous().clone())  # stored (experts, in, out)
+    a.grad, b.grad = grad.clone(), grad.mT.contiguous().clone()
+    Muon([a], lr=0.1, momentum=0.0).step()
+    Muon([b], lr=0.1, momentum=0.0, fan_in_first=True).step()
+    torch.testing.assert_close(b.detach().mT, a.detach(), rtol=1e-5, atol=1e-6)
+    # and the factor really differs from the untreated stored layout
+    c = torch.nn.Parameter(w_linear.mT.contiguous().clone())
+    c.grad = grad.mT.contiguous().clone()
+    Muon([c], lr=0.1, momentum=0.0).step()
+    assert not torch.allclose(c.detach().mT, a.detach(), atol=1e-4)
+
+# =============================================================================
+# 6. train.py: the training loop
+# =============================================================================
+
+# Tests of train.py: settings, schedules, data, checkpoints, resume, DDP, faults.
+# Everything runs on CPU in float32 with a one-block model on a tiny corpus that
+# prepare.py tokenizes once per session (module-scoped fixture).
+
+
+
+_TRAIN_REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _train_corpus_docs():
+    """A few dozen small Python-like documents (varied, so BPE has pairs to merge)."""
+    docs = []
+    for i in range(60):
+        body = "\n".join(f"    x{j} = {i} * {j} + len('{'ab' * (j % 3)}')" for j in range(i % 7 + 2))
+        docs.append(f"def func_{i}(a, b):\n    '''doc {i}'''\n{body}\n    return a + b\n")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def _train_data(tmp_path_factory):
+    """A prepared data directory (vocab 300) made by prepare.py's own CLI code."""
+    root = tmp_path_factory.mktemp("train_data")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n\n".join(_train_corpus_docs()))
+    out = root / "data"
+    argv = [f"--input={corpus}", "--doc_sep=\\n\\n\\n", f"--out_dir={out}", "--vocab_size=300",
+            "--val_fraction=0.2", "--num_proc=1"]
+    prepare.main(argv)
+    return str(out)
+
+
+def _train_cfg(data_dir, out_dir, **overrides):
+    """A tiny, fast, deterministic float32 configuration."""
+    base = dict(data_dir=data_dir, out_dir=str(out_dir), n_layer=1, n_head=2, n_kv_head=2,
+                n_embd=32, block_size=32, seq_len=32, batch_size=4, max_steps=4,
+                eval_interval=1000, eval_tokens=256, sample_interval=0, sample_tokens=4,
+                log_interval=1000, ckpt_interval=1000, dtype="float32", compile="false",
+                muon_momentum_warmup=2, warmup_steps=1)
+    base.update(overrides)
+    return train.TrainConfig(**base)
+
+
+def _train_args(cfg):
+    """The command line that reproduces cfg (for subprocess runs)."""
+    return [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+            if v != getattr(train.TrainConfig(), k)]
+
+
+# -----------------------------------------------------------------------------
+# settings
+
+
+def test_train_config_errors_are_one_line_user_errors():
+    with pytest.raises(bpe.SettingsError, match="did you mean --seq_len"):
+        bpe.parse_settings(train.TrainConfig, ["--seq_lenn=64"])
+    with pytest.raises(bpe.SettingsError, match="expected int"):
+        bpe.parse_settings(train.TrainConfig, ["--n_layer=2.5"])
+    with pytest.raises(bpe.SettingsError, match="batch_mode"):
+        bpe.parse_settings(train.TrainConfig, ["--batch_mode=shuffled"])
+    with pytest.raises(bpe.SettingsError, match="block_size"):
+        bpe.parse_settings(train.TrainConfig, ["--seq_len_schedule=[(0, 64), (10, 999)]"])
+    with pytest.raises(bpe.SettingsError, match="strictly increasing"):
+        bpe.parse_settings(train.TrainConfig, ["--window_schedule=[(10, 64), (5, 0)]"])
+    with pytest.raises(bpe.SettingsError, match="exclusive"):
+        bpe.parse_settings(train.TrainConfig, ["--resume=True", "--init_from=x.pt"])
+    cfg = bpe.parse_settings(train.TrainConfig, ["--matrix_lr=1", "--compile=False",
+                                                 "--seq_len_schedule=[(0, 64), (100, 128)]"])
+    assert cfg.matrix_lr == 1.0 and cfg.compile == "false"
+    assert cfg.seq_len_schedule == [(0, 64), (100, 128)]
+
+
+def test_train_every_model_field_is_a_setting_with_help():
+    # guards against drift: a GPTConfig field added in model.py but not settable from train.py
+    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    missing = [f.name for f in dataclasses.fields(M.GPTConfig)
+               if f.name != "vocab_size" and f.name not in names]
+    assert missing == []
+    text = bpe.settings_help(train.TrainConfig)
+    for name in ("n_layer", "n_experts", "seq_len_schedule", "matrix_lr"):
+        line = next(l for l in text.splitlines() if l.strip().startswith(f"--{name}="))
+        assert len(line.split(None, 1)[1]) > 10  # a real comment follows the default
+    mc = train.model_config_from(train.TrainConfig(n_layer=3, mlp="swiglu"), vocab_size=300)
+    assert (mc.n_layer, mc.mlp, mc.vocab_size) == (3, "swiglu", 300)
+
+
+# -----------------------------------------------------------------------------
+# schedules
+
+
+def test_train_schedules_at_boundary_steps():
+    cfg = train.TrainConfig(max_steps=100, warmup_steps=10, warmdown_frac=0.2, final_lr_frac=0.1,
+                            muon_momentum_start=0.85, muon_momentum=0.95, muon_momentum_warmup=50)
+    lr = lambda s: train.lr_multiplier(cfg, s)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)      # warmup ends at 1
+    assert lr(10) == 1.0 and lr(80) == 1.0                                   # warmdown starts at 80
+    assert lr(90) == pytest.approx(1 - 0.5 * 0.9)                            # linear halfway
+    assert lr(100) == pytest.approx(0.1)                                     # ends at final frac
+    cos = dataclasses.replace(cfg, warmdown="cosine")
+    assert train.lr_multiplier(cos, 90) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert train.lr_multiplier(cos, 80) == 1.0
+    assert train.muon_momentum(cfg, 0) == pytest.approx(0.85)
+    assert train.muon_momentum(cfg, 25) == pytest.approx(0.90)
+    assert train.muon_momentum(cfg, 50) == train.muon_momentum(cfg, 500) == pytest.approx(0.95)
+    sched = [(0, 64), (100, 256)]
+    assert [train.staged(sched, s, 512) for s in (0, 99, 100, 10**6)] == [64, 64, 256, 256]
+    assert train.staged([(5, 0.5)], 4, 0.3) == 0.3 and train.staged([], 7, 9) == 9
+    plan = train.plan_step(train.TrainConfig(window_schedule=[(0, 16), (3, 0)],
+                                             mtp_weight_schedule=[(2, 0.0)]), 3)
+    assert plan.window == 0 and plan.mtp_weight == 0.0
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def test_train_batches_depend_only_on_seed_step_index(_train_data):
+    shards = prepare.load_split(_train_data, "train")
+    bos = prepare.load_meta(_train_data)["bos_id"]
+    for mode in ("random", "packed"):
+        a = train.BatchSource(shards, mode, seed=1)
+        b = train.BatchSource(shards, mode, seed=1)   # a fresh source: no hidden position
+        x1, y1 = a.get(7, 1, 4, 16)
+        b.get(0, 0, 4, 16)                            # reading other batches first changes nothing
+        x2, y2 = b.get(7, 1, 4, 16)
+        assert x1.shape == (4, 16) and np.array_equal(x1, x2) and np.array_equal(y1, y2)
+        assert np.array_equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
+        assert not np.array_equal(x1, a.get(7, 2, 4, 16)[0])  # another rank / micro-step
+    packed = train.BatchSource(shards, "packed", seed=3)
+    x, _ = packed.get(0, 0, 8, 32)
+    assert (x[:, 0] == bos).all()  # every packed row starts at a document start
+
+
+def test_train_bits_per_byte_matches_hand_count(_train_data, tmp_path):
+    # bpb = nats / (ln 2 * bytes of the target tokens): recompute the bytes by decoding
+    cfg = _train_cfg(_train_data, tmp_path)
+    rt = train.setup_runtime(cfg)
+    tok = prepare.load_tokenizer(_train_data)
+    val_x, val_y = train.val_windows(prepare.load_split(_train_data, "val"), 16, 64)
+    torch.manual_seed(0)
+    m = M.GPT(train.model_config_from(cfg, tok.vocab_size))
+    tb = torch.tensor(tok.token_bytes())
+    loss, bpb = train.evaluate(rt, m, val_x, val_y, 2, tb, False, tok.eot_id)
+    n_bytes = sum(len(tok.decode_bytes([t])) for t in val_y.ravel().tolist())
+    assert bpb == pytest.approx(loss * val_y.size / (math.log(2) * n_bytes), rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, resume, signals, faults
+
+
+def test_train_atomic_checkpoint_survives_crash_during_save(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):  # half a file, then the "power cut"
+        f.write(b"PK\x03\x04 partial")
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.setattr(torch, "save", real_save)
+    ck = train.load_checkpoint(path)
+    assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+
+
+def test_train_checkpoint_loads_weights_only_without_prefixes(_train_data, tmp_path):
+    cfg = _train_cfg(_train_data, tmp_path, max_steps=2, eval_interval=1,
+                     seq_len_schedule=[(0, 16), (1, 32)],  # tuples must survive weights_only too
+                     batch_size_schedule=[(1, 2)], window_schedule=[(0, 8), (1, 0)])
+    result = train.train(cfg)
+    assert result.step == 2 and math.isfinite(result.val_bpb)
+    for name in ("last.pt", "best.pt"):
+        ck = torch.load(tmp_path / name, map_location="cpu", weights_only=True)
+        for key in ("model", "model_config", "train_config", "optimizers", "step", "data_state",
+                    "rng", "tokenizer_path", "tokenizer_fingerprint", "best_val_loss", "val_bpb",
+                    "bos_id"):
+            assert key in ck, key
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])
+        m = M.GPT(M.GPTConfig(**ck["model_config"]))
+        m.load_state_dict(ck["model"])  # strict: every key matches a bare GPT
+    assert os.path.isfile(ck["tokenizer_path"])
+    # metrics.jsonl has train and val records, loss.svg is valid SVG with both curves
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and {"grad_norm", "tok_s", "mfu", "lr_mult"} <= set(steps[0])
+    assert [r["seq_len"] for r in steps] == [16, 32]  # the staged schedules took effect
+    assert [r["batch_size"] for r in steps] == [4, 2]
+    assert sum("val_bpb" in r for r in records) >= 2
+    root = ET.parse(tmp_path / "loss.svg").getroot()
+    lines = {p.get("id"): p.get("points") for p in root.iter("{http://www.w3.org/2000/svg}polyline")}
+    assert set(lines) == {"train", "val"}
+    assert len(lines["train"].split()) == 2 and len(lines["val"].split()) >= 2
+
+
+def test_train_loss_svg_handles_edge_cases():
+    # one point, flat curves and nan values must still give parseable SVG
+    for train_pts, val_pts in (([(1, 2.0)], []), ([(0, 3.0), (1, 3.0)], [(1, float("nan"))])):
+        root = ET.fromstring(train.loss_svg(train_pts, val_pts))
+        assert root.tag.endswith("svg")
+    assert "o" in train.text_plot([(0, 3.0), (10, 2.0)], [(10, 2.5)])
+
+
+def _train_sigterm_at(monkeypatch, at_call):
+    """Make the at_call-th forward of training send this process a real SIGTERM."""
+    calls = {"n": 0}
+    real = train.forward_loss
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "forward_loss", forward)
+
+
+@pytest.mark.parametrize("mode", ["random", "packed"])
+def test_train_resume_is_bitwise_exact_after_sigterm(_train_data, tmp_path, monkeypatch, mode):
+    opts = dict(max_steps=6, batch_mode=mode, grad_accum=2, warmup_steps=2, warmdown_frac=0.5)
+    full = train.train(_train_cfg(_train_data, tmp_path / "full", **opts))
+    # SIGTERM during step 3's first micro-step: the step finishes, last.pt is saved, no error
+    _train_sigterm_at(monkeypatch, at_call=5)
+    part = train.train(_train_cfg(_train_data, tmp_path / "part", **opts))
+    assert part.stopped and part.step == 3
+    assert torch.load(tmp_path / "part" / "last.pt", weights_only=True)["step"] == 3
+    monkeypatch.undo()
+    rest = train.train(_train_cfg(_train_data, tmp_path / "part", resume=True, **opts))
+    assert rest.step == 6
+    assert part.losses + rest.losses == full.losses  # bitwise equal floats, step for step
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_train_nonfinite_loss_stops_and_keeps_checkpoints(_train_data, tmp_path, monkeypatch):
+    real = train.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # step 3 (the third forward) returns nan
+        total, loss, aux = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return total * float("nan"), loss * float("nan"), aux
+        return total, loss, aux
+
+    monkeypatch.setattr(train, "forward_loss", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match="at step 2"):
+        train.train(_train_cfg(_train_data, tmp_path, max_steps=4, ckpt_interval=1))
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["step"] == 2  # the steps before nan were saved; nothing after it
+    # skip_nonfinite: the bad step changes no weight, the run goes on
+    calls["n"] = 0
+    res = train.train(_train_cfg(_train_data, tmp_path / "skip", max_steps=3, skip_nonfinite=True))
+    assert res.step == 3 and math.isnan(res.losses[2][1]) and math.isfinite(res.losses[1][1])
+
+
+def test_train_init_from_starts_new_run_from_weights(_train_data, tmp_path):
+    train.train(_train_cfg(_train_data, tmp_path / "a", max_steps=2))
+    src = str(tmp_path / "a" / "last.pt")
+    cfg = _train_cfg(_train_data, tmp_path / "b", max_steps=1, init_from=src, n_layer=3)
+    rt = train.setup_runtime(cfg)
+    m, mc = train.build_model(cfg, rt, 300, train.load_checkpoint(src))
+    assert mc.n_layer == 1  # architecture comes from the checkpoint, not the settings
+    ck = torch.load(src, weights_only=True)
+    assert all(torch.equal(v, ck["model"][k]) for k, v in m.state_dict().items())
+    res = train.train(cfg)
+    assert res.step == 1 and res.losses[0][0] == 1
+
+
+# -----------------------------------------------------------------------------
+# distributed
+
+
+def test_train_ddp_two_ranks_equal_two_micro_steps(_train_data, tmp_path):
+    # one optimizer step: 1 rank x 2 micro-batches vs 2 gloo ranks x 1 must read the
+    # same rows and average the same gradients (guards loss normalisation and no_sync)
+    one = _train_cfg(_train_data, tmp_path / "one", max_steps=1, grad_accum=2, threads=1)
+    train.train(one)
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), grad_accum=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_TRAIN_REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(_TRAIN_REPO, "train.py")] + _train_args(two)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+_TRAIN_MOE_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import bpe, train
+cfg = bpe.parse_settings(train.TrainConfig, sys.argv[1:])
+res = train.train(cfg)
+biases = {{n: b for n, b in res.model.named_buffers() if n.endswith("expert_bias")}}
+torch.save(biases, os.path.join(cfg.out_dir, "bias%s.pt" % os.environ.get("RANK", "0")))
+"""
+
+
+def test_train_moe_biases_identical_across_gloo_ranks(_train_data, tmp_path):
+    # the balancing bias is updated from counts summed over micro-steps AND ranks, once
+    # per optimizer step: 2 ranks must end with identical biases, equal to those of
+    # 1 rank x 2 micro-steps (guards a per-rank update, or one update per micro-step)
+    script = tmp_path / "run_moe.py"
+    script.write_text(_TRAIN_MOE_SCRIPT.format(repo=_TRAIN_REPO))
+    moe = dict(n_experts=4, top_k=2, capacity_factor=1.0, moe_bias_rate=0.01, max_steps=1,
+               threads=1)
+    one = _train_cfg(_train_data, tmp_path / "one", grad_accum=2, **moe)
+    res = train.train(one)
+    bias_one = {n: b for n, b in res.model.named_buffers() if n.endswith("expert_bias")}
+    assert bias_one and all(b.abs().sum() > 0 for b in bias_one.values())  # the bias moved
+    rec = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl") if '"loss"' in l][0]
+    assert 0 < rec["moe_dropped"] < 1 and rec["moe_min_load"] <= 1 <= rec["moe_max_load"]
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), grad_accum=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script)] + _train_args(two)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    b0 = torch.load(tmp_path / "two" / "bias0.pt", weights_only=True)
+    b1 = torch.load(tmp_path / "two" / "bias1.pt", weights_only=True)
+    for name in bias_one:
+        assert torch.equal(b0[name], b1[name]), name
+        assert torch.equal(b0[name], bias_one[name]), name
+
+
+def test_train_ddp_error_exits_every_rank(tmp_path):
+    # a bad setting seen by both ranks must end the whole job with a one-line error,
+    # not leave a rank hanging in a collective
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(_TRAIN_REPO, "train.py"), f"--data_dir={tmp_path / 'missing'}",
+           f"--out_dir={tmp_path / 'out'}", "--threads=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_TRAIN_REPO)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "error:" in proc.stderr and "prepare.py" in proc.stderr
+
+
+def test_train_compile_failure_warns_once_and_runs_eager(_train_data, tmp_path, monkeypatch, capsys):
+    # torch.compile fails lazily (at the first call, e.g. no C++ compiler): the run must
+    # warn once and redo that step eagerly, with the same result as an eager run
+    class BrokenCompiled(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("inductor: no working C++ compiler")
+
+    eager = train.train(_train_cfg(_train_data, tmp_path / "eager", max_steps=2))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: BrokenCompiled())
+    res = train.train(_train_cfg(_train_data, tmp_path / "broken", max_steps=2, compile="true"))
+    assert capsys.readouterr().out.count("torch.compile failed") == 1
+    assert res.losses == eager.losses
+
+# =============================================================================
+# 7. sample.py: generation
+# =============================================================================
+
+SAMPLE_REPO = os.path.dirname(os.path.abspath(sample.__file__))
+
+# A tiny corpus with multi-byte characters, so that the tokenizer has tokens holding pieces of
+# one character and the streaming decoder has something to get right.
+_SAMPLE_CORPUS = [
+    "def add(a, b):\n    return a + b\n\n",
+    "The café serves crème brûlée. Ünïcödé is fun: 日本語のテキスト, emoji 🙂🚀 and more.\n",
+    "ROMEO: But soft, what light through yonder window breaks?\nJULIET: Ay me!\n",
+] * 3
+
+
+def _sample_tokenizer(extra=""):
+    """A small trained BPE; `extra` changes the corpus and so the merges and the fingerprint."""
+    return bpe.Tokenizer.train([d + extra for d in _SAMPLE_CORPUS], vocab_size=256 + 40 + 1, quiet=True)
+
+
+def _sample_model(vocab_size, block_size=32, seed=0):
+    """A random 2-layer model. The output head gets a large init so that logits are spread out:
+    greedy argmax then has no near-ties that float rounding could flip between two code paths."""
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_kv_head=1,
+                       n_embd=32, logit_softcap=0.0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+    return model
+
+
+def _sample_save_checkpoint(path, model, tok_path, tokenizer):
+    """The checkpoint dict of INTERFACES.md, with only plain types and tensors inside."""
+    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "train_config": {}, "optimizers": [], "step": 7, "data_state": {}, "rng": {},
+            "tokenizer_path": str(tok_path), "tokenizer_fingerprint": tokenizer.fingerprint,
+            "best_val_loss": 1.0, "val_bpb": 1.0, "bos_id": tokenizer.eot_id}
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """(tmp dir, tokenizer, model, checkpoint path): trained tokenizer + random model, saved."""
+    tmp = tmp_path_factory.mktemp("sample")
+    tok = _sample_tokenizer()
+    tok_path = tmp / "tokenizer.bpe"
+    tok.save(str(tok_path))
+    model = _sample_model(tok.vocab_size)
+    ckpt = _sample_save_checkpoint(tmp / "best.pt", model, tok_path, tok)
+    return tmp, tok, model, ckpt
+
+
+def _sample_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, os.path.join(SAMPLE_REPO, "sample.py"), *args],
+                          input=stdin, capture_output=True, text=True, timeout=120, cwd=SAMPLE_REPO,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"})
+
+
+# --- generation: the cached fast path must reproduce the plain reference --------------------
+
+def test_sample_cached_greedy_equals_uncached(sample_run):
+    """Guards the KV cache (positions, prefill, one-token steps): greedy tokens must be identical,
+    within the context and far past it (32-token context, 50 new tokens: two window jumps)."""
+    _, tok, model, _ = sample_run
+    prompt = sample.encode_prompt(tok, "ROMEO: But", model.config.max_context)
+    for n_new in (10, 50):
+        ref = sample.generate_uncached(model, prompt, n_new)
+        got = [int(t) for t in sample.generate(model, prompt, n_new)]
+        assert got == ref
+    assert len(set(ref)) > 5  # the model is not stuck on one token, so the check has teeth
+
+
+def test_sample_branched_rows_equal_single_greedy(sample_run):
+    """Guards KVCache.branch: every row of a branched batch continues the same prefilled prompt."""
+    _, tok, model, _ = sample_run
+    prompt = sample.encode_prompt(tok, "def add", model.config.max_context)
+    ref = sample.generate_uncached(model, prompt, 40)
+    rows = torch.stack(list(sample.generate(model, prompt, 40, num_samples=3)), dim=1)  # (3, 40)
+    assert all(r == ref for r in rows.tolist())
+
+
+def test_sample_seeded_sampling_reproducible_and_matches_reference(sample_run):
+    """Same seed -> same text; a different seed -> different text; and the cached sampler draws
+    exactly what the reference draws from the same seed (same distributions, same RNG use)."""
+    _, tok, model, _ = sample_run
+    prompt = sample.encode_prompt(tok, "", model.config.max_context)
+    s = sample.Sampling(temperature=1.2, top_k=50, top_p=0.95, repetition_penalty=1.3)
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [c.ids for c in sample.generate_text(model, tok, prompt, 30, s, num_samples=2, generator=g)]
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    ref = sample.generate_uncached(model, prompt, 45, s, g1)
+    assert [int(t) for t in sample.generate(model, prompt, 45, s, g2)] == ref
+
+
+def test_sample_overflow_and_long_prompt(sample_run):
+    """Past the context, generation keeps going (no position error from the model) and agrees
+    with the reference; a prompt longer than the context is cut from the left with a warning."""
+    _, tok, model, _ = sample_run
+    ctx = model.config.max_context
+    warnings = []
+    prompt = sample.encode_prompt(tok, "ROMEO: But soft, what light " * 10, ctx, warn=warnings.append)
+    assert len(prompt) == ctx and len(warnings) == 1 and "keeping its last" in warnings[0]
+    full = [tok.eot_id] + tok.encode("ROMEO: But soft, what light " * 10)
+    assert prompt == full[-ctx:]
+    ref = sample.generate_uncached(model, full, 40)      # the reference crops on its own
+    got = [int(t) for t in sample.generate(model, prompt, 40)]
+    assert got == ref and len(got) == 40                 # window jumps after 1, 17 and 33 tokens
+
+
+class _SampleHashCache:
+    """The KVCache interface (pos, max_len, branch, reset) for _SampleHashModel: it keeps tokens."""
+
+    def __init__(self, tokens, max_len):
+        self.tokens, self.max_len, self.pos = tokens, max_len, tokens.size(1)
+
+    def branch(self, n):
+        return _SampleHashCache(self.tokens[:1, :self.pos].expand(n, -1).clone(), self.max_len)
+
+    def reset(self):
+        self.pos = 0
+
+
+class _SampleHashModel(torch.nn.Module):
+    """A stand-in model whose next token is a position-weighted hash of its whole visible context,
+    sum_j (j + 1) * token_j mod V. Any token that the window or cache logic loses, repeats or
+    shifts changes what it says next (a random small transformer barely notices such bugs)."""
+
+    def __init__(self, vocab_size=53, context=16):
+        super().__init__()
+        self.config = type("Config", (), {"max_context": context, "vocab_size": vocab_size})()
+        self.lm_head = torch.nn.Linear(1, 1)
+
+    def make_cache(self, batch_size, max_len, device=None, dtype=None):
+        return _SampleHashCache(torch.zeros(batch_size, 0, dtype=torch.long), max_len)
+
+    def forward(self, idx, cache=None):
+        context = idx
+        if cache is not None:
+            assert cache.pos + idx.size(1) <= min(cache.max_len, self.config.max_context)
+            cache.tokens = context = torch.cat([cache.tokens[:, :cache.pos], idx], dim=1)
+            cache.pos += idx.size(1)
+        assert context.size(1) <= self.config.max_context
+        weights = torch.arange(1, context.size(1) + 1)
+        nxt = (context * weights).sum(dim=1) % self.config.vocab_size                 # (B,)
+        logits = torch.nn.functional.one_hot(nxt, self.config.vocab_size).float() * 10
+        return logits[:, None, :].expand(-1, idx.size(1), -1)                           # (B, T, V)
+
+
+def test_sample_window_and_cache_bookkeeping_exact():
+    """Guards the sliding window and the re-prefill: with a model that hashes its whole context,
+    cached generation (1 or 3 rows) equals the reference for short, full and too-long prompts."""
+    model = _SampleHashModel()
+    for prompt_len in (1, 15, 16, 40):
+        prompt = [(7 * i + 3) % 53 for i in range(prompt_len)]
+        for keep in (0.5, 0.25):
+            ref = sample.generate_uncached(model, prompt, 60, slide_keep=keep)
+            rows = torch.stack(list(sample.generate(model, prompt, 60, num_samples=3, slide_keep=keep)), 1)
+            assert rows.tolist() == [ref] * 3, (prompt_len, keep)
+    assert len(set(ref)) > 20
+
+
+def test_sample_rope_scaling_extends_context(sample_run):
+    """--rope_scaling at load time: the checkpoint's block_size 32 becomes a 64-token context, the
+    cached path runs past 32 positions without a window jump and still equals the reference."""
+    _, tok, model, ckpt = sample_run
+    stretched, _, _ = sample.load_checkpoint(str(ckpt), config_overrides=dict(rope_scaling="yarn", rope_factor=2.0))
+    assert sample.context_length(stretched.config) == 64
+    prompt = sample.encode_prompt(tok, "ROMEO: But soft, what light " * 2, 64)
+    assert 32 < len(prompt) < 64
+    got = [int(t) for t in sample.generate(stretched, prompt, 40)]
+    assert got == sample.generate_uncached(stretched, prompt, 40)
+    with pytest.raises(bpe.UserError, match="rope"):
+        sample.load_checkpoint(str(ckpt), config_overrides=dict(rope_scaling="cubic", rope_factor=2.0))
+
+
+def test_sample_window_rule_by_hand():
+    """The shared sliding rule, checkable on paper: context 8, keep 4. With 8 tokens the window
+    still starts at 0; the 9th token makes it jump to start 5 (tokens 5..8, four of them)."""
+    assert sample.keep_length(8, 0.5) == 4
+    assert sample.window_start(8, 0, 8, 4) == 0
+    assert sample.window_start(9, 0, 8, 4) == 5
+    assert sample.window_start(12, 5, 8, 4) == 5     # window 5..11 is 7 tokens: fits
+    assert sample.window_start(14, 5, 8, 4) == 10    # 9 tokens: jump again
+
+
+# --- choosing the next token ------------------------------------------------------------------
+
+def test_sample_top_p_worked_example():
+    """probs (0.5, 0.3, 0.15, 0.05), p = 0.75: mass above each token = (0, 0.5, 0.8, 0.95), so
+    exactly the first two survive."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = sample.top_p_filter(logits, 0.75).isfinite()[0].tolist()
+    assert kept == [True, True, False, False]
+    assert sample.top_p_filter(logits, 0.5).isfinite()[0].tolist() == [True, False, False, False]
+
+
+def test_sample_top_k_top_p_never_pick_filtered_tokens():
+    """Crafted distribution over 10 tokens, shuffled order. Thousands of draws: top-k
+    draws only from the k best, top-p only from the nucleus, and both together from the
+    intersection."""
+    probs = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.08, 0.07, 0.05, 0.03, 0.01, 0.01])
+    perm = torch.tensor([3, 7, 0, 9, 1, 5, 8, 2, 6, 4])
+    logits = probs[perm].log().expand(3000, -1).contiguous()        # (3000, 10): 3000 draws per call
+    rank = perm.tolist()                                             # vocab id -> rank (0 = best)
+    g = torch.Generator().manual_seed(0)
+
+    def ranks(s):
+        return {rank[t] for t in sample.pick_next(logits, s, g).tolist()}
+
+    assert ranks(sample.Sampling(1.0, top_k=3)) == {0, 1, 2}
+    assert ranks(sample.Sampling(1.0, top_p=0.6)) == {0, 1, 2}      # mass above rank 3 is 0.65
+    assert ranks(sample.Sampling(1.0, top_p=0.66)) == {0, 1, 2, 3}  # above rank 3: 0.65 < 0.66
+    assert ranks(sample.Sampling(1.0, top_k=2, top_p=0.9)) == {0, 1}
+    assert ranks(sample.Sampling(0.0, top_k=5)) == {0}              # greedy: the argmax only
+
+
+def test_sample_repetition_penalty_lowers_seen_tokens():
+    """CTRL penalty: positive and negative logits of seen tokens both move down, so every seen
+    token loses probability and every unseen one gains; penalty 1 changes nothing."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, -0.5]])
+    seen = torch.tensor([[True, True, False, False, False]])
+    before = logits.softmax(-1)
+    after = sample.apply_repetition_penalty(logits, seen, 1.5).softmax(-1)
+    assert torch.equal(sample.apply_repetition_penalty(logits, seen, 1.0), logits)
+    assert (after[seen] < before[seen]).all() and (after[~seen] > before[~seen]).all()
+    assert sample.apply_repetition_penalty(logits, seen, 2.0)[0, :2].tolist() == [1.0, -2.0]
+
+
+# --- text: streaming and stop strings ------------------------------------------------------------
+
+def test_sample_streaming_equals_decode_without_broken_chars(sample_run):
+    """Streaming through the incremental decoder prints exactly decode(all ids), and text whose
+    characters are split across tokens never shows U+FFFD mid-stream."""
+    _, tok, model, _ = sample_run
+    text = "Ünïcödé 日本語のテキスト 🙂🚀 crème brûlée"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)   # some tokens hold part of a character
+    stream = sample.TextStream(tok)
+    pieces = [stream.push(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    # and for whatever a random model emits (possibly invalid UTF-8): streamed == decode
+    got = {}
+    prompt = sample.encode_prompt(tok, "日本", model.config.max_context)
+    done = sample.generate_text(model, tok, prompt, 60, sample.Sampling(1.0), num_samples=2,
+                                generator=torch.Generator().manual_seed(0),
+                                on_text=lambda row, piece: got.setdefault(row, []).append(piece))
+    for row, c in enumerate(done):
+        assert "".join(got.get(row, [])) == c.text == tok.decode(c.ids)
+
+
+def test_sample_stop_string_cut_exactly_across_tokens(sample_run):
+    """A stop string that spans token boundaries: the output is the text up to (not including)
+    its first occurrence, streamed pieces included (nothing of it leaks before the cut)."""
+    _, tok, model, _ = sample_run
+    prompt = sample.encode_prompt(tok, "The café", model.config.max_context)
+    full = sample.generate_text(model, tok, prompt, 40)[0]
+    # where each token's text ends inside full.text (streamed, so split characters count right)
+    d, ends = tok.stream_decoder(), [0]
+    for i in full.ids:
+        ends.append(ends[-1] + len(d.push(i)))
+    lens = [b - a for a, b in zip(ends, ends[1:])]
+    # a stop string from the middle of token k, across token k+1, to the first char of token k+2
+    k = next(k for k in range(len(lens) - 2) if lens[k] >= 2 and lens[k + 1] and lens[k + 2])
+    stop = full.text[ends[k] + 1:ends[k + 2] + 1]
+    streamed = []
+    cut = sample.generate_text(model, tok, prompt, 40, stops=["never appears ~~", stop],
+                               on_text=lambda row, piece: streamed.append(piece))[0]
+    want = full.text[:full.text.index(stop)]
+    assert cut.finish == "stop" and cut.text == want and "".join(streamed) == want
+
+
+def test_sample_text_stream_holds_back_partial_stop():
+    """Hand-checkable: stop 'END'. 'the EN' prints 'the ' and holds 'EN' back; 'Dx' completes it."""
+    class Chars:  # a tokenizer whose ids are code points, enough for TextStream
+        def stream_decoder(self):
+            class D:
+                def push(self, i):
+                    return chr(i)
+
+                def flush(self):
+                    return ""
+            return D()
+    s = sample.TextStream(Chars(), ["END"])
+    assert "".join(s.push(ord(c)) for c in "the EN") == "the "
+    assert s.push(ord("D")) == "" and s.stopped and s.text == "the "
+    s = sample.TextStream(Chars(), ["END"])
+    assert "".join(s.push(ord(c)) for c in "the ENx") + s.finish() == "the ENx" and not s.stopped
+
+
+def test_sample_prompt_and_stop_escapes(tmp_path):
+    """Inline prompts and stop strings decode backslash escapes (a shell cannot easily pass a
+    newline); a prompt file is read exactly; '@@' escapes a leading '@'; a bad escape is one line."""
+    assert sample.read_prompt("ROMEO:\\n日本") == "ROMEO:\n日本"
+    (tmp_path / "p.txt").write_text("raw \\n stays\n", encoding="utf-8")
+    assert sample.read_prompt(f"@{tmp_path / 'p.txt'}") == "raw \\n stays\n"
+    assert sample.read_prompt("@@home") == "@home"
+    with pytest.raises(bpe.UserError, match="cannot read"):
+        sample.read_prompt(f"@{tmp_path / 'missing.txt'}")
+    with pytest.raises(bpe.UserError, match="backslash"):
+        sample.read_prompt("ends with \\")
+    assert sample.normalize_stop(None) == []
+    assert sample.normalize_stop("\\n\\n") == ["\n\n"]
+    assert sample.normalize_stop(["END", "日本\\t"]) == ["END", "日本\t"]
+    with pytest.raises(ValueError):
+        sample.normalize_stop("")
+    with pytest.raises(ValueError):
+        sample.normalize_stop(3)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def test_sample_refuses_other_tokenizer(sample_run, tmp_path):
+    """A tokenizer with a different merge table (different fingerprint) must be refused: the
+    model would silently read the wrong ids. Also through the CLI: one line, exit code 2."""
+    _, tok, model, ckpt = sample_run
+    other = _sample_tokenizer(extra=" zebra quagga")
+    assert other.fingerprint != tok.fingerprint
+    other_path = tmp_path / "other.bpe"
+    other.save(str(other_path))
+    with pytest.raises(bpe.UserError, match="fingerprint"):
+        sample.load_checkpoint(str(ckpt), tokenizer_path=str(other_path))
+    # a checkpoint that records the other tokenizer is refused the same way
+    bad = _sample_save_checkpoint(tmp_path / "bad.pt", model, other_path, tok)
+    r = _sample_cli(f"--ckpt={bad}", "--max_new_tokens=5")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "fingerprint" in r.stderr and "--tokenizer=" in r.stderr
+
+
+def test_sample_load_errors_are_one_line(sample_run, tmp_path):
+    """Missing checkpoint, a pickled object (weights_only=True refuses to run code), a moved
+    tokenizer that is found next to the checkpoint."""
+    tmp, tok, model, ckpt = sample_run
+    with pytest.raises(bpe.UserError, match="python train.py"):
+        sample.load_checkpoint(str(tmp_path / "nope.pt"))
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_config": {}, "x": io.StringIO("not plain data")}, evil)
+    with pytest.raises(bpe.UserError, match="cannot read checkpoint"):
+        sample.load_checkpoint(str(evil))
+    # the run directory was copied elsewhere: the recorded absolute tokenizer path is gone
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    tok.save(str(moved / "tokenizer.bpe"))
+    _sample_save_checkpoint(moved / "best.pt", model, tmp_path / "gone" / "tokenizer.bpe", tok)
+    m2, tok2, _ = sample.load_checkpoint(str(moved / "best.pt"))
+    assert tok2.fingerprint == tok.fingerprint
+    assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), model.state_dict().values()))
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+def test_sample_cli_greedy_prompt_file_stop(sample_run, tmp_path):
+    """The real command: --prompt=@file, greedy, a stop string. stdout is the prompt followed by
+    exactly the reference (uncached) continuation, cut at the stop string."""
+    tmp, tok, model, ckpt = sample_run
+    prompt_text = "JULIET: Ay"
+    (tmp_path / "p.txt").write_text(prompt_text, encoding="utf-8")
+    ids = sample.encode_prompt(tok, prompt_text, model.config.max_context)
+    ref_ids = sample.generate_uncached(model, ids, 30, stop_id=tok.eot_id)
+    ref = tok.decode([i for i in ref_ids if i != tok.eot_id])
+    stop = ref[len(ref) // 2: len(ref) // 2 + 3]
+    want = ref[:ref.index(stop)]
+    assert "\\" not in stop  # --stop decodes backslash escapes; this greedy text has none
+    r = _sample_cli(f"--ckpt={ckpt}", f"--prompt=@{tmp_path / 'p.txt'}", "--temperature=0",
+                    "--max_new_tokens=30", f"--stop={stop!r}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == prompt_text + want + "\n"
+
+
+def test_sample_cli_num_samples_and_interactive(sample_run):
+    """--num_samples prints each sample under a header; --interactive reads prompts until EOF
+    (Ctrl-D) and exits cleanly, and an empty line starts from BOS."""
+    tmp, tok, model, ckpt = sample_run
+    r = _sample_cli(f"--ckpt={ckpt}", "--num_samples=3", "--max_new_tokens=8", "--prompt=def")
+    assert r.returncode == 0, r.stderr
+    assert sorted(l.split(" (")[0] for l in r.stdout.splitlines() if l.startswith("-" * 10)) == \
+        [f"---------- sample {i}/3" for i in (1, 2, 3)]
+    r = _sample_cli(f"--ckpt={ckpt}", "--interactive=True", "--max_new_tokens=5", stdin="ROMEO\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("> ROMEO") and r.stdout.endswith("> \n")  # two answered, then EOF
+
+
+def test_sample_interactive_ctrl_c_stops_generation_only(sample_run):
+    """Ctrl-C (KeyboardInterrupt) during a generation stops it and returns to the prompt; the next
+    prompt still works; Ctrl-D (EOFError) exits."""
+    tmp, tok, model, ckpt = sample_run
+    lines = iter(["ROMEO", "JULIET"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    class Out(io.StringIO):
+        writes = 0
+
+        def write(self, s):
+            Out.writes += 1
+            if Out.writes == 2:                   # the first write is the echoed prompt
+                raise KeyboardInterrupt
+            return super().write(s)
+
+    out = Out()
+    cfg = sample.SampleConfig(max_new_tokens=20, temperature=0.0)
+    sample.interactive(model, tok, cfg, sample.setup_runtime("cpu"), torch.Generator(), read=read, out=out)
+    text = out.getvalue()
+    assert text.startswith("ROMEO\n[stopped]\nJULIET") and len(text) > len("ROMEO\n[stopped]\nJULIET\n")
+
+
+def test_sample_bench_reports_all_figures(sample_run):
+    """--bench's function on the tiny model: every figure is there and positive."""
+    _, tok, model, _ = sample_run
+    out = io.StringIO()
+    cfg = sample.SampleConfig(bench_tokens=12, bench_samples=4, bench_repeats=1)
+    med = sample.bench(model, sample.setup_runtime("cpu"), cfg, tok.eot_id, out=out)
+    assert set(med) == {"prefill", "cached", "uncached", "branched", "cache_gain", "branch_gain"}
+    assert min(med.values()) > 0
+    assert "KV cache speed-up" in out.getvalue() and "branching x4" in out.getvalue()
+
+
+def test_sample_runtime_decided_once():
+    """auto resolves to a real device; float32 means no autocast; a missing device is one line."""
+    rt = sample.setup_runtime("cpu", "auto")
+    assert rt.device.type == "cpu" and rt.dtype == torch.float32
+    with rt.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with sample.setup_runtime("cpu", "bfloat16").autocast():
+        assert torch.is_autocast_enabled("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(bpe.UserError, match="--device=cpu"):
+            sample.setup_runtime("cuda")
+    with pytest.raises(bpe.UserError, match="not a device"):
+        sample.setup_runtime("gpu7")
+
+
+def test_sample_settings_validation():
+    with pytest.raises(bpe.SettingsError, match="top_p"):
+        bpe.parse_settings(sample.SampleConfig, ["--top_p=0"])
+    cfg = bpe.parse_settings(sample.SampleConfig, ["--stop=['a', 'b\\\\n']", "--temperature=0"])
+    assert cfg.stop == ["a", "b\n"] and cfg.temperature == 0.0
+    assert bpe.parse_settings(sample.SampleConfig, ["--stop=END"]).stop == ["END"]
+
+# =============================================================================
+# 8. end to end: the quick start through the real command lines
+# =============================================================================
+
+_E2E_ROOT = Path(__file__).resolve().parent
+_E2E_SCRIPTS = ["bpe.py", "prepare.py", "model.py", "train.py", "sample.py"]
+
+
+def _e2e_env():
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def _e2e_run(args, cwd, timeout=120):
+    """Run one of our scripts the way a user does (a fresh interpreter, real argv)."""
+    script = str(_E2E_ROOT / args[0])
+    return subprocess.run([sys.executable, script, *args[1:]], cwd=cwd, env=_e2e_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _e2e_train_until_sigterm(args, cwd, at_step, timeout=120):
+    """Start train.py, and once it logs step `at_step`, send SIGTERM like a cluster
+    scheduler would. The trainer must finish its step, save last.pt and exit 0."""
+    proc = subprocess.Popen([sys.executable, str(_E2E_ROOT / args[0]), *args[1:]], cwd=cwd,
+                            env=_e2e_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(f"step {at_step}/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, "".join(seen) + (rest or "")
+
+
+def _e2e_corpus(folder):
+    """A tiny corpus of Python-looking documents: one file each, so one document each."""
+    folder.mkdir()
+    for i in range(24):
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(12))
+        (folder / f"mod{i:02d}.py.txt").write_text(f'"""Module {i}."""\nimport os\n\n' + body)
+    return folder
+
+
+@pytest.mark.parametrize("script", _E2E_SCRIPTS)
+def test_e2e_every_script_answers_help(script):
+    # The frame issue: every script answers --help with its settings and their meanings.
+    r = _e2e_run([script, "--help"], cwd=_E2E_ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "settings (override with --key=value):" in r.stdout
+    assert r.stdout.count("\n  --") >= 5  # one line per setting
+
+
+@pytest.mark.parametrize("script,bad,hint", [
+    ("prepare.py", "--vocab_sise=300", "--vocab_size"),
+    ("train.py", "--max_step=3", "--max_steps"),
+    ("sample.py", "--temprature=0", "--temperature"),
+    ("bpe.py", "--vocab=300", "--vocab_size"),
+    ("model.py", "--n_layers=2", "--n_layer"),
+])
+def test_e2e_unknown_key_is_one_line_with_suggestion(script, bad, hint):
+    # Guards against traceback spew for a typo: one line on stderr naming the closest key.
+    r = _e2e_run([script, bad], cwd=_E2E_ROOT, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert hint in lines[0]
+
+
+def test_e2e_prepare_train_resume_sample(tmp_path):
+    """The quick start in miniature, through the real command lines:
+    prepare (vocab 300) -> train, stopped by SIGTERM at step 20 -> resume to 30 -> sample."""
+    corpus = _e2e_corpus(tmp_path / "corpus")
+    data, out = tmp_path / "data", tmp_path / "out"
+
+    r = _e2e_run(["prepare.py", f"--input={corpus}/*.txt", f"--out_dir={data}",
+                  "--vocab_size=300", "--num_proc=1", "--val_fraction=0.2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["vocab_size"] == 300 and meta["splits"]["val"]["docs"] >= 1
+
+    tiny = ["train.py", f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", "--compile=false",
+            "--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--block_size=32",
+            "--seq_len=32", "--batch_size=8", "--max_steps=30", "--eval_interval=10",
+            "--eval_tokens=1024", "--ckpt_interval=10", "--sample_interval=0", "--sample_tokens=8"]
+    rc, log = _e2e_train_until_sigterm(tiny, cwd=tmp_path, at_step=20)
+    assert rc == 0, log
+    first = torch.load(out / "last.pt", weights_only=True)
+    assert 20 <= first["step"] < 30, log  # the step in flight finishes, then it saves and exits
+
+    r = _e2e_run(tiny + ["--resume=True"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["step"] == 30
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in rows if "loss" in row and row.get("kind", "train") == "train"]
+    assert train_rows[-1]["step"] == 30
+    # It learned something: the last losses are well below the first (ln 300 = 5.7 at init).
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 1.0
+    assert (out / "best.pt").exists() and (out / "loss.svg").exists()
+
+    r = _e2e_run(["sample.py", f"--out_dir={out}", "--prompt=def ", "--max_new_tokens=24",
+                  "--temperature=0", "--num_samples=2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "def " in r.stdout and len(r.stdout.strip()) > 10
