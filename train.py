@@ -829,6 +829,11 @@ def build_optimizers(cfg, raw_model, rt):
     scale = (REFERENCE_WIDTH / cfg.n_embd) ** 0.5
     adam_lr = {"embed": cfg.embed_lr * scale, "head": cfg.head_lr * scale,
                "router": cfg.head_lr * scale, "scalar": cfg.scalar_lr * scale}
+    if raw_model.config.tie_embeddings:
+        # One matrix is both wte and lm_head (it sits in the "embed" group). Its gradient
+        # is dominated by the read-out, so it must move at the head's small lr: at
+        # embed_lr (50x larger) the tied model diverged within 15 steps (measured here).
+        adam_lr["embed"] = adam_lr["head"]
     muon_groups, adam_groups = [], []
     for g in raw_model.optim_groups():
         name, kind = g["name"], g["optimizer"]
