@@ -602,8 +602,8 @@ class MoE(nn.Module):
     def expert_weights(self):
         """Per-expert views of the 3-D weights: lists of E tensors (C, H) / (H, C).
         unbind() once rather than indexing c_fc[e] inside the loop: the backward of each
-        c_fc[e] would allocate and zero a full (E, C, H) gradient per expert (measured by the
-        MoE engineer: a third of the layer's CPU time); unbind's backward stacks once."""
+        c_fc[e] would allocate and zero a full (E, C, H) gradient per expert (measured
+        here: a third of the layer's CPU time); unbind's backward stacks once."""
         gate = self.c_gate.unbind(0) if self.c_gate is not None else [None] * self.n_experts
         return self.c_fc.unbind(0), gate, self.c_proj.unbind(0)
 
@@ -653,7 +653,7 @@ class MoE(nn.Module):
         """x (B, T, C) -> (B, T, C). impl: "grouped", "padded" (the tests run both and check
         they agree) or "auto", decided here and only here: padded on CUDA when a capacity
         fixes the buffer size (static shapes, no host sync: what torch.compile and CUDA graphs
-        need), grouped otherwise. On CPU grouped was faster (MoE engineer's measurement,
+        need), grouped otherwise. On CPU grouped was faster (measured here,
         fwd+bwd at C=256, E=8, top_k=2, H=512, 2048 tokens, 1 thread: padded with capacity
         1.25 took 1.3x the time of grouped; CPU bmm is slower than mm, and it computes the
         padding)."""

@@ -1015,10 +1015,7 @@ def build(s, log=print, quiet=False):
         tok = train_tokenizer(train_paths, doc_sep, is_val, scan, s, num_proc, log, quiet)
     check_tokenizer(tok, "tokenizer")
     dtype = choose_dtype(tok.vocab_size, s.dtype)
-    # Save through a temporary name, so a crash never leaves half a tokenizer file.
-    tmp_tok = os.path.join(out_dir, f".{TOKENIZER_NAME}.tmp{os.getpid()}")
-    tok.save(tmp_tok)
-    os.replace(tmp_tok, tok_path)
+    tok.save(tok_path)  # atomic (bpe.atomic_write): a crash never leaves half a tokenizer file
 
     streams = [(None, iter_documents(train_paths, doc_sep))]
     if val_paths:

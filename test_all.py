@@ -2352,7 +2352,7 @@ def _sample_model(vocab_size, block_size=32, seed=0):
 
 
 def _sample_save_checkpoint(path, model, tok_path, tokenizer):
-    """The checkpoint dict of INTERFACES.md, with only plain types and tensors inside."""
+    """The checkpoint dict that train.py writes, with only plain types and tensors inside."""
     ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
             "train_config": {}, "optimizers": [], "step": 7, "data_state": {}, "rng": {},
             "tokenizer_path": str(tok_path), "tokenizer_fingerprint": tokenizer.fingerprint,
