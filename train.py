@@ -1547,6 +1547,10 @@ def main():
             raise
         raise
     if dist.is_initialized():
+        # every rank reaches this line before any tears down: without the barrier one
+        # gloo rank could close its connections while the other was still using them,
+        # which aborted a rank now and then ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
