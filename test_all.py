@@ -1055,6 +1055,27 @@ def test_model_sdpa_equals_manual_every_mask(n_kv_head):
 
 
 @_model_one_thread
+def test_model_sdpa_under_cpu_bf16_autocast():
+    """On CPU under bf16 autocast the SDPA path runs attention in float32 (the bf16 flash
+    backward is slow there): the layer must still give bf16 out and finite gradients in,
+    and the model must match the hand-written path to bf16 precision."""
+    m = _model_make()
+    hand = _model_twin(m, attn_impl="manual")
+    idx = _model_tokens(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn = m.transformer.h[0].attn
+        layout = m._layout(2, 16, 0, 0, None, None, idx.device)
+        x = torch.randn(2, 16, m.config.n_embd, requires_grad=True)
+        y = attn(x, layout)
+        fast, slow = m(idx), hand(idx)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(fast, slow, atol=0.05, rtol=0.02)
+    assert (fast - m(idx)).abs().max() > 0      # autocast really ran (bf16 differs from fp32)
+
+
+@_model_one_thread
 def test_model_document_masking_equals_separate_documents():
     m = _model_make(n_kv_head=2)
     bos = 0
@@ -1834,6 +1855,32 @@ def test_optim_muon_one_step_by_hand():
     expected = w0 - 0.02 * 2.0 * newton_schulz5(p.grad)
     Muon([p], lr=0.02).step()
     torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_optim_muon_batched_equals_one_matrix_at_a_time():
+    """Muon orthogonalises same-shape matrices in one batched call. Guards: rows of the
+    stack applied to the wrong parameter, one Frobenius norm for the whole stack instead
+    of one per matrix, the aspect-ratio scale of one shape used for another."""
+    shapes = [(8, 6), (12, 4), (8, 6), (3, 5, 7), (8, 6), (12, 4)]
+    together = _optim_params(6, shapes)
+    alone = _optim_params(6, shapes)
+    for p in together:
+        p.grad_scale = 1.0
+    scales = [0.5, 1.0, 3.0, 1.0, 0.01, 2.0]  # very different norms within one bucket
+    for step in range(2):
+        _optim_set_grads(together, 40 + step)
+        _optim_set_grads(alone, 40 + step)
+        for p, q, k in zip(together, alone, scales):
+            p.grad.mul_(k)
+            q.grad.mul_(k)
+        if step == 0:
+            opt = Muon(together, lr=0.05, momentum=0.9, weight_decay=0.1, cautious=True)
+            singles = [Muon([q], lr=0.05, momentum=0.9, weight_decay=0.1, cautious=True) for q in alone]
+        opt.step()
+        for single in singles:
+            single.step()
+    for p, q in zip(together, alone):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_optim_muon_rejects_vectors():

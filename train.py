@@ -711,25 +711,28 @@ class Muon(torch.optim.Optimizer):
     torch Linear weight (MoE experts keep (n_experts, in, out) for batched matmuls):
     the aspect-ratio factor then reads the shape the other way round.
 
+    Matrices of the same shape are orthogonalised together: one batched newton_schulz5
+    call per shape instead of one per matrix (small models have many small matrices,
+    and per-call overhead dominates there).
+
     Distributed (torch.distributed initialised, world_size > 1): grads are already
     averaged by DDP, so every rank holds the same grads and the same momentum. The
-    expensive part, Newton-Schulz, is shared: parameters of the same shape are put in
-    buckets (same order on every rank: the group's order), each bucket padded with zero
-    matrices to a multiple of world_size, and cut into blocks of world_size matrices.
-    Rank r orthogonalises matrix r of every block; one all_gather per block hands
-    every rank all the updates, and every rank applies all of them. Each matrix goes
-    through the same newton_schulz5 call whatever the world size, so the result is
-    identical to a single process (tested with 2 gloo ranks). Momentum stays on every
-    rank (elementwise, cheap), so rank 0's state_dict is complete and resuming with
-    another world size works.
+    expensive part, Newton-Schulz, is shared: each same-shape bucket (same order on
+    every rank: the group's order) is padded with zero matrices to a multiple of
+    world_size and cut into world_size equal slices. Rank r orthogonalises slice r;
+    one all_gather per bucket hands every rank all the updates, and every rank applies
+    all of them. Every matrix is orthogonalised on its own inside the batch, so the
+    result equals a single process's (bitwise in the test with 2 gloo ranks).
+    Momentum stays on every rank (elementwise, cheap), so rank 0's state_dict is
+    complete and resuming with another world size works.
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=NS_STEPS,
                  weight_decay=0.0, cautious=False, fan_in_first=False, ns_dtype=None):
         # ns_dtype: precision of Newton-Schulz; None = default_ns_dtype(device) (bf16 on
         # CUDA, float32 elsewhere). A trainer running bf16 on a CPU with fast bf16
-        # matmuls may pass torch.bfloat16 (only 1.05-1.3x faster on this CPU for 128-wide
-        # matrices). Not a group setting, so it stays out of state_dict (a checkpoint can
+        # matmuls may pass torch.bfloat16 (the 16 matrices of a 4 x 128 model, batched by
+        # shape: 5.3 ms in bf16 vs 10.4 ms in float32 here). Not a group setting, so it stays out of state_dict (a checkpoint can
         # resume on other hardware).
         self.ns_dtype = ns_dtype
         if lr < 0.0 or weight_decay < 0.0 or not 0.0 <= momentum < 1.0:
@@ -744,25 +747,41 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes 2-D matrices or 3-D stacks of them, got a "
                                      f"parameter of shape {tuple(p.shape)}: give it to AdamW")
 
-    def _momentum_(self, p, group):
-        """buf = mu * buf + (1 - mu) * g, in place (the buffer is created on first use)."""
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        state["momentum_buffer"].lerp_(p.grad, 1.0 - group["momentum"])
+    def _directions(self, params, group):
+        """Momentum update for every param of the list, in place, then the Nesterov look-ahead:
+            buf = mu * buf + (1 - mu) * g,   u = (1 - mu) * g + mu * buf   (nesterov=False: u = buf)
+        Returns the u of every param (new tensors; the buffers stay for the next step).
+        torch._foreach_* run one op over a whole list of tensors (as torch.optim's foreach
+        mode does): a single call instead of one tiny kernel launch per matrix."""
+        for p in params:  # momentum buffers are created on first use
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        grads = [p.grad for p in params]
+        mu = group["momentum"]
+        torch._foreach_lerp_(bufs, grads, 1.0 - mu)
+        return list(torch._foreach_lerp(grads, bufs, mu)) if group["nesterov"] else bufs
 
-    def _update(self, p, group):
-        """Nesterov look-ahead, Newton-Schulz, aspect-ratio scale: the step direction of p."""
-        buf, mu = self.state[p]["momentum_buffer"], group["momentum"]
-        u = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # (1-mu) g + mu buf
-        shape = p.shape[:-2] + p.shape[-2:][::-1] if group["fan_in_first"] else p.shape
-        return newton_schulz5(u, group["ns_steps"], self.ns_dtype) * muon_scale(shape)
+    def _orthogonalise(self, directions, group):
+        """Newton-Schulz on a list of same-shape directions, as one batched call: returns the
+        (n, *shape) stack of ~orthogonal matrices (in the Newton-Schulz dtype). Batching
+        matters for small models: at 4 x 128 wide (16 matrices of 4 shapes) one batched
+        bf16 call per shape took 5.3 ms against 13.6 ms for one call per matrix (measured here)."""
+        return newton_schulz5(torch.stack(directions), group["ns_steps"], self.ns_dtype)
 
-    def _apply(self, p, update, group):
-        """W -= lr wd W (maybe cautious), then W -= lr * update."""
-        update = update.to(p.dtype)
-        _decay_(p, update, group["lr"], group["weight_decay"], group["cautious"])
-        p.add_(update, alpha=-group["lr"])
+    def _apply(self, params, updates, group):
+        """For every W of params and its row of updates:
+            W -= lr wd W (maybe cautious),  then  W -= lr * muon_scale * update.
+        All of params have one shape, so the aspect-ratio scale is one number; the scale
+        is folded into the lr (the cautious mask only reads signs, which it keeps)."""
+        shape = params[0].shape
+        if group["fan_in_first"]:
+            shape = shape[:-2] + shape[-2:][::-1]
+        lr = group["lr"]
+        updates = updates[:len(params)].to(params[0].dtype).unbind(0)  # padding rows dropped
+        for p, update in zip(params, updates):
+            _decay_(p, update, lr, group["weight_decay"], group["cautious"])
+        torch._foreach_add_(params, updates, alpha=-lr * muon_scale(shape))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -775,39 +794,33 @@ class Muon(torch.optim.Optimizer):
             # Every rank must build the same list in the same order (DDP gives every
             # rank the same grads, so the same params have grad None everywhere).
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:  # momentum on every rank for every param (cheap, elementwise)
-                self._momentum_(p, group)
-            if world == 1:
-                for p in params:
-                    self._apply(p, self._update(p, group), group)
-                continue
-            # Distributed: only the owner of a param runs Newton-Schulz on it.
             buckets = {}  # shape -> params of that shape, in group order
             for p in params:
                 buckets.setdefault(tuple(p.shape), []).append(p)
-            pending = []  # (block of params, their gathered updates, async handle)
+            pending = []  # (params, their gathered updates, async handle or None)
             for shape, plist in buckets.items():
-                padded = plist + [None] * (-len(plist) % world)  # length: multiple of world
-                for start in range(0, len(padded), world):
-                    block = padded[start:start + world]     # rank r owns block[r]
-                    mine = block[rank]
-                    if mine is not None:
-                        my_update = self._update(mine, group).contiguous()
-                    else:  # padding slot: contribute zeros that nobody applies
-                        device = plist[0].device
-                        my_update = torch.zeros(shape, device=device,
-                                                dtype=self.ns_dtype or default_ns_dtype(device))
-                    gathered = [torch.empty_like(my_update) for _ in range(world)]
-                    # async: this block's communication overlaps the next block's compute
-                    # (memory: the gathered updates of the whole group are held until
-                    # the end, as much as the group's params in ns dtype)
-                    handle = dist.all_gather(gathered, my_update, async_op=True)
-                    pending.append((block, gathered, handle))
-            for block, gathered, handle in pending:
-                handle.wait()
-                for p, update in zip(block, gathered):
-                    if p is not None:
-                        self._apply(p, update, group)
+                # momentum on every rank for every param (cheap, elementwise)
+                directions = self._directions(plist, group)
+                if world == 1:
+                    pending.append((plist, self._orthogonalise(directions, group), None))
+                    continue
+                # Distributed: the bucket is padded with zero matrices to a multiple of
+                # world_size and cut into world_size equal slices; rank r orthogonalises
+                # slice r, and one all_gather hands every rank all the updates.
+                per_rank = -(-len(plist) // world)             # ceil(len / world)
+                padded = directions + [torch.zeros_like(directions[0])] * (per_rank * world - len(plist))
+                mine = self._orthogonalise(padded[rank * per_rank:(rank + 1) * per_rank], group)
+                gathered = torch.empty((world * per_rank, *mine.shape[1:]),
+                                       dtype=mine.dtype, device=mine.device)
+                # async: this bucket's communication overlaps the next bucket's compute
+                # (memory: the gathered updates of the whole group are held until the
+                # end, as much as the group's params in ns dtype)
+                handle = dist.all_gather(list(gathered.chunk(world)), mine.contiguous(), async_op=True)
+                pending.append((plist, gathered, handle))
+            for plist, updates, handle in pending:
+                if handle is not None:
+                    handle.wait()
+                self._apply(plist, updates, group)
         return loss
 
 
