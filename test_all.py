@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -2365,6 +2366,19 @@ def test_train_compile_failure_warns_once_and_runs_eager(_train_data, tmp_path, 
     res = train.train(_train_cfg(_train_data, tmp_path / "broken", max_steps=2, compile="true"))
     assert capsys.readouterr().out.count("torch.compile failed") == 1
     assert res.losses == eager.losses
+
+def test_train_bench_reports_speed_and_phases(_train_data, tmp_path, capsys):
+    """--bench runs bench_steps + 3 steps, writes no checkpoint, and prints tokens/s, MFU
+    and the per-phase breakdown, every figure positive."""
+    res = train.train(_train_cfg(_train_data, tmp_path, bench=True, bench_steps=4))
+    out = capsys.readouterr().out
+    assert res.step == 7 and not os.path.exists(tmp_path / "last.pt")
+    speed = re.search(r"bench: ([\d,]+) tokens/s \| MFU ([\d.]+)% \| ([\d.]+) ms/step", out)
+    assert speed and all(float(v.replace(",", "")) > 0 for v in speed.groups())
+    phases = re.search(r"by phase: data, forward, backward ([\d.]+), loss sync, clip ([\d.]+), "
+                       r"optimizer steps ([\d.]+)", out)
+    assert phases and all(float(v) > 0 for v in phases.groups())
+
 
 # =============================================================================
 # 7. sample.py: generation

@@ -31,6 +31,7 @@ Sections:
     9. The training loop      train(cfg): what main() and the tests call
    10. main
 """
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -39,6 +40,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -1421,6 +1423,17 @@ def train(cfg, rt=None):
     losses, val_loss, val_bpb = [], float("nan"), float("nan")
     step, stopped, compile_checked = start_step, False, not rt.compile
     step_times = []  # seconds per step, excluding the first (compile / warm-up)
+    phases = collections.defaultdict(list)  # --bench: seconds per phase of each step
+
+    def phase_end(name, since):
+        """--bench only: wait for the device, book the time since `since` to phase `name`."""
+        if not cfg.bench:
+            return since
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        phases[name].append(now - since)
+        return now
     end_step = start_step + cfg.bench_steps + 3 if cfg.bench else cfg.max_steps
     with StopFlag() as stop:
         while True:
@@ -1452,6 +1465,7 @@ def train(cfg, rt=None):
 
             # --- one optimizer step: grad_accum micro-batches, then clip and update ---
             t0 = time.time()
+            mark = time.perf_counter()
             plan = plan_step(cfg, step)
             apply_schedules(optimizers, plan)
             try:
@@ -1469,6 +1483,7 @@ def train(cfg, rt=None):
                 moe.reset()
                 loss_sum = accumulate_gradients(model, plan, step)
             compile_checked = True
+            mark = phase_end("data, forward, backward", mark)
             loss_sum, stop_votes = all_reduce_sum(rt, [loss_sum, float(stop.requested)])
             step_loss = loss_sum / (cfg.grad_accum * rt.world_size)
             stopped = stop_votes > 0  # every rank stops after the same step
@@ -1478,6 +1493,7 @@ def train(cfg, rt=None):
             params = [p for p in raw_model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+            mark = phase_end("loss sync, clip", mark)
             # with fp16 an inf gradient is routine: the GradScaler skips the step and lowers its scale
             finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or rt.scaler is not None)
             if not finite:
@@ -1498,6 +1514,7 @@ def train(cfg, rt=None):
             for p in raw_model.parameters():
                 p.grad = None
             moe_stats = moe.finish(rt, update_bias=finite)  # MoE: balance once per step
+            phase_end("optimizer steps", mark)
             step += 1
 
             # --- log ---
@@ -1533,6 +1550,9 @@ def train(cfg, rt=None):
         mfu = tokens / dt * flops_per_token / (rt.peak_flops * rt.world_size)
         rt.print(f"bench: {tokens / dt:,.0f} tokens/s | MFU {100 * mfu:.1f}% | "
                  f"{1000 * dt:.1f} ms/step (median of {len(times)} steps)")
+        # where a step's time goes (medians per phase, same steps; they need not add up exactly)
+        rt.print("bench: ms per step by phase: " + ", ".join(
+            f"{name} {1000 * statistics.median(ts[3:] or ts):.1f}" for name, ts in phases.items()))
     elif rt.is_main:
         write_plots()
         print(text_plot(log.train, log.val), flush=True)
