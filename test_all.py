@@ -85,6 +85,27 @@ def test_bpe_gpt4_pattern_splits_a_sentence_as_worked_out_by_hand():
     assert chunks2 == ["Hello", " world", "123456", " !!!", "\n\n ", " x", "'s"]
 
 
+@pytest.mark.parametrize("name", ["gpt4", "gpt2"])
+def test_bpe_ascii_fast_path_splits_exactly_like_regex(name):
+    """The `re` twin of a built-in pattern must give regex's chunks on every ASCII text.
+    Random strings over all 128 ASCII characters (control characters included: `re`'s \\s
+    also matches \\x1c-\\x1f, regex's does not), weighted towards the characters the
+    alternatives care about (quotes for contractions, spaces, newlines, digits)."""
+    pattern = bpe.resolve_pattern(name)
+    slow, fast = bpe.regex.compile(pattern).findall, bpe.re.compile(bpe.ASCII_TWINS[pattern]).findall
+    split = bpe.chunk_splitter(name)
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(128)] + list(" \n\n\r\t  'sStTlLvVeErRdDmM09aZ!.") * 3
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        assert fast(text) == slow(text), repr(text)
+    for text in _bpe_corpus() + _bpe_texts() + ["\x1c\x1d x \x1e\x1f\n"]:
+        assert split(text) == slow(text), repr(text)   # non-ASCII texts take regex itself
+    assert fast("\x1c\x1d x") == slow("\x1c\x1d x") == ["\x1c\x1d", " x"]
+    custom = r"\w+|\W"  # a custom pattern has no twin and splits with regex
+    assert custom not in bpe.ASCII_TWINS and bpe.chunk_splitter(custom)("ab, c") == ["ab", ",", " ", "c"]
+
+
 # --- training --------------------------------------------------------------------------------------
 
 def test_bpe_training_example_worked_out_by_hand():
@@ -247,10 +268,16 @@ def test_bpe_encode_iterable_equals_encode_for_any_line_split():
     assert list(tok.encode_iterable(iter(lines))) == tok.encode("".join(lines))
 
 
-def test_bpe_encode_batch_parallel_equals_serial(monkeypatch):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_bpe_encode_batch_parallel_equals_serial(monkeypatch, start):
+    """fork: workers read the texts inherited from the parent; spawn (macOS, Windows): the
+    jobs carry them. Documents of very different lengths, so the character-balanced job
+    boundaries fall in odd places; the order of the results must still be the input's."""
     tok = _bpe_trained()
-    docs = _bpe_corpus() + _bpe_texts()
+    docs = _bpe_corpus() + _bpe_texts() + ["x" * 5000, "", "tail"] + _bpe_texts()[:2]
     monkeypatch.setattr(bpe, "PARALLEL_MIN_CHARS", 0)  # force worker processes on tiny input
+    if start == "spawn":
+        monkeypatch.setattr(bpe.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     assert tok.encode_batch(docs, num_proc=2) == [tok.encode(d) for d in docs]
     both = tok.encode_batch(docs, num_proc=2, allowed_special="all")
     assert both == [tok.encode(d, allowed_special="all") for d in docs]
