@@ -612,7 +612,8 @@ def _encode_batch_worker(job):
     lo, hi, texts, allowed_special = job
     if texts is None:
         texts = _WORKER_TEXTS[lo:hi]
-    return [array.array("I", _WORKER_TOKENIZER.encode(t, allowed_special)) for t in texts]
+    typecode = "H" if _WORKER_TOKENIZER.vocab_size <= 1 << 16 else "I"  # 2 bytes per id if they fit
+    return [array.array(typecode, _WORKER_TOKENIZER.encode(t, allowed_special)) for t in texts]
 
 
 class Tokenizer:
@@ -842,7 +843,7 @@ class Tokenizer:
         ctx = multiprocessing.get_context("fork" if fork else "spawn")
         with ctx.Pool(num_proc, initializer=_encode_batch_init,
                       initargs=(self, texts if fork else None)) as pool:
-            # ids travel back as compact uint32 arrays (4 bytes per id), not as pickled ints
+            # ids travel back as compact uint16/uint32 arrays, not as pickled ints
             return [a.tolist() for part in pool.imap(_encode_batch_worker, jobs) for a in part]
 
     # The regex decides chunk boundaries by looking ahead: "  x" splits as " ", " x", but "  " at

@@ -281,6 +281,11 @@ def test_bpe_encode_batch_parallel_equals_serial(monkeypatch, start):
     assert tok.encode_batch(docs, num_proc=2) == [tok.encode(d) for d in docs]
     both = tok.encode_batch(docs, num_proc=2, allowed_special="all")
     assert both == [tok.encode(d, allowed_special="all") for d in docs]
+    # ids above 65535 (they travel back as uint32, smaller ones as uint16)
+    big = bpe.Tokenizer(tok.pattern, tok.merges, {bpe.EOT: 70000})
+    assert big.encode_batch(docs, num_proc=2, allowed_special="all") == \
+        [big.encode(d, allowed_special="all") for d in docs]
+    assert any(70000 in ids for ids in big.encode_batch(docs, num_proc=2, allowed_special="all"))
 
 
 def test_bpe_stream_decoder_never_emits_replacement_for_valid_text():
