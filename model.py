@@ -328,6 +328,18 @@ class AttnLayout(NamedTuple):
 # of x), then the columns are split.
 
 
+def tanh_softcap(x, cap):
+    """cap * tanh(x / cap): close to x for |x| << cap, smoothly bounded by +-cap (Gemma 2's soft cap).
+
+    Under torch.compile the same function is written as 2 cap sigmoid(2 x / cap) - cap, which is
+    equal (tanh(z) = 2 sigmoid(2z) - 1): inductor's CPU code for tanh is slow, and the softcapped
+    cross-entropy over (768, 1024) logits took 3.3 ms forward + backward with tanh against 1.4 ms
+    with sigmoid (measured here; eager, tanh is the faster one: 2.1 vs 3.4 ms)."""
+    if torch.compiler.is_compiling():
+        return (2.0 * cap) * torch.sigmoid(x * (2.0 / cap)) - cap
+    return cap * torch.tanh(x / cap)
+
+
 def manual_attention(q, k, v, mask=None, softcap=0.0):
     """The hand-written path. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); mask: bool, broadcastable
     to (B, H, Tq, Tk), True = visible (None = all visible). Returns (B, H, Tq, D)."""
@@ -337,7 +349,7 @@ def manual_attention(q, k, v, mask=None, softcap=0.0):
     scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, Tq, Tk)
     if softcap > 0:
         # Gemma 2's softcap: scores stay in (-cap, cap), smoothly, so no single logit can blow up.
-        scores = softcap * torch.tanh(scores / softcap)
+        scores = tanh_softcap(scores, softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.softmax(scores.float(), dim=-1).type_as(v)
@@ -984,7 +996,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(h)).float()    # (B, T, V) float32
         cap = self.config.logit_softcap
         if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
+            logits = tanh_softcap(logits, cap)
         return logits
 
     def forward(self, idx, targets=None, *, doc_ids=None, window=None, cache=None,
