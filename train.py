@@ -1398,24 +1398,41 @@ def train(cfg, rt=None):
         write_text_atomic(os.path.join(cfg.out_dir, "loss.svg"), loss_svg(log.train, log.val))
 
     moe = MoEStats(raw_model)
+    phases = collections.defaultdict(list)   # --bench: seconds per phase, one entry per step
+    this_step = collections.defaultdict(float)
+
+    def phase_end(name, since):
+        """--bench only: wait for the device, add the time since `since` to phase `name`
+        of this step; returns now. (Off the bench, a no-op: syncs would slow training.)"""
+        if not cfg.bench:
+            return since
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        this_step[name] += now - since
+        return now
 
     def accumulate_gradients(model, plan, step):
         """Forward + backward of grad_accum micro-batches; returns the sum of their losses."""
         loss_sum = torch.zeros((), device=rt.device)
+        mark = time.perf_counter()
         for micro in range(cfg.grad_accum):
             x, y = batches.get(step, rt.rank * cfg.grad_accum + micro, plan.batch_size, plan.seq_len)
             x, y = to_device(rt, x), to_device(rt, y)
             doc_ids = doc_ids_from_bos(x, bos_id) if doc_mask else None
+            mark = phase_end("data", mark)
             # DDP all-reduces gradients during backward; skip that on all but the last
             # micro-step, whose backward then averages the accumulated sums once
             last_micro = micro == cfg.grad_accum - 1
             with (model.no_sync() if rt.ddp and not last_micro else contextlib.nullcontext()):
                 with rt.autocast():
                     total, loss, aux = forward_loss(model, x, y, doc_ids, plan, model_cfg)
+                mark = phase_end("forward", mark)
                 # mean over micro-steps here and over ranks by DDP: N ranks x M micro-steps
                 # give the gradient of the mean loss of one N*M times larger batch
                 scaled = total / cfg.grad_accum
                 (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
+                mark = phase_end("backward", mark)
             moe.add()
             loss_sum += loss.detach().float()
         return loss_sum.item()  # one device sync per step (the non-finite check needs it)
@@ -1423,17 +1440,6 @@ def train(cfg, rt=None):
     losses, val_loss, val_bpb = [], float("nan"), float("nan")
     step, stopped, compile_checked = start_step, False, not rt.compile
     step_times = []  # seconds per step, excluding the first (compile / warm-up)
-    phases = collections.defaultdict(list)  # --bench: seconds per phase of each step
-
-    def phase_end(name, since):
-        """--bench only: wait for the device, book the time since `since` to phase `name`."""
-        if not cfg.bench:
-            return since
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        phases[name].append(now - since)
-        return now
     end_step = start_step + cfg.bench_steps + 3 if cfg.bench else cfg.max_steps
     with StopFlag() as stop:
         while True:
@@ -1465,7 +1471,6 @@ def train(cfg, rt=None):
 
             # --- one optimizer step: grad_accum micro-batches, then clip and update ---
             t0 = time.time()
-            mark = time.perf_counter()
             plan = plan_step(cfg, step)
             apply_schedules(optimizers, plan)
             try:
@@ -1483,7 +1488,7 @@ def train(cfg, rt=None):
                 moe.reset()
                 loss_sum = accumulate_gradients(model, plan, step)
             compile_checked = True
-            mark = phase_end("data, forward, backward", mark)
+            mark = time.perf_counter()
             loss_sum, stop_votes = all_reduce_sum(rt, [loss_sum, float(stop.requested)])
             step_loss = loss_sum / (cfg.grad_accum * rt.world_size)
             stopped = stop_votes > 0  # every rank stops after the same step
@@ -1515,6 +1520,9 @@ def train(cfg, rt=None):
                 p.grad = None
             moe_stats = moe.finish(rt, update_bias=finite)  # MoE: balance once per step
             phase_end("optimizer steps", mark)
+            for name, seconds in this_step.items():
+                phases[name].append(seconds)
+            this_step.clear()
             step += 1
 
             # --- log ---
