@@ -362,7 +362,7 @@ def setup_runtime(cfg):
     # torch.compile fuses the many small elementwise ops (norms, RoPE, relu^2, softcap)
     # that dominate a small model's step on CPU. Measured on an idle 2-core CPU with the
     # default model (python train.py --bench=True, with and without --compile=false):
-    # 362.6 vs 561.4 ms per step, 1.55x, for a one-off compile of ~10 s (warm cache) to
+    # 346.6 vs 620.0 ms per step, 1.79x, for a one-off compile of ~10 s (warm cache) to
     # ~2 min (cold cache); the README's quick start includes a cold compile.
     compile_on = cfg.compile == "true" or (cfg.compile == "auto" and device.type in ("cuda", "cpu"))
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
