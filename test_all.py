@@ -1902,10 +1902,13 @@ def test_optim_muon_one_step_by_hand():
     torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_optim_muon_batched_equals_one_matrix_at_a_time():
+@pytest.mark.parametrize("batch_numel", [train.MUON_BATCH_NUMEL, 100])
+def test_optim_muon_batched_equals_one_matrix_at_a_time(monkeypatch, batch_numel):
     """Muon orthogonalises same-shape matrices in one batched call. Guards: rows of the
     stack applied to the wrong parameter, one Frobenius norm for the whole stack instead
-    of one per matrix, the aspect-ratio scale of one shape used for another."""
+    of one per matrix, the aspect-ratio scale of one shape used for another. batch_numel=100:
+    batches capped at 2 matrices of 48 elements, so a bucket of 3 is cut in two calls."""
+    monkeypatch.setattr(train, "MUON_BATCH_NUMEL", batch_numel)
     shapes = [(8, 6), (12, 4), (8, 6), (3, 5, 7), (8, 6), (12, 4)]
     together = _optim_params(6, shapes)
     alone = _optim_params(6, shapes)
