@@ -321,10 +321,16 @@ def _batches(texts, batch_chars=BATCH_CHARS):
         yield batch
 
 
+def _use_fork():
+    """Fork worker processes on Linux (they start fast and share the parent's memory), spawn
+    elsewhere: on macOS fork is unsafe once system libraries have started threads (Python's
+    docs; spawn is the default there), and Windows has no fork."""
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
 def _pool(num_proc):
-    """A process pool; fork where the platform has it (starts fast, shares the parent's memory)."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(num_proc)
+    """A process pool, forked where _use_fork() says so."""
+    return multiprocessing.get_context("fork" if _use_fork() else "spawn").Pool(num_proc)
 
 
 def _reading_progress(texts):
@@ -828,16 +834,16 @@ class Tokenizer:
             return [self.encode(t, allowed_special) for t in texts]
         # Contiguous slices with about equal numbers of CHARACTERS (not of texts: one file of
         # the stdlib corpus is 60x the median), a few per process so that a process that
-        # finishes early takes the next one. Slice k ends at the first text where the running
-        # total passes k/n_jobs of all characters.
+        # finishes early takes the next one. Boundary k is the first text at which the
+        # running total of characters reaches k/n_jobs of all of them.
         n_jobs = min(len(texts), num_proc * 4)
         ends = list(itertools.accumulate(map(len, texts)))
         bounds = sorted({0, len(texts), *(bisect.bisect_left(ends, total * k / n_jobs)
                                           for k in range(1, n_jobs))})
-        # With fork (Linux) the workers inherit the tokenizer, its warm cache and the texts
-        # from this process's memory, so a job is just (lo, hi): nothing is pickled. With
-        # spawn (macOS, Windows) each job carries its texts.
-        fork = "fork" in multiprocessing.get_all_start_methods()
+        # With fork the workers inherit the tokenizer, its warm cache and the texts from this
+        # process's memory, so a job is just (lo, hi): nothing is pickled. With spawn each job
+        # carries its texts.
+        fork = _use_fork()
         jobs = [(lo, hi, None if fork else texts[lo:hi], allowed_special)
                 for lo, hi in zip(bounds, bounds[1:])]
         ctx = multiprocessing.get_context("fork" if fork else "spawn")
@@ -1259,7 +1265,7 @@ def bench(settings):
     for _ in range(reps):
         timings["ours 1 proc"].append(_median_time(ours_single, 1))
         timings["ours 1 proc warm cache"].append(_median_time(ours_warm, 1))
-        if "fork" in multiprocessing.get_all_start_methods():
+        if _use_fork():
             timings[f"ours {cores} procs warm cache"].append(_median_time(ours_multi_warm, 1))
         timings[f"ours {cores} procs"].append(_median_time(ours_multi, 1))
         if enc is not None:

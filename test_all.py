@@ -175,7 +175,10 @@ def test_bpe_encoding_training_chunks_replays_the_merges():
     assert fresh.encode(text) == tok.encode(text)
 
 
-def test_bpe_parallel_equals_serial():
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_bpe_parallel_equals_serial(monkeypatch, start):
+    if start == "spawn":  # what macOS and Windows get
+        monkeypatch.setattr(bpe, "_use_fork", lambda: False)
     docs = _bpe_corpus() * 3
     serial = bpe.count_chunks(docs, bpe.GPT4_PATTERN, (bpe.EOT,), num_proc=1)
     parallel = bpe.count_chunks(docs, bpe.GPT4_PATTERN, (bpe.EOT,), num_proc=2, batch_chars=500)
@@ -277,7 +280,7 @@ def test_bpe_encode_batch_parallel_equals_serial(monkeypatch, start):
     docs = _bpe_corpus() + _bpe_texts() + ["x" * 5000, "", "tail"] + _bpe_texts()[:2]
     monkeypatch.setattr(bpe, "PARALLEL_MIN_CHARS", 0)  # force worker processes on tiny input
     if start == "spawn":
-        monkeypatch.setattr(bpe.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+        monkeypatch.setattr(bpe, "_use_fork", lambda: False)
     assert tok.encode_batch(docs, num_proc=2) == [tok.encode(d) for d in docs]
     both = tok.encode_batch(docs, num_proc=2, allowed_special="all")
     assert both == [tok.encode(d, allowed_special="all") for d in docs]
