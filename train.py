@@ -7,11 +7,11 @@ trains it with Muon (hidden matrices) + AdamW (everything else), evaluates bits
 per byte on a fixed validation set, and writes checkpoints that sample.py loads.
 
 Run it:
-    python prepare.py && python train.py           # CPU quick start (~8 min, Python-ish samples)
+    python prepare.py && python train.py           # CPU quick start (~7.5 min, Python-ish samples)
     python train.py --n_layer=6 --n_embd=384 --max_steps=5000    # any setting: --key=value
     python train.py --resume=True                  # continue out/last.pt exactly where it stopped
     python train.py --init_from=out/best.pt --data_dir=data/custom --matrix_lr=0.005   # fine-tune
-    python train.py --bench=True                   # print tokens/s and MFU for these settings
+    python train.py --bench=True                   # tokens/s, MFU and ms per phase of a step
     torchrun --standalone --nproc_per_node=8 train.py --data_dir=data/fineweb   # 8 GPUs, DDP
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 train.py   # 2 nodes, R=0,1
     python train.py --help                         # every setting with its default and meaning
@@ -150,7 +150,7 @@ class TrainConfig:
     dtype: str = "auto"                    # "auto" | "float32" | "bfloat16" | "float16" (+GradScaler)
     compile: str = "auto"                  # torch.compile: "auto" (on for CUDA and CPU) | "true" | "false"
     threads: int = 0                       # CPU threads per process (0 = all cores / ranks per node)
-    bench: bool = False                    # only time bench_steps steps, print tok/s and MFU
+    bench: bool = False                    # only time bench_steps steps: tok/s, MFU, ms per phase
     bench_steps: int = 10                  # timed steps in --bench mode (after 3 warm-up steps)
 
     def __post_init__(self):
