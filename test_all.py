@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -273,15 +274,28 @@ def test_bpe_encode_iterable_equals_encode_for_any_line_split():
 
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_bpe_encode_batch_parallel_equals_serial(monkeypatch, start):
-    """fork: workers read the texts inherited from the parent; spawn (macOS, Windows): the
-    jobs carry them. Documents of very different lengths, so the character-balanced job
-    boundaries fall in odd places; the order of the results must still be the input's."""
+    """fork: workers inherit the texts from the parent; spawn (macOS, Windows): they are
+    pickled to them. Documents of very different lengths, so the character-balanced job
+    boundaries fall in odd places; the order of the results must still be the input's.
+    The parent encodes jobs too; here it is slowed down so that the worker surely takes
+    some (its ids come back as arrays), and we check that it did."""
     tok = _bpe_trained()
     docs = _bpe_corpus() + _bpe_texts() + ["x" * 5000, "", "tail"] + _bpe_texts()[:2]
+    expected = [tok.encode(d) for d in docs]
     monkeypatch.setattr(bpe, "PARALLEL_MIN_CHARS", 0)  # force worker processes on tiny input
     if start == "spawn":
         monkeypatch.setattr(bpe, "_use_fork", lambda: False)
-    assert tok.encode_batch(docs, num_proc=2) == [tok.encode(d) for d in docs]
+    parent, in_parent, encode = os.getpid(), [], bpe.Tokenizer.encode
+
+    def slow_in_parent(self, text, allowed_special="none"):  # a forked worker inherits this too
+        if os.getpid() == parent:
+            in_parent.append(text)
+            time.sleep(0.05)
+        return encode(self, text, allowed_special)
+    monkeypatch.setattr(bpe.Tokenizer, "encode", slow_in_parent)
+    assert tok.encode_batch(docs, num_proc=2) == expected
+    assert 0 < len(in_parent) < len(docs)  # both processes took jobs
+    monkeypatch.setattr(bpe.Tokenizer, "encode", encode)
     both = tok.encode_batch(docs, num_proc=2, allowed_special="all")
     assert both == [tok.encode(d, allowed_special="all") for d in docs]
     # ids above 65535 (they travel back as uint32, smaller ones as uint16)
