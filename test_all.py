@@ -1923,13 +1923,15 @@ def test_optim_muon_one_step_by_hand():
 def test_optim_muon_batched_equals_one_matrix_at_a_time(monkeypatch, batch_numel):
     """Muon orthogonalises same-shape matrices in one batched call. Guards: rows of the
     stack applied to the wrong parameter, one Frobenius norm for the whole stack instead
-    of one per matrix, the aspect-ratio scale of one shape used for another. batch_numel=100:
+    of one per matrix, the aspect-ratio scale of one shape used for another (a tall matrix
+    and its wide transpose share a bucket and need different scales). batch_numel=100:
     batches capped at 2 matrices of 48 elements, so a bucket of 3 is cut in two calls."""
     monkeypatch.setattr(train, "MUON_BATCH_NUMEL", batch_numel)
-    shapes = [(8, 6), (12, 4), (8, 6), (3, 5, 7), (8, 6), (12, 4)]
+    # (6, 8) and (4, 12) share the buckets of their transposes (8, 6) and (12, 4)
+    shapes = [(8, 6), (12, 4), (6, 8), (3, 5, 7), (8, 6), (4, 12), (12, 4), (3, 7, 5)]
     together = _optim_params(6, shapes)
     alone = _optim_params(6, shapes)
-    scales = [0.5, 1.0, 3.0, 1.0, 0.01, 2.0]  # very different norms within one bucket
+    scales = [0.5, 1.0, 3.0, 1.0, 0.01, 2.0, 0.3, 5.0]  # very different norms within one bucket
     for step in range(2):
         _optim_set_grads(together, 40 + step)
         _optim_set_grads(alone, 40 + step)
