@@ -1948,6 +1948,54 @@ def test_optim_muon_batched_equals_one_matrix_at_a_time(monkeypatch, batch_numel
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6)
 
 
+def _optim_muon_compiled_run(compiled, monkeypatch, steps=3):
+    """Two groups (one with cautious decay), tall + wide + 3-D shapes; lr and momentum
+    change every step, as the schedules do."""
+    params = _optim_params(7, [(8, 6), (6, 8), (12, 4), (3, 5, 7), (8, 6)])
+    opt = Muon([dict(params=params[:3]), dict(params=params[3:], weight_decay=0.1, cautious=True)],
+               lr=0.02, momentum=0.9, compiled=compiled)
+    for s in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 0.02 * (1.0 - 0.3 * s)
+            group["momentum"] = 0.85 + 0.05 * s
+        _optim_set_grads(params, 60 + s)
+        opt.step()
+        if s == 0 and compiled:
+            # from now on a recompile (e.g. lr baked in as a constant) raises
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    return params, opt
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's imports
+def test_optim_muon_compiled_equals_eager(monkeypatch, capsys):
+    """Muon runs its single-process step through torch.compile when the trainer compiles:
+    same weights as eager (float32), and the changing lr and momentum are inputs of the
+    compiled graph, not constants (the 2nd and 3rd steps would recompile, which raises)."""
+    torch._dynamo.reset()
+    eager, _ = _optim_muon_compiled_run(False, monkeypatch)
+    compiled, opt = _optim_muon_compiled_run(True, monkeypatch)
+    assert opt._compiled_step is not None and "warning" not in capsys.readouterr().err
+    for p, q in zip(compiled, eager):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_optim_muon_compile_failure_falls_back_to_eager(monkeypatch, capsys):
+    """A machine where torch.compile cannot work (no C++ compiler): one warning, then the
+    eager step, with the same result."""
+    def broken_compile(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return call
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager, _ = _optim_muon_compiled_run(False, monkeypatch)
+    fallen, opt = _optim_muon_compiled_run(True, monkeypatch)
+    assert opt._compiled_step is None and not opt.compiled
+    assert capsys.readouterr().err.count("warning: torch.compile of Muon's step failed") == 1
+    for p, q in zip(fallen, eager):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+
 def test_optim_muon_rejects_vectors():
     with pytest.raises(ValueError, match="AdamW"):
         Muon([torch.nn.Parameter(torch.zeros(4))])
