@@ -804,20 +804,19 @@ class Muon(torch.optim.Optimizer):
             if world > 1:
                 self._step_distributed(buckets, grads, bufs, scales, lr, mu, rank, world, **static)
                 continue
-            if self.compiled and self._compiled_step is None:
-                self._compiled_step = torch.compile(muon_step, dynamic=False, fullgraph=True)
-            if self._compiled_step is not None:
+            if self.compiled:
                 try:
+                    if self._compiled_step is None:
+                        self._compiled_step = torch.compile(muon_step, dynamic=False, fullgraph=True)
                     self._compiled_step(buckets, grads, bufs, scales, lr, mu, **static)
+                    self._compiled_ok = True
                     continue
-                except Exception as e:  # compilation fails before anything is written
-                    if self._compiled_ok:
+                except Exception as e:  # compiling fails before anything is written
+                    if self._compiled_ok:  # it ran before: a real error, not the compiler
                         raise
                     print(f"warning: torch.compile of Muon's step failed ({type(e).__name__}); "
                           f"running it eagerly", file=sys.stderr)
                     self._compiled_step, self.compiled = None, False
-                finally:
-                    self._compiled_ok = self._compiled_step is not None
             muon_step(buckets, grads, bufs, scales, lr, mu, **static)
         return loss
 
@@ -895,7 +894,7 @@ def muon_step(buckets, grads, bufs, scales, lr, mu, *, weight_decay, cautious, n
     bucket's updates in memory at a time). Plain tensor code with no data-dependent
     branches, so that torch.compile can turn it into one graph: the momentum lerps, the
     stacking, the norms and the final update fuse into a few kernels around the
-    batched matmuls of Newton-Schulz (4 x 128 model, bf16: 6.2 ms against 8.9 ms eager
+    batched matmuls of Newton-Schulz (4 x 128 model, bf16: 5.9 ms against 7.9 ms eager
     per step here). lr, mu: 0-d tensors."""
     for plist, glist, blist, slist in zip(buckets, grads, bufs, scales):
         directions = [_wide(u) for u in muon_directions(glist, blist, mu, nesterov)]
