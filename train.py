@@ -33,6 +33,7 @@ Sections:
 """
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -333,6 +334,33 @@ def measure_peak_flops(device, dtype):
     return 2 * n ** 3 / seconds  # a matmul of (n, n) @ (n, n) is n^3 multiply-adds
 
 
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the
+    kernel, so that a CPU training step stops paying page faults for its own tensors.
+
+    Why: PyTorch on CPU allocates every tensor with malloc. glibc serves blocks of 128 KB
+    and more with a fresh mmap (adaptively raised, but not past the sizes a step keeps
+    churning) and trims the top of the heap when it frees; the next step then touches new
+    pages, and the kernel zero-fills each one on a page fault. At 4 x 128 (nanoGPT's CPU
+    size) that was ~1M page faults per 200 steps and a quarter of the step time. Below
+    32 MB (glibc's ceiling) blocks now come from the heap, the heap is never trimmed and
+    grows 64 MB at a time: 200 steps fault 0.24M times, and a step takes 25 ms instead of
+    31 (measured with the same settings passed as MALLOC_*_ environment variables). The
+    cost is that the process keeps its peak heap size, which a training loop reaches every
+    step anyway. Linux with glibc only; elsewhere nothing happens (returns False)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl) or none found
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # from glibc's malloc.h
+    ok = mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30)  # mallopt takes an int: 1 GB stands for "never"
+    ok &= mallopt(M_TOP_PAD, 64 << 20)
+    return bool(ok)
+
+
 def setup_runtime(cfg):
     """Start DDP if torchrun launched us, pick the device, precision and compile."""
     rank, local_rank, world_size = 0, 0, 1
@@ -343,6 +371,8 @@ def setup_runtime(cfg):
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
