@@ -149,7 +149,7 @@ class TrainConfig:
     # --- system ---
     device: str = "auto"                   # "auto" (cuda > mps > cpu) | "cpu" | "cuda" | "cuda:1" | "mps"
     dtype: str = "auto"                    # "auto" | "float32" | "bfloat16" | "float16" (+GradScaler)
-    compile: str = "auto"                  # torch.compile: "auto" (on for CUDA and CPU) | "true" | "false"
+    compile: str = "auto"                  # torch.compile the model and Muon's step: "auto" (on for CUDA and CPU) | "true" | "false"
     threads: int = 0                       # CPU threads per process (0 = all cores / ranks per node)
     bench: bool = False                    # only time bench_steps steps: tok/s, MFU, ms per phase
     bench_steps: int = 10                  # timed steps in --bench mode (after 3 warm-up steps)
