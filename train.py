@@ -339,24 +339,26 @@ def keep_freed_memory():
     kernel, so that a CPU training step stops paying page faults for its own tensors.
 
     Why: PyTorch on CPU allocates every tensor with malloc. glibc serves blocks of 128 KB
-    and more with a fresh mmap (adaptively raised, but not past the sizes a step keeps
-    churning) and trims the top of the heap when it frees; the next step then touches new
-    pages, and the kernel zero-fills each one on a page fault. At 4 x 128 (nanoGPT's CPU
-    size) that was ~3,500 page faults per step and a fifth of the step time. Below 32 MB
-    (glibc's ceiling) blocks now come from the heap, the heap is never trimmed and grows
-    64 MB at a time: about one fault per step once running, and 25.4 ms per step instead of
-    31.4 (a 200-step --bench, back to back; 945k -> 254k faults for the whole run, compile
-    included). The cost is that the process keeps its peak heap size, which a training
-    loop reaches every step anyway. Linux with glibc only; elsewhere nothing happens
-    (returns False)."""
+    and more (adaptively raised, up to 32 MB) with a fresh mmap and unmaps them when they
+    are freed, and it trims the top of the heap; the next step then touches new pages, and
+    the kernel zero-fills each one on a page fault. At 4 x 128 (nanoGPT's CPU size) that
+    was ~3,500 page faults per step and a fifth of the step time; the default model's
+    64 MB logits alone are 16k faults per step. Now no block is mmap-ed (every tensor
+    comes from the heap, where freed blocks are reused), the heap is never trimmed and
+    grows 64 MB at a time. Measured with --bench, back to back: at 4 x 128 about one
+    fault per step once running and 31.4 -> 25.4 ms per step (with the mmap threshold
+    at 32 MB), then 1-3% more with mmap off altogether; the default model 283 -> 263 ms
+    per step (with mmap off; medians of 3 alternating runs). The cost is that the process
+    keeps its peak heap size, which a training loop reaches every step anyway. Linux with
+    glibc only; elsewhere nothing happens (returns False)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # another C library (musl) or none found
         return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # from glibc's malloc.h
-    ok = mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # from glibc's malloc.h
+    ok = mallopt(M_MMAP_MAX, 0)               # never serve a block with its own mmap
     ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30)  # mallopt takes an int: 1 GB stands for "never"
     ok &= mallopt(M_TOP_PAD, 64 << 20)
     return bool(ok)
