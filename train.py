@@ -7,7 +7,7 @@ trains it with Muon (hidden matrices) + AdamW (everything else), evaluates bits
 per byte on a fixed validation set, and writes checkpoints that sample.py loads.
 
 Run it:
-    python prepare.py && python train.py           # CPU quick start (~7.5 min, Python-ish samples)
+    python prepare.py && python train.py           # CPU quick start (~6.5 min, Python-ish samples)
     python train.py --n_layer=6 --n_embd=384 --max_steps=5000    # any setting: --key=value
     python train.py --resume=True                  # continue out/last.pt exactly where it stopped
     python train.py --init_from=out/best.pt --data_dir=data/custom --matrix_lr=0.005   # fine-tune
