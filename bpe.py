@@ -1267,7 +1267,7 @@ def bench(settings):
             tok.encode_ordinary(d)
 
     def ours_multi():
-        tok._cache.clear()  # cold here too (forked workers would inherit a warm cache)
+        tok._cache.clear()  # cold here too (this process works too, and forked workers inherit its cache)
         tok.encode_batch(docs, num_proc=cores)
 
     def ours_multi_warm():  # the workers inherit the cache that ours_warm left full (fork)

@@ -393,10 +393,10 @@ def setup_runtime(cfg):
         if bool(flag.item()) != (dtype == torch.bfloat16):
             dtype, reason = (torch.bfloat16 if flag.item() else torch.float32), "rank 0's choice"
     # torch.compile fuses the many small elementwise ops (norms, RoPE, relu^2, softcap)
-    # that dominate a small model's step on CPU. Measured on an idle 2-core CPU with the
+    # that dominate a small model's step on CPU. Measured on the 2-core dev CPU with the
     # default model (python train.py --bench=True, with and without --compile=false):
-    # 346.6 vs 620.0 ms per step, 1.79x, for a one-off compile of ~10 s (warm cache) to
-    # ~2 min (cold cache); the README's quick start includes a cold compile.
+    # 256.8 vs 420.9 ms per step, 1.64x, for a one-off compile of ~10 s (warm cache) to
+    # ~40 s (cold cache); the README's quick start includes a cold compile.
     compile_on = cfg.compile == "true" or (cfg.compile == "auto" and device.type in ("cuda", "cpu"))
     return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
                    dtype=dtype, dtype_reason=reason, scaler=scaler,
