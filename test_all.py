@@ -1798,12 +1798,93 @@ def test_optim_adamw_matches_torch(weight_decay):
     assert not torch.equal(ours[0], _optim_params(0, shapes)[0])  # it did move
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's imports
+def test_optim_adamw_compiled_matches_torch(monkeypatch, capsys):
+    """The compiled update (the trainer's default) == torch.optim.AdamW too: two groups,
+    one with cautious decay (compared with our eager step), lr changed every step. lr and
+    the bias corrections are inputs of the compiled graph, not constants: from the 2nd
+    step on a recompile raises."""
+    torch._dynamo.reset()
+    shapes = [(5, 7), (7,), (3, 2, 4)]
+    compiled, ref, eager = (_optim_params(0, shapes) for _ in range(3))
+    for ps in (compiled, ref, eager):
+        ps[1].grad_scale = 1e-7
+
+    def groups(ps, cls, cautious=None, **kw):
+        extra = {} if cautious is None else {"cautious": cautious}
+        return cls([dict(params=ps[:2], lr=1e-2, base_lr=1e-2, weight_decay=0.1, **extra),
+                    dict(params=ps[2:], lr=3e-3, base_lr=3e-3, weight_decay=0.0)],
+                   betas=(0.9, 0.95), eps=1e-8, **kw)
+
+    sched = lambda s: 1.0 - 0.1 * s
+    opt = _optim_run(lambda ps: groups(ps, AdamW, compiled=True), compiled, steps=1, lrs=sched)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    for s in range(1, 5):
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * sched(s)
+        _optim_set_grads(compiled, 1000 + s)
+        opt.step()
+    assert opt._update.compiled_fn is not None and "warning" not in capsys.readouterr().err
+    _optim_run(lambda ps: groups(ps, torch.optim.AdamW, foreach=False), ref, steps=5, lrs=sched)
+    for a, b in zip(compiled, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # cautious decay, compiled vs eager (torch has no cautious decay)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
+    compiled, eager = _optim_params(0, shapes), _optim_params(0, shapes)
+    _optim_run(lambda ps: groups(ps, AdamW, cautious=True, compiled=True), compiled, steps=3, lrs=sched)
+    _optim_run(lambda ps: groups(ps, AdamW, cautious=True), eager, steps=3, lrs=sched)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+
+
+def test_optim_adamw_compile_failure_falls_back_to_eager(monkeypatch, capsys):
+    """No working torch.compile: one warning, then the eager update, same result."""
+    def broken_compile(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return call
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    shapes = [(5, 7), (7,)]
+    fallen, eager = _optim_params(0, shapes), _optim_params(0, shapes)
+    opt = _optim_run(lambda ps: AdamW(ps, lr=1e-2, compiled=True), fallen, steps=3)
+    _optim_run(lambda ps: AdamW(ps, lr=1e-2), eager, steps=3)
+    assert opt._update.compiled_fn is None and not opt._update.enabled
+    assert capsys.readouterr().err.count("warning: torch.compile of AdamW's step failed") == 1
+    for a, b in zip(fallen, eager):
+        assert torch.equal(a, b)
+
+
 def test_optim_adamw_first_step_is_sign_descent():
     """Hand check (docstring example): step 1 with wd=0 moves each weight by ~lr*sign(g)."""
     p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
     p.grad = torch.tensor([0.5, -2.0])
     AdamW([p], lr=0.1).step()
     torch.testing.assert_close(p.detach(), torch.tensor([0.9, 1.1]))
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])  # well below / far above max_norm
+def test_optim_clip_grad_norm_matches_torch(scale):
+    """train.clip_grad_norm == torch.nn.utils.clip_grad_norm_, bitwise, whether or not it
+    clips (it skips the multiply when the norm is below max_norm), and it returns the norm
+    before clipping. A param without a grad is ignored; max_norm=0 only measures."""
+    shapes = [(5, 7), (7,), (3, 2, 4)]
+    ours, ref = _optim_params(0, shapes), _optim_params(0, shapes)
+    for ps in (ours, ref):
+        _optim_set_grads(ps[:2], 5)
+        for p in ps[:2]:
+            p.grad.mul_(scale)
+    norm = train.clip_grad_norm(ours, max_norm=1.0)
+    expected = torch.nn.utils.clip_grad_norm_(ref[:2], max_norm=1.0).item()
+    assert norm == expected and ours[2].grad is None
+    assert (norm > 1.0) == (scale > 1.0)
+    for a, b in zip(ours[:2], ref[:2]):
+        assert torch.equal(a.grad, b.grad)
+    clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours[:2]])).item()
+    assert clipped == pytest.approx(min(norm, 1.0), rel=1e-5)
+    before = [p.grad.clone() for p in ours[:2]]
+    assert train.clip_grad_norm(ours, max_norm=0.0) == pytest.approx(min(norm, 1.0), rel=1e-5)
+    assert all(torch.equal(p.grad, b) for p, b in zip(ours[:2], before))
 
 
 def test_optim_cautious_decay_only_where_signs_agree():
@@ -1975,7 +2056,7 @@ def test_optim_muon_compiled_equals_eager(monkeypatch, capsys):
     torch._dynamo.reset()
     eager, _ = _optim_muon_compiled_run(False, monkeypatch)
     compiled, opt = _optim_muon_compiled_run(True, monkeypatch)
-    assert opt._compiled_step is not None and "warning" not in capsys.readouterr().err
+    assert opt._update.compiled_fn is not None and "warning" not in capsys.readouterr().err
     for p, q in zip(compiled, eager):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
@@ -1991,7 +2072,7 @@ def test_optim_muon_compile_failure_falls_back_to_eager(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", broken_compile)
     eager, _ = _optim_muon_compiled_run(False, monkeypatch)
     fallen, opt = _optim_muon_compiled_run(True, monkeypatch)
-    assert opt._compiled_step is None and not opt.compiled
+    assert opt._update.compiled_fn is None and not opt._update.enabled
     assert capsys.readouterr().err.count("warning: torch.compile of Muon's step failed") == 1
     for p, q in zip(fallen, eager):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
