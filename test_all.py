@@ -2367,6 +2367,28 @@ def test_train_batches_depend_only_on_seed_step_index(_train_data):
     assert (x[:, 0] == bos).all()  # every packed row starts at a document start
 
 
+def test_train_random_windows_stay_inside_one_shard():
+    """Random mode over several shards (one too short for a window): every row is T+1
+    consecutive tokens of a single shard, every long enough shard is used, the short one
+    never, and windows reach the very last valid start of a shard."""
+    lengths = [50, 9, 200, 17]      # T + 1 = 17: shard 1 has no window, shard 3 exactly one
+    shards = [types.SimpleNamespace(tokens=np.arange(n, dtype=np.uint16) + 1000 * i)
+              for i, n in enumerate(lengths)]
+    source = train.BatchSource(shards, "random", seed=5)
+    seen, starts = set(), set()
+    for step in range(300):
+        x, y = source.get(step, 0, 8, 16)
+        rows = np.concatenate([x, y[:, -1:]], axis=1)             # (B, T+1) as read
+        assert (np.diff(rows, axis=1) == 1).all()                 # consecutive tokens ...
+        seen |= set((rows[:, 0] // 1000).tolist())                # ... of one shard each
+        assert ((rows[:, -1] // 1000) == (rows[:, 0] // 1000)).all()
+        starts |= set(rows[:, 0].tolist())
+    assert seen == {0, 2, 3}
+    assert {33, 2183, 3000} <= starts  # the last starts of shards 0 and 2, shard 3's only one
+    with pytest.raises(bpe.UserError, match="fewer than 201 tokens"):
+        source.get(0, 0, 2, 200)
+
+
 def test_train_bits_per_byte_matches_hand_count(_train_data, tmp_path):
     # bpb = nats / (ln 2 * bytes of the target tokens): recompute the bytes by decoding
     cfg = _train_cfg(_train_data, tmp_path)
