@@ -2323,7 +2323,13 @@ def churn():  # what a training step does: allocate, fill, free, many sizes
 churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 churn()
-print(mapped, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+small = [libc.malloc(48) for _ in range(64)]  # more than the per-thread cache keeps (7)
+for block in small:
+    libc.free(block)
+print(mapped, faults, mallinfo2().smblks)     # smblks: free blocks waiting in fastbins
 """
 
 
@@ -2332,18 +2338,20 @@ print(mapped, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_train_keep_freed_memory_stops_page_faults():
     """train.py tunes glibc's malloc on CPU (keep_freed_memory), checked in fresh processes.
     The mechanism: a new 48 MB tensor is its own mmap without it (given back to the kernel
-    when freed) and comes from the heap with it. The effect: after a warm-up, a second
+    when freed) and comes from the heap with it; freed small blocks wait in fastbins
+    without it and are merged at once with it. The effect: after a warm-up, a second
     round of the same allocations (16k pages) hardly page-faults with it. (Without it,
     that count depends on the heap's layout: 0, 6.5k or 78k here, so it is not asserted.)"""
     def run(mode):
         r = subprocess.run([sys.executable, "-c", _TRAIN_MALLOC_SCRIPT, mode, _TRAIN_REPO],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        return [int(x) for x in r.stdout.split()[-2:]]
-    mapped_off, _ = run("off")
-    mapped_on, faults_on = run("on")
+        return [int(x) for x in r.stdout.split()[-3:]]
+    mapped_off, _, fastbins_off = run("off")
+    mapped_on, faults_on, fastbins_on = run("on")
     # one round touches 16k pages; a few hundred faults come from Python and torch themselves
     assert mapped_off >= 48 << 20 and mapped_on == 0 and faults_on < 2000, (mapped_off, mapped_on, faults_on)
+    assert fastbins_off > 0 and fastbins_on == 0, (fastbins_off, fastbins_on)
 
 
 # -----------------------------------------------------------------------------
