@@ -402,8 +402,8 @@ def setup_runtime(cfg):
     # torch.compile fuses the many small elementwise ops (norms, RoPE, relu^2, softcap)
     # that dominate a small model's step on CPU. Measured on the 2-core dev CPU with the
     # default model (python train.py --bench=True, with and without --compile=false):
-    # 256.8 vs 420.9 ms per step, 1.64x, for a one-off compile of ~10 s (warm cache) to
-    # ~40 s (cold cache); the README's quick start includes a cold compile.
+    # 243.1 vs 387.3 ms per step, 1.59x, for a one-off compile of ~10 s (warm cache) to
+    # ~45 s (cold cache); the README's quick start includes a cold compile.
     compile_on = cfg.compile == "true" or (cfg.compile == "auto" and device.type in ("cuda", "cpu"))
     # On CPU, inductor's cpp_wrapper calls the compiled kernels from generated C++ instead
     # of generated Python: a small model's step launches ~150 kernels, and a Python call
