@@ -666,9 +666,10 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        todo = collections.defaultdict(list)  # adamw_update's per-param lists, all groups
+        # one entry per param that has a grad, all groups: adamw_update's arguments
+        params, grads, exp_avgs, exp_avg_sqs, numbers, settings = [], [], [], [], [], []
         for group in self.param_groups:
-            lr, (beta1, beta2) = group["lr"], group["betas"]
+            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -681,40 +682,40 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = state["step"]
-                numbers = {"lr": lr, "bias1": 1.0 - beta1 ** t, "bias2_sqrt": (1.0 - beta2 ** t) ** 0.5}
+                # the numbers that change from step to step: lr and the bias corrections
+                step_numbers = (group["lr"], 1.0 - beta1 ** t, (1.0 - beta2 ** t) ** 0.5)
                 if self._update.enabled:
                     # inputs of the compiled code, not constants (a new value would recompile)
-                    numbers = {k: torch.tensor(x, dtype=torch.float32, device=p.device)
-                               for k, x in numbers.items()}
-                for k, x in numbers.items():
-                    todo[k].append(x)
-                for k, x in (("params", p), ("grads", p.grad), ("exp_avgs", state["exp_avg"]),
-                             ("exp_avg_sqs", state["exp_avg_sq"]), ("betas", (beta1, beta2)),
-                             ("eps", group["eps"]), ("weight_decays", group["weight_decay"]),
-                             ("cautious", group["cautious"])):
-                    todo[k].append(x)
-        if todo:
-            self._update(**todo)
+                    step_numbers = tuple(torch.tensor(x, dtype=torch.float32, device=p.device)
+                                         for x in step_numbers)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                numbers.append(step_numbers)
+                settings.append((beta1, beta2, group["eps"], group["weight_decay"], group["cautious"]))
+        if params:
+            self._update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings)
         return loss
 
 
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, lr, bias1, bias2_sqrt, betas, eps,
-                 weight_decays, cautious):
-    """The AdamW update of every param, in place (lists with one entry per param; lr and
-    the bias corrections are floats, or 0-d tensors when compiled). Plain tensor code
-    without data-dependent branches, so that torch.compile fuses each param's update
-    into one kernel. The operation order is torch.optim.AdamW's (eps added after
-    dividing sqrt(v) by sqrt(1 - beta2^t)), so results agree to float32 rounding."""
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        beta1, beta2 = betas[i]
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings):
+    """The AdamW update of every param, in place. One entry per param in every list:
+    numbers[i] = (lr, 1 - beta1^t, sqrt(1 - beta2^t)), floats or (compiled) 0-d tensors;
+    settings[i] = (beta1, beta2, eps, weight_decay, cautious), constants of the run.
+    Plain tensor code without data-dependent branches, so that torch.compile fuses each
+    param's update into one kernel. The operation order is torch.optim.AdamW's (eps
+    added after dividing sqrt(v) by sqrt(1 - beta2^t)): results agree to float32 rounding."""
+    for p, g, m, v, (lr, bias1, bias2_sqrt), (beta1, beta2, eps, weight_decay, cautious) in zip(
+            params, grads, exp_avgs, exp_avg_sqs, numbers, settings):
         m.lerp_(g, 1.0 - beta1)                                   # m = b1 m + (1-b1) g
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)           # v = b2 v + (1-b2) g^2
-        denom = (v.sqrt() / bias2_sqrt[i]).add_(eps[i])           # sqrt(v_hat) + eps
-        if cautious[i] and weight_decays[i] != 0.0:
-            _decay_(p, m / denom, lr[i], weight_decays[i], cautious=True)
+        denom = (v.sqrt() / bias2_sqrt).add_(eps)                 # sqrt(v_hat) + eps
+        if cautious and weight_decay != 0.0:
+            _decay_(p, m / denom, lr, weight_decay, cautious=True)
         else:
-            _decay_(p, None, lr[i], weight_decays[i], cautious=False)
-        p.sub_(m / denom * (lr[i] / bias1[i]))                    # p -= lr m_hat / denom
+            _decay_(p, None, lr, weight_decay, cautious=False)
+        p.sub_(m / denom * (lr / bias1))                          # p -= lr m_hat / denom
 
 
 # 4.2 Muon: orthogonalised momentum for hidden matrices
