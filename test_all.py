@@ -2582,6 +2582,10 @@ cfg = bpe.parse_settings(train.TrainConfig, sys.argv[1:])
 res = train.train(cfg)
 biases = {{n: b for n, b in res.model.named_buffers() if n.endswith("expert_bias")}}
 torch.save(biases, os.path.join(cfg.out_dir, "bias%s.pt" % os.environ.get("RANK", "0")))
+# the teardown of train.main(): without it a gloo rank could exit while the other still
+# used the connection, and abort ("terminate called without an active exception")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 
