@@ -1806,8 +1806,8 @@ def test_optim_adamw_compiled_matches_torch(monkeypatch, capsys):
     step on a recompile raises."""
     torch._dynamo.reset()
     shapes = [(5, 7), (7,), (3, 2, 4)]
-    compiled, ref, eager = (_optim_params(0, shapes) for _ in range(3))
-    for ps in (compiled, ref, eager):
+    compiled, ref = _optim_params(0, shapes), _optim_params(0, shapes)
+    for ps in (compiled, ref):
         ps[1].grad_scale = 1e-7
 
     def groups(ps, cls, cautious=None, **kw):
@@ -1838,13 +1838,16 @@ def test_optim_adamw_compiled_matches_torch(monkeypatch, capsys):
     torch._dynamo.reset()
 
 
+def _broken_compile(fn, **kwargs):
+    """torch.compile on a machine without a C++ compiler: it fails at the first call."""
+    def call(*args, **kw):
+        raise RuntimeError("no C++ compiler")
+    return call
+
+
 def test_optim_adamw_compile_failure_falls_back_to_eager(monkeypatch, capsys):
     """No working torch.compile: one warning, then the eager update, same result."""
-    def broken_compile(fn, **kwargs):
-        def call(*args, **kw):
-            raise RuntimeError("no C++ compiler")
-        return call
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     shapes = [(5, 7), (7,)]
     fallen, eager = _optim_params(0, shapes), _optim_params(0, shapes)
     opt = _optim_run(lambda ps: AdamW(ps, lr=1e-2, compiled=True), fallen, steps=3)
@@ -2065,11 +2068,7 @@ def test_optim_muon_compiled_equals_eager(monkeypatch, capsys):
 def test_optim_muon_compile_failure_falls_back_to_eager(monkeypatch, capsys):
     """A machine where torch.compile cannot work (no C++ compiler): one warning, then the
     eager step, with the same result."""
-    def broken_compile(fn, **kwargs):
-        def call(*args, **kw):
-            raise RuntimeError("no C++ compiler")
-        return call
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", _broken_compile)
     eager, _ = _optim_muon_compiled_run(False, monkeypatch)
     fallen, opt = _optim_muon_compiled_run(True, monkeypatch)
     assert opt._update.compiled_fn is None and not opt._update.enabled
