@@ -269,6 +269,33 @@ def atomic_write_bytes(path, data):
     atomic_write(path, lambda f: f.write(data))
 
 
+def remove_stale_temp_files(folder):
+    """Delete the temp files that atomic_write left in folder when its process was killed (kill -9,
+    power loss: no `finally` ran). They are named .NAME.tmpPID; a file is removed only when
+    process PID no longer exists, so a save in progress in another process is never touched.
+    POSIX only (elsewhere there is no safe way to ask whether a pid lives). Returns the names."""
+    removed = []
+    if os.name != "posix" or not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        m = re.fullmatch(r"\..+\.tmp(\d+)", name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)        # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):  # alive under another user / not a pid
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 # -----------------------------------------------------------------------------
 # 3. Pre-tokenization: text -> chunks -> chunk counts (serial and parallel)
 #
@@ -1336,16 +1363,21 @@ class SettingsError(UserError):
 
 
 def _field_comments(cls):
-    """Map field name -> its trailing '# comment' in the class source ('' if none)."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # no source available (frozen app, REPL)
-        return {}
+    """Map field name -> its trailing '# comment' in the class source ('' if none). A settings
+    class may extend another (train.py's TrainConfig extends model.py's GPTConfig): the base
+    classes are read first, so a field redefined in the subclass takes the subclass's comment."""
     comments = {}
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:\s*[^=]+=.*?#\s?(.*)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2).strip()
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source available (frozen app, REPL)
+            continue
+        for line in source.splitlines():
+            m = re.match(r"\s+(\w+)\s*:\s*[^=]+=.*?#\s?(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2).strip()
     return comments
 
 

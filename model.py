@@ -23,24 +23,26 @@ Every modern choice is a switch in GPTConfig, so a reader can turn it off and se
   - a KV cache: preallocated, prefill + one-token decode, branching one prompt into N samples
   - accounting: parameters per component, FLOPs per token, KV-cache bytes per token, and the
     optimizer parameter groups (Muon for hidden matrices, AdamW for the rest)
+  - the runtime that train.py and sample.py share: device, precision, compile, threads and
+    determinism decided once (the model gets the hardware choices as a Kernels setting), and the
+    one checkpoint format (atomic save with a checksum; verified load)
 
 Run it:
   python model.py                                  # default architecture: table + one fwd/bwd
   python model.py --n_layer=12 --n_embd=768 --n_head=6 --n_kv_head=2 --block_size=1024
   python model.py --n_experts=8 --top_k=2 --moe_hidden=256      # MoE: total vs active params
-  python model.py --bench=True                     # time SDPA vs hand-written attention, and
-                                                   # cached decoding vs recomputing everything
+  python model.py --bench=True                     # time SDPA vs hand-written attention
   python model.py --help                           # every GPTConfig field with its meaning
 
 Use it (train.py and sample.py do this):
-  model = GPT(GPTConfig(n_layer=4))
+  model = GPT(GPTConfig(n_layer=4))                # or GPT(config, rt.kernels) for a Runtime rt
   loss, aux = model(idx, targets)                  # aux: unweighted auxiliary losses ("mtp", ...)
   logits = model(idx)                              # (B, T, vocab_size) float32
   cache = model.make_cache(batch_size=1, max_len=512)
   logits = model(prompt, cache=cache)              # prefill; then one token at a time
 
 Sections:
-  1. Configuration (GPTConfig)
+  1. Configuration (GPTConfig: what the model computes; Kernels: how, on this hardware)
   2. RMSNorm
   3. Rotary position embeddings (RoPE, linear interpolation, YaRN)
   4. Attention masks (causal, sliding window, global prefix, documents)
@@ -51,16 +53,25 @@ Sections:
   9. KV cache
  10. The GPT model (init, forward, loss, multi-token prediction)
  11. Accounting (parameters, FLOPs, KV bytes) and optimizer groups
- 12. main: print the architecture, run a forward/backward, optional benchmark
+ 12. Runtime: device, precision, compile, threads, determinism (decided once)
+ 13. Checkpoints: the file format, atomic save with a checksum, verified load
+ 14. main: print the architecture, run a forward/backward, optional benchmark
 """
 import contextlib
+import ctypes
 import dataclasses
+import datetime
+import errno
+import hashlib
 import math
+import os
+import shutil
 import sys
 import time
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -189,6 +200,18 @@ class GPTConfig:
     @property
     def n_moe_layers(self):
         return sum(self.is_moe_layer(i) for i in range(self.n_layer))
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """HOW the model computes, where GPTConfig says WHAT it computes. These are decisions about
+    the hardware, made once by the Runtime (section 12) and handed to GPT(config, kernels); the
+    model never looks at a tensor's device to decide. Every choice gives the same function (up
+    to float rounding), so they are never saved in checkpoints: the same weights run anywhere.
+    The defaults are the plain forms, the ones the parity tests read."""
+    sdpa_fp32: bool = False        # run SDPA in float32 inside bf16 autocast (CPU: its bf16 attention kernels are slow)
+    softcap_sigmoid: bool = False  # write cap*tanh(x/cap) as 2*cap*sigmoid(2x/cap) - cap (inductor's CPU tanh is slow)
+    moe_padded: bool = False       # MoE experts as padded batched matmuls when a capacity fixes the shapes (CUDA: static shapes)
 
 # -----------------------------------------------------------------------------
 # 2. RMSNorm
@@ -328,19 +351,19 @@ class AttnLayout(NamedTuple):
 # of x), then the columns are split.
 
 
-def tanh_softcap(x, cap):
+def tanh_softcap(x, cap, sigmoid=False):
     """cap * tanh(x / cap): close to x for |x| << cap, smoothly bounded by +-cap (Gemma 2's soft cap).
 
-    Under torch.compile the same function is written as 2 cap sigmoid(2 x / cap) - cap, which is
-    equal (tanh(z) = 2 sigmoid(2z) - 1): inductor's CPU code for tanh is slow, and the softcapped
-    cross-entropy over (768, 1024) logits took 3.3 ms forward + backward with tanh against 1.4 ms
-    with sigmoid (measured here; eager, tanh is the faster one: 2.1 vs 3.4 ms)."""
-    if torch.compiler.is_compiling():
+    sigmoid=True (Kernels.softcap_sigmoid) writes the same function as 2 cap sigmoid(2 x / cap) - cap,
+    using tanh(z) = 2 sigmoid(2z) - 1: the code inductor generates for tanh on CPU is slow, for
+    sigmoid it is not (README, performance notes). Eager PyTorch is faster with tanh itself.
+    test_model_softcap_forms_agree checks that both forms give the same numbers."""
+    if sigmoid:
         return (2.0 * cap) * torch.sigmoid(x * (2.0 / cap)) - cap
     return cap * torch.tanh(x / cap)
 
 
-def manual_attention(q, k, v, mask=None, softcap=0.0):
+def manual_attention(q, k, v, mask=None, softcap=0.0, softcap_sigmoid=False):
     """The hand-written path. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); mask: bool, broadcastable
     to (B, H, Tq, Tk), True = visible (None = all visible). Returns (B, H, Tq, D)."""
     group = q.size(1) // k.size(1)
@@ -349,7 +372,7 @@ def manual_attention(q, k, v, mask=None, softcap=0.0):
     scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, Tq, Tk)
     if softcap > 0:
         # Gemma 2's softcap: scores stay in (-cap, cap), smoothly, so no single logit can blow up.
-        scores = tanh_softcap(scores, softcap)
+        scores = tanh_softcap(scores, softcap, softcap_sigmoid)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.softmax(scores.float(), dim=-1).type_as(v)
@@ -357,8 +380,9 @@ def manual_attention(q, k, v, mask=None, softcap=0.0):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, kernels=Kernels()):
         super().__init__()
+        self.kernels = kernels
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=False)
@@ -389,7 +413,7 @@ class CausalSelfAttention(nn.Module):
             mask = layout.mask
             if layout.is_causal:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            y = manual_attention(q, k, v, mask, self.softcap)
+            y = manual_attention(q, k, v, mask, self.softcap, self.kernels.softcap_sigmoid)
         else:
             gqa = H != Hkv
             if gqa and layout.mask is not None:
@@ -398,14 +422,14 @@ class CausalSelfAttention(nn.Module):
                 # Repeating the kv heads (one copy of K and V) lets the masked kernels run.
                 k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
                 gqa = False
-            dtype, cpu_bf16 = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
-            if cpu_bf16:
-                # The CPU flash kernel's bf16 backward is slow: at 12 x 4 heads x 64 x 32,
-                # forward + backward took 4.5 ms in bf16 and 1.0 ms cast to float32 (measured
-                # here, torch 2.13). Attention is a small share of the FLOPs, so it runs in
-                # float32 (autocast would cast the inputs back to bf16: switched off around it).
+            dtype, upcast = q.dtype, self.kernels.sdpa_fp32 and q.dtype != torch.float32
+            if upcast:
+                # Kernels.sdpa_fp32 (the CPU with bf16 autocast): PyTorch's CPU flash kernel is
+                # much slower backward in bf16 than in float32, and attention is a small share
+                # of the FLOPs, so it runs in float32 (autocast would cast the inputs back to
+                # bf16: it is switched off around the call).
                 q, k, v = q.float(), k.float(), v.float()
-            with torch.autocast("cpu", enabled=False) if cpu_bf16 else contextlib.nullcontext():
+            with torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext():
                 y = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=None if layout.is_causal else layout.mask,
                     is_causal=layout.is_causal, enable_gqa=gqa).to(dtype)
@@ -517,8 +541,9 @@ class MoE(nn.Module):
     "unused" (no find_unused_parameters needed).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, kernels=Kernels()):
         super().__init__()
+        self.kernels = kernels
         C, E, k = config.n_embd, config.n_experts, config.top_k
         # GPTConfig validates all of this already; MoE also accepts any object with these
         # fields (the MoE tests build the layer alone), so it checks again.
@@ -672,12 +697,10 @@ class MoE(nn.Module):
 
     def forward(self, x, impl="auto"):
         """x (B, T, C) -> (B, T, C). impl: "grouped", "padded" (the tests run both and check
-        they agree) or "auto", decided here and only here: padded on CUDA when a capacity
-        fixes the buffer size (static shapes, no host sync: what torch.compile and CUDA graphs
-        need), grouped otherwise. On CPU grouped was faster (measured here,
-        fwd+bwd at C=256, E=8, top_k=2, H=512, 2048 tokens, 1 thread: padded with capacity
-        1.25 took 1.3x the time of grouped; CPU bmm is slower than mm, and it computes the
-        padding)."""
+        they agree) or "auto": padded when Kernels.moe_padded is set (the Runtime sets it on
+        CUDA) and a capacity fixes the buffer size (static shapes, no host sync: what
+        torch.compile and CUDA graphs need), grouped otherwise. On CPU grouped is faster:
+        CPU batched matmuls are slower than plain ones, and padded also computes the padding."""
         B, T, C = x.shape
         E, k = self.n_experts, self.top_k
         xf = x.reshape(B * T, C)                                        # (N, C)
@@ -691,7 +714,7 @@ class MoE(nn.Module):
         counts_kept = counts.clamp(max=capacity) if capacity is not None else counts
 
         if impl == "auto":
-            impl = "padded" if capacity is not None and x.is_cuda else "grouped"
+            impl = "padded" if capacity is not None and self.kernels.moe_padded else "grouped"
         if impl == "padded":
             cap = capacity if capacity is not None else max(1, int(counts.max()))  # host sync
             out = self.run_experts_padded(xf, expert, rank, keep, cap)
@@ -812,12 +835,12 @@ def moe_reference(moe, x):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_index=0):
+    def __init__(self, config, layer_index=0, kernels=Kernels()):
         super().__init__()
         self.ln_1 = RMSNorm(config.n_embd, config.norm_gain)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, kernels)
         self.ln_2 = RMSNorm(config.n_embd, config.norm_gain)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_index) else MLP(config)
+        self.mlp = MoE(config, kernels) if config.is_moe_layer(layer_index) else MLP(config)
 
     def forward(self, x, layout, cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), layout, cache, layer)
@@ -889,13 +912,13 @@ LM_HEAD_STD = 0.001      # untied lm_head: near-zero logits, so the initial loss
 
 
 class MTPHead(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, kernels=Kernels()):
         super().__init__()
         self.norm_h = RMSNorm(config.n_embd, config.norm_gain)
         self.norm_e = RMSNorm(config.n_embd, config.norm_gain)
         self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
         dense = dataclasses.replace(config, n_experts=0)  # the MTP block is always a dense block
-        self.block = Block(dense)
+        self.block = Block(dense, kernels=kernels)
 
     def forward(self, h, next_emb, layout):
         x = self.proj(torch.cat([self.norm_h(h), self.norm_e(next_emb)], dim=-1))  # (B, T, C)
@@ -903,18 +926,18 @@ class MTPHead(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, kernels=Kernels()):
         super().__init__()
-        self.config = config
+        self.config, self.kernels = config, kernels
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i, kernels) for i in range(config.n_layer)]),
             ln_f=RMSNorm(config.n_embd, config.norm_gain),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.mtp = MTPHead(config) if config.mtp else None
+        self.mtp = MTPHead(config, kernels) if config.mtp else None
         cos, sin = rope_tables(config)
         # non-persistent: derived from the config, not stored in checkpoints, so a model can be
         # loaded with a different rope_scaling / rope_factor for context extension
@@ -951,6 +974,15 @@ class GPT(nn.Module):
                 nn.init.ones_(p)                                        # norm gains
         for layer in self.moe_layers():
             layer.reset_parameters()   # router, experts: see MoE.reset_parameters
+
+    def use_kernels(self, kernels):
+        """Change HOW the model computes (section 1's Kernels) after it was built, e.g. for a model
+        loaded from a checkpoint on another machine. The weights are untouched."""
+        self.kernels = kernels
+        for m in self.modules():
+            if isinstance(m, (CausalSelfAttention, MoE)):
+                m.kernels = kernels
+        return self
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -996,7 +1028,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(h)).float()    # (B, T, V) float32
         cap = self.config.logit_softcap
         if cap > 0:
-            logits = tanh_softcap(logits, cap)
+            logits = tanh_softcap(logits, cap, self.kernels.softcap_sigmoid)
         return logits
 
     def forward(self, idx, targets=None, *, doc_ids=None, window=None, cache=None,
@@ -1175,7 +1207,385 @@ class GPT(nn.Module):
         return [{"name": k, "params": v, "optimizer": optimizer[k]} for k, v in groups.items() if v]
 
 # -----------------------------------------------------------------------------
-# 12. main: print the architecture, run a forward/backward on random tokens
+# 12. Runtime: device, precision, compile, threads, determinism -- decided once
+#
+# Every decision about the hardware is made here, once, by setup_runtime, and carried in a Runtime
+# that train.py and sample.py pass around. The model itself never asks "am I on CUDA?": what
+# depends on the hardware reaches it as a Kernels setting (section 1), from rt.kernels.
+#
+#   device       auto: cuda > mps > cpu. Under torchrun each process takes GPU number LOCAL_RANK.
+#   precision    CUDA: bf16 autocast (float32 master weights) where the GPU has bf16, else fp16
+#                autocast with a GradScaler (fp16's small exponent range underflows small
+#                gradients unless the loss is scaled up first); TF32 for the float32 matmuls.
+#                CPU: bf16 autocast only where the CPU multiplies bf16 matrices in hardware
+#                (Intel AMX); elsewhere bf16 is emulated and slower than float32. The choice is
+#                read from the CPU's feature flags, never from a timing: a timing races with
+#                whatever else the machine is doing, so a run and its resume could choose
+#                differently.
+#   compile      torch.compile on CUDA and CPU (it fuses the many small elementwise ops of a small
+#                model); train.py falls back to eager if compiling fails at the first step.
+#   threads      CPU threads per process: the cores, shared among the ranks of one machine.
+#   determinism  Compiled CPU code accumulates gradients of lookups (the embedding's backward is a
+#                scatter-add) with atomic adds from several threads, so the float sums happen in a
+#                different order on every run and two runs with one seed drift apart after a few
+#                steps. torch.use_deterministic_algorithms makes inductor call the sequential
+#                kernel instead. It costs little on CPU (README, performance notes), so it is on by
+#                default there; on CUDA it stays off unless asked (deterministic CUDA kernels can
+#                be much slower, and CUDA was not measured).
+#   resume       the resolved choices are saved in every checkpoint (rt.settings()) and reused on
+#                resume, so a resumed run computes exactly as the original did.
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SWITCH = ("auto", "true", "false")   # the values of --compile and --deterministic
+
+
+@dataclasses.dataclass
+class Runtime:
+    """The hardware decisions of one process (see the table above)."""
+    device: torch.device
+    dtype: torch.dtype = torch.float32      # autocast dtype; float32 = no autocast at all
+    dtype_reason: str = ""
+    compile: bool = False
+    compile_options: dict = dataclasses.field(default_factory=dict)  # inductor options
+    threads: int = 0
+    deterministic: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    scaler: object = None                   # torch.amp.GradScaler for float16, else None
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def kernels(self):
+        """How the model should compute on this hardware (section 1's Kernels)."""
+        cpu = self.device.type == "cpu"
+        return Kernels(sdpa_fp32=cpu and self.dtype == torch.bfloat16,
+                       softcap_sigmoid=cpu and self.compile,
+                       moe_padded=self.device.type == "cuda")
+
+    @property
+    def ns_dtype(self):
+        """Precision of Muon's Newton-Schulz iteration: bf16 when the run computes in bf16 (its
+        matmuls are fast there; each step maps the band of singular values around 1 back into
+        itself, so bf16 rounding does not grow), float32 otherwise."""
+        return torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
+
+    def autocast(self):
+        """The context every forward pass runs in."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def settings(self):
+        """The resolved choices that change the numbers, as plain values: saved in checkpoints
+        and given back to setup_runtime(saved=...) on resume."""
+        name = next(k for k, v in DTYPES.items() if v == self.dtype)
+        return {"dtype": name, "compile": self.compile, "threads": self.threads,
+                "deterministic": self.deterministic}
+
+    def print(self, *args, **kwargs):
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def __str__(self):
+        return f"{self.device} {str(self.dtype).replace('torch.', '')}"
+
+
+def resolve_device(setting, local_rank=0):
+    """'auto' -> cuda > mps > cpu; 'cuda' under torchrun -> cuda:LOCAL_RANK. One line for a
+    device that does not exist or is not available here."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if setting == "cuda":
+        setting = f"cuda:{local_rank}"
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise bpe.UserError(f"--device={setting}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise bpe.UserError(f"--device={setting}: only cpu, cuda and mps are supported; use --device=auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise bpe.UserError(f"--device={setting}: CUDA is not available here; use --device=cpu")
+    if device.type == "mps" and not mps:
+        raise bpe.UserError(f"--device={setting}: mps is not available here; use --device=cpu")
+    return device
+
+
+def cpu_has_bf16_matmul(cpuinfo="/proc/cpuinfo"):
+    """True where the CPU multiplies bf16 matrices in hardware: Intel's AMX tiles (the amx_bf16
+    flag). Read from /proc/cpuinfo (Linux); elsewhere False. AVX-512-BF16 alone (some AMD EPYC)
+    has bf16 dot products, but bf16 training there was far slower than on AMX (README), so it
+    keeps float32; --dtype=bfloat16 tries it anyway."""
+    try:
+        with open(cpuinfo) as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def resolve_precision(setting, device, saved=None):
+    """(autocast dtype, reason, GradScaler or None); see the table at the top of this section."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if setting == "auto" and saved:
+        setting, reason = saved, "as saved in the checkpoint being resumed"
+    else:
+        reason = "set by --dtype"
+    if setting != "auto":
+        if setting not in DTYPES:
+            raise bpe.UserError(f"--dtype={setting}: choose auto, {', '.join(DTYPES)}")
+        dtype = DTYPES[setting]
+        if dtype == torch.float16 and device.type != "cuda":
+            raise bpe.UserError("--dtype=float16 needs CUDA (its GradScaler); use bfloat16 or float32")
+    elif device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            dtype, reason = torch.bfloat16, "CUDA with bf16"
+        else:
+            dtype, reason = torch.float16, "CUDA without bf16: fp16 + GradScaler"
+    elif device.type == "cpu" and cpu_has_bf16_matmul():
+        dtype, reason = torch.bfloat16, "CPU with AMX bf16 matmuls"
+    else:
+        dtype, reason = torch.float32, f"{device.type} without hardware bf16 matmuls"
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return dtype, reason, scaler
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the
+    kernel, so that a CPU training step stops paying page faults for its own tensors.
+
+    Why: PyTorch on CPU allocates every tensor with malloc. glibc serves large blocks with a
+    fresh mmap and unmaps them when they are freed, and trims the top of its heap; the next step
+    then touches new pages, and the kernel zero-fills each one on a page fault (a large share of
+    a small model's step; README, performance notes). Here no block is mmap-ed (every tensor
+    comes from the heap, where freed blocks are reused), the heap is never trimmed and grows
+    64 MB at a time. Also off: "fastbins", glibc's lists of freed small blocks, which malloc
+    merges back into the heap before serving each large request (malloc_consolidate); without
+    them small blocks are merged as they are freed. The cost: the process keeps its peak heap
+    size, which a training loop reaches on every step anyway.
+    Linux with glibc only; elsewhere nothing happens (returns False)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl) or none found
+        return False
+    M_MXFAST, M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = 1, -1, -2, -4  # from glibc's malloc.h
+    ok = mallopt(M_MMAP_MAX, 0)               # never serve a block with its own mmap
+    ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30)  # mallopt takes an int: 1 GB stands for "never"
+    ok &= mallopt(M_TOP_PAD, 64 << 20)
+    ok &= mallopt(M_MXFAST, 0)                # no fastbins
+    return bool(ok)
+
+
+def _switch(name, value, auto):
+    """An auto|true|false setting (or a bool) -> bool; `auto` is what 'auto' means here."""
+    value = str(value).lower()
+    if value not in SWITCH:
+        raise bpe.UserError(f"--{name}={value}: choose auto, true or false")
+    return auto if value == "auto" else value == "true"
+
+
+def setup_runtime(device="auto", dtype="auto", compile="auto", threads=0, deterministic="auto",
+                  distributed=False, saved=None):
+    """Decide everything once and return the Runtime. The arguments are the scripts' settings of
+    the same names ("auto" and threads=0 are resolved here). saved: the "runtime" dict of a
+    checkpoint being resumed (rt.settings()); its choices replace the automatic ones, so the
+    resumed run computes exactly like the original (an explicit setting still wins).
+    distributed: join the process group when torchrun started this process (train.py)."""
+    saved = saved or {}
+    rank, local_rank, world_size = 0, 0, 1
+    if distributed and "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # set by torchrun
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if dev.type == "cpu":
+        keep_freed_memory()
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=10))
+    if threads < 0:
+        raise bpe.UserError(f"--threads={threads}: must be >= 0 (0 = all cores)")
+    if not threads:
+        threads = saved.get("threads", 0)
+    if not threads and dev.type == "cpu":
+        # ranks on one machine share its cores; oversubscription makes everyone slow
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        threads = max(1, (os.cpu_count() or 1) // local_world)
+    if threads:
+        torch.set_num_threads(threads)
+    dtype, reason, scaler = resolve_precision(dtype, dev, saved.get("dtype"))
+    compile_on = _switch("compile", compile, saved.get("compile", dev.type in ("cuda", "cpu")))
+    det = _switch("deterministic", deterministic, saved.get("deterministic", dev.type == "cpu"))
+    torch.use_deterministic_algorithms(det, warn_only=True)
+    if det:
+        # deterministic mode also fills every new tensor with NaN to expose reads of
+        # uninitialised memory: a debugging aid that costs a pass over each allocation
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    # On CPU, inductor's cpp_wrapper calls the compiled kernels from generated C++ instead of
+    # generated Python: a small model's step launches a few hundred kernels, and a Python call
+    # for each adds up. (CUDA keeps the default: not measured.)
+    options = {"cpp_wrapper": True} if dev.type == "cpu" else {}
+    return Runtime(device=dev, dtype=dtype, dtype_reason=reason, compile=compile_on,
+                   compile_options=options, threads=torch.get_num_threads(), deterministic=det,
+                   rank=rank, local_rank=local_rank, world_size=world_size, scaler=scaler)
+
+# -----------------------------------------------------------------------------
+# 13. Checkpoints: one file format, written by train.py, read by train.py and sample.py
+#
+# A checkpoint is a dict of tensors and plain Python values, saved with torch.save:
+#   model                  state_dict of the bare GPT (no DDP or torch.compile prefixes)
+#   model_config           dataclasses.asdict(GPTConfig): the model is rebuilt from this alone
+#   runtime                the resolved precision / compile / threads / determinism (exact resume)
+#   tokenizer_fingerprint  the tokenizer it was trained with (sample.py refuses any other)
+#   checksum               sha256 of every tensor in the file (see tensor_checksum)
+# plus what train.py needs to resume: train_config, optimizers, step, rng, best_val_loss, ...
+# Plain types only, so everybody loads with torch.load(weights_only=True), which refuses to
+# unpickle code: a checkpoint from the internet cannot run anything on load.
+#
+# Saving is atomic (a temp file in the same folder, fsync, os.replace: bpe.atomic_write), so a
+# crash or a full disk mid-save leaves the previous file intact. Loading verifies: torch.load does
+# not check the zip's CRCs, so bytes overwritten inside the weights would load silently; the
+# checksum catches that, and names the damaged file. A file whose weights are nan or inf (a
+# diverged run saved by an older train.py) is refused too: nothing useful can come out of it.
+
+CHECKPOINT_KEYS = ("model", "model_config")
+
+
+def _first_line(err):
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def tensor_checksum(checkpoint):
+    """sha256 over every tensor of a (nested) checkpoint dict, in a fixed order: for each, its key
+    path, dtype, shape and raw bytes. Plain values (ints, strings) are not covered: a damaged
+    one would make the file unreadable or fail validation anyway. The "checksum" key is skipped."""
+    h = hashlib.sha256()
+
+    def walk(path, x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{path}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())       # the raw bytes, no copy
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                if not (path == "" and k == "checksum"):
+                    walk(f"{path}/{k}", x[k])
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(f"{path}/{i}", v)
+    walk("", checkpoint)
+    return h.hexdigest()
+
+
+def _disk_full(err):
+    """Whether an exception from torch.save means the disk (or quota) ran out. torch's zip writer
+    reports it as a RuntimeError ('unexpected pos', 'file write failed'), never naming the disk."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("unexpected pos" in text or "write failed" in text)
+
+
+def save_checkpoint(path, checkpoint):
+    """Write checkpoint (a dict as described above) to path atomically, with its checksum.
+    A full disk is one line that says the previous file is intact."""
+    checkpoint = {**checkpoint, "checksum": tensor_checksum(checkpoint)}
+    try:
+        bpe.atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except (OSError, RuntimeError) as e:
+        if not _disk_full(e):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free / 2 ** 20
+        raise bpe.UserError(f"cannot write {path}: the disk is full ({free:.0f} MB free in {folder}); "
+                            f"the previous {os.path.basename(path)} is intact: free some space and "
+                            f"continue with --resume=True") from None
+
+
+def load_checkpoint(path):
+    """Read and verify a checkpoint; returns its dict (tensors on the CPU). Every problem is one
+    line naming the file: missing, unreadable or truncated, not a nanostack checkpoint, damaged
+    (checksum mismatch), or holding non-finite weights."""
+    if not os.path.isfile(path):
+        raise bpe.UserError(f"no checkpoint at {path}: train one with `python train.py`, or give "
+                            f"the path of one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled objects beyond plain data
+        raise bpe.UserError(f"cannot read checkpoint {path} ({_first_line(e)}); it is truncated or "
+                            f"not a checkpoint: use another one (last.pt, best.pt)") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise bpe.UserError(f"{path} is not a nanostack checkpoint (no {', '.join(missing)}); "
+                            f"give the path of one that train.py wrote")
+    if ckpt.get("checksum") is not None and tensor_checksum(ckpt) != ckpt["checksum"]:
+        raise bpe.UserError(f"checkpoint {path} is damaged: its tensors no longer match the checksum "
+                            f"written when it was saved; use another checkpoint (last.pt, best.pt)")
+    bad = [k for k, t in ckpt["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise bpe.UserError(f"checkpoint {path} holds non-finite weights (nan or inf in {len(bad)} "
+                            f"tensors, e.g. {bad[0]}): the run had diverged; use an earlier checkpoint")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path, kernels=Kernels(), overrides=None):
+    """The GPT a checkpoint describes, with its weights (on the CPU, in train mode).
+    overrides: model_config fields to change at load time; only knobs that leave the weights
+    valid make sense (rope_scaling / rope_factor: the RoPE tables are rebuilt, not stored)."""
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+    except (TypeError, ValueError) as e:
+        raise bpe.UserError(f"checkpoint {path}: its model_config cannot be built by this model.py "
+                            f"({_first_line(e)}); use the model.py it was trained with") from None
+    model = GPT(config, kernels)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise bpe.UserError(f"checkpoint {path}: weights do not match its model_config "
+                            f"({_first_line(e)})") from None
+    return model
+
+
+def checkpoint_tokenizer(ckpt, ckpt_path, tokenizer_path=""):
+    """The tokenizer a checkpoint was trained with: tokenizer_path if given, else the path
+    recorded in the checkpoint, else (the run was copied elsewhere) a file of that name next to
+    the checkpoint. Whichever is used must carry the checkpoint's fingerprint: a different merge
+    table maps the same text to different ids, and the model would read gibberish silently."""
+    candidates = [tokenizer_path] if tokenizer_path else []
+    recorded = ckpt.get("tokenizer_path") or ""
+    if not tokenizer_path and recorded:
+        candidates += [recorded, os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
+                                              os.path.basename(recorded))]
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        where = tokenizer_path or recorded or "(none recorded in the checkpoint)"
+        raise bpe.UserError(f"tokenizer {where} not found; pass --tokenizer=PATH to the tokenizer.bpe "
+                            f"of the data directory the model was trained on")
+    tokenizer = bpe.Tokenizer.load(found)
+    want = ckpt.get("tokenizer_fingerprint")
+    if want and tokenizer.fingerprint != want:
+        raise bpe.UserError(f"tokenizer {found} (fingerprint {tokenizer.fingerprint[:12]}) is not the "
+                            f"one this checkpoint was trained with ({want[:12]}); pass "
+                            f"--tokenizer=PATH to the right tokenizer.bpe")
+    return tokenizer
+
+# -----------------------------------------------------------------------------
+# 14. main: print the architecture, run a forward/backward on random tokens
 
 
 def architecture_table(model):
@@ -1208,9 +1618,9 @@ def _alternate(fns, repeats):
 
 
 def bench(config, repeats=7):
-    """Two side-by-side timings, each in one process, alternating, medians:
-    the SDPA path vs the hand-written attention (training step), and decoding with the KV
-    cache vs recomputing the whole prefix for every new token."""
+    """The SDPA path against the hand-written attention: a training step (forward + backward) of
+    the same model both ways, in one process, alternating, medians. (What the KV cache buys is
+    measured where it is used: `python sample.py --bench=True`.)"""
     torch.manual_seed(0)
     fast = GPT(config)
     slow = GPT(dataclasses.replace(config, attn_impl="manual"))
@@ -1225,40 +1635,26 @@ def bench(config, repeats=7):
     print(f"fwd+bwd B=4 T={T}: sdpa {t_sdpa * 1e3:.1f} ms, manual {t_manual * 1e3:.1f} ms "
           f"(manual/sdpa = {t_manual / t_sdpa:.2f}x)")
 
-    # greedy decoding of n tokens after a prompt of T/2 tokens, both ways (same tokens out)
-    n, prompt = T // 4, idx[:1, :T // 2]
-    fast.eval()
-    out = {}
 
-    @torch.no_grad()
-    def cached():
-        cache = fast.make_cache(1, prompt.size(1) + n)
-        tok = fast(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)   # prefill
-        toks = [tok]
-        for _ in range(n - 1):
-            tok = fast(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)  # one-token steps
-            toks.append(tok)
-        out["cached"] = torch.cat(toks, 1)
+def gpt_config(settings, **changes):
+    """GPTConfig from any settings object that carries its fields (train.py's TrainConfig and
+    ModelSettings below extend GPTConfig), with `changes` applied; one line on a bad value."""
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(GPTConfig)}
+    try:
+        return GPTConfig(**{**fields, **changes})
+    except ValueError as e:
+        raise bpe.UserError(f"bad model settings: {e}") from None
 
-    @torch.no_grad()
-    def uncached():
-        seq = prompt
-        for _ in range(n):
-            seq = torch.cat([seq, fast(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-        out["uncached"] = seq[:, prompt.size(1):]
-    t_cached, t_full = _alternate([cached, uncached], max(3, repeats // 2))
-    same = torch.equal(out["cached"], out["uncached"])
-    print(f"decode {n} tokens after a {T // 2}-token prompt: cached {t_cached * 1e3:.1f} ms, "
-          f"uncached {t_full * 1e3:.1f} ms (speed-up {t_full / t_cached:.2f}x, "
-          f"same tokens: {same})")
+
+@dataclasses.dataclass
+class ModelSettings(GPTConfig):
+    """`python model.py`'s settings: every GPTConfig field, plus what to do with the model."""
+    bench: bool = False             # also time SDPA against the hand-written attention (fwd + bwd)
 
 
 def main():
-    argv = sys.argv[1:]
-    # --bench is a switch of this script, not of the architecture, so it is not a GPTConfig field
-    run_bench = any(a in ("--bench=True", "--bench=1", "--bench=true") for a in argv)
-    argv = [a for a in argv if not a.startswith("--bench=")]
-    config = bpe.parse_settings(GPTConfig, argv, description=__doc__)
+    settings = bpe.parse_settings(ModelSettings, sys.argv[1:], description=__doc__)
+    config = gpt_config(settings)
     torch.manual_seed(0)
     model = GPT(config)
     print(config)
@@ -1273,7 +1669,7 @@ def main():
     print(f"forward/backward on random tokens (B={B}, T={T}): loss {loss.item():.3f} "
           f"(uniform guess: ln(vocab) = {math.log(config.vocab_size):.3f}){aux_text}, "
           f"{dt * 1e3:.0f} ms")
-    if run_bench:
+    if settings.bench:
         bench(config)
 
 

@@ -44,7 +44,6 @@ Sections
  11. main
 """
 import collections
-import contextlib
 import dataclasses
 import math
 import os
@@ -55,7 +54,8 @@ import time
 import torch
 
 import bpe
-from model import GPT, GPTConfig
+from model import (DTYPES, GPT, GPTConfig, checkpoint_tokenizer, load_checkpoint,
+                   model_from_checkpoint, setup_runtime)
 
 # -----------------------------------------------------------------------------
 # 1. Settings
@@ -78,7 +78,7 @@ class SampleConfig:
     stop: object = None              # stop string or list of them, cut from the output; escapes like \n work
     seed: int = 1337                 # random seed: the same seed and settings reproduce the same text
     device: str = "auto"             # auto | cpu | cuda | cuda:1 | mps
-    dtype: str = "auto"              # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
+    dtype: str = "auto"              # auto (bf16 on CUDA and AMX CPUs, as train.py) | float32 | bfloat16 | float16
     threads: int = 0                 # CPU threads for torch (0 = torch's default); 1 is often fastest for small models
     slide_keep: float = 0.5          # past the context: keep this fraction of it and re-prefill, then go on
     rope_scaling: str = ""           # '' = as trained; linear | yarn stretches the context at sample time
@@ -113,9 +113,6 @@ class SampleConfig:
         self.stop = normalize_stop(self.stop)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def unescape(text):
     """Decode backslash escapes typed on a command line: 'a\\nb' -> 'a\nb', '\\\\' -> '\\'.
     The encode/decode pair keeps non-ASCII text intact: characters outside latin-1 become \\uXXXX
@@ -147,134 +144,43 @@ def normalize_stop(stop):
 # -----------------------------------------------------------------------------
 # 2. Device and precision (decided once)
 #
-# Everything device-specific is decided here and carried in one small object, so the rest of the
-# file never asks "am I on CUDA?". Weights stay float32; on CUDA the matmuls run in bfloat16 under
-# autocast (tensor cores, half the memory traffic; bf16 keeps float32's exponent range, so no loss
-# scaling is needed). On CPU and mps float32 is the default: CPU bf16 matmuls are often slower than
-# float32, and float32 keeps cached and uncached generation bit-comparable for the tests.
+# model.py's Runtime decides, once, for train.py and this script alike: the device, the autocast
+# precision (bf16 on CUDA and on CPUs that multiply bf16 in hardware, float32 elsewhere), the
+# threads. The rest of this file never asks "am I on CUDA?": it runs every forward inside
+# rt.autocast() and gives the model rt.kernels. Generation is never compiled (its shapes change at
+# every step) and needs no deterministic kernels (eager CPU code is repeatable already).
 
-@dataclasses.dataclass
-class Runtime:
-    device: torch.device
-    dtype: torch.dtype   # compute precision; float32 means no autocast at all
-
-    def autocast(self):
-        """The context every forward pass runs in."""
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    def __str__(self):
-        return f"{self.device} {str(self.dtype).replace('torch.', '')}"
-
-
-def setup_runtime(device="auto", dtype="auto", threads=0):
-    """Resolve 'auto' into a concrete device and precision, and check that they exist.
-    threads > 0 sets torch's CPU thread count. Decoding one token of a small model is dozens of tiny
-    ops; spreading each over several threads costs more in synchronisation than it saves, and on a
-    busy machine a thread that waits for a descheduled sibling stalls every op (measured here: with
-    2 threads on a loaded 2-core machine, cached decoding ran many times slower than with 1)."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise bpe.UserError(f"--device={device}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise bpe.UserError(f"--device={device}: CUDA is not available here; use --device=cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise bpe.UserError(f"--device={device}: mps is not available here; use --device=cpu")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise bpe.UserError(f"--device={device}: only cpu, cuda and mps are supported")
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return Runtime(dev, DTYPES[dtype])
+def runtime_for(cfg):
+    return setup_runtime(cfg.device, cfg.dtype, compile="false", threads=cfg.threads,
+                         deterministic="false")
 
 
 # -----------------------------------------------------------------------------
 # 3. Loading a checkpoint and its tokenizer
 #
-# torch.load(weights_only=True) unpickles only tensors and plain containers, so a checkpoint from
-# the internet cannot run code on load. The model is rebuilt from the config it was trained with
-# (model_config), never from this script's defaults. The tokenizer must be the very one the model
-# was trained on: a different merge table maps the same text to different ids and the model would
-# read gibberish without any error. The checkpoint records the tokenizer's fingerprint (a hash of
-# its merges and specials), and we refuse any tokenizer whose fingerprint differs.
+# model.py owns the checkpoint format and its verified loader (shared with train.py's resume and
+# --init_from): torch.load(weights_only=True), which cannot run code from a file off the internet;
+# the checksum of every tensor; the refusal of nan/inf weights; the model rebuilt from the config
+# it was trained with, never from this script's defaults. The tokenizer must be the very one the
+# model was trained on: a different merge table maps the same text to different ids and the model
+# would read gibberish without any error, so its fingerprint must match the checkpoint's.
 
-CHECKPOINT_KEYS = ("model", "model_config")
 RANDOM_CKPT = "random"  # --ckpt=random: an untrained model of nanoGPT's CPU Shakespeare size, for --bench
 NANOGPT_CPU_SHAKESPEARE = dict(vocab_size=65, block_size=256, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
 
 
-def first_line(err):
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
-def load_checkpoint(path, tokenizer_path="", device="cpu", config_overrides=None):
-    """Return (model in eval mode on device, tokenizer, checkpoint dict). Raises bpe.UserError with a
-    one-line fix for a missing/corrupt file, an incompatible config or the wrong tokenizer.
-    config_overrides: model_config fields to change at load time; only inference-time knobs make
-    sense (rope_scaling/rope_factor: RoPE tables are rebuilt, not stored, so the weights still fit)."""
-    if not os.path.isfile(path):
-        raise bpe.UserError(f"no checkpoint at {path}: train one with `python train.py`, or pass --ckpt=PATH")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, pickled objects beyond plain data
-        raise bpe.UserError(f"cannot read checkpoint {path} ({first_line(e)}); "
-                            f"re-save it with train.py or pass another --ckpt") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise bpe.UserError(f"{path} is not a nanostack checkpoint (no {', '.join(missing)}); pass --ckpt=PATH to one train.py wrote")
-    try:
-        config = GPTConfig(**ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise bpe.UserError(f"checkpoint {path} has a model_config this model.py cannot build ({first_line(e)}); "
-                            f"sample it with the model.py it was trained with") from None
-    if config_overrides:
-        try:
-            config = dataclasses.replace(config, **config_overrides)
-        except ValueError as e:
-            raise bpe.UserError(f"{first_line(e)}; fix --rope_scaling/--rope_factor") from None
-    model = GPT(config)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise bpe.UserError(f"checkpoint {path}: weights do not match its model_config ({first_line(e)})") from None
-    model.to(device).eval()
-    tokenizer = load_matching_tokenizer(ckpt, path, tokenizer_path)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise bpe.UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
-                            f"pass --tokenizer=PATH to the tokenizer it was trained with")
+def load_model(path, tokenizer_path="", rt=None, overrides=None):
+    """(model in eval mode on rt's device, tokenizer, checkpoint dict) from a checkpoint file; any
+    problem is one line (bpe.UserError) that says what to do. overrides: model_config fields to
+    change at load time (--rope_scaling / --rope_factor)."""
+    rt = rt or setup_runtime("cpu", "float32", compile="false", deterministic="false")
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path, rt.kernels, overrides).to(rt.device).eval()
+    tokenizer = checkpoint_tokenizer(ckpt, path, tokenizer_path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise bpe.UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                            f"{model.config.vocab_size}; pass --tokenizer=PATH to the tokenizer it was trained with")
     return model, tokenizer, ckpt
-
-
-def load_matching_tokenizer(ckpt, ckpt_path, tokenizer_path=""):
-    """--tokenizer=PATH if given, else the path recorded in the checkpoint; if the recorded (absolute)
-    path is gone because the run was copied elsewhere, a file of the same name next to the checkpoint
-    is tried. Whichever is used must carry the checkpoint's fingerprint."""
-    candidates = [tokenizer_path] if tokenizer_path else []
-    recorded = ckpt.get("tokenizer_path") or ""
-    if not tokenizer_path and recorded:
-        candidates += [recorded, os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), os.path.basename(recorded))]
-    found = next((p for p in candidates if os.path.isfile(p)), None)
-    if found is None:
-        where = tokenizer_path or recorded or "(none recorded in the checkpoint)"
-        raise bpe.UserError(f"tokenizer {where} not found; pass --tokenizer=PATH to the tokenizer.bpe "
-                            f"in the data directory the model was trained on")
-    tokenizer = bpe.Tokenizer.load(found)
-    want = ckpt.get("tokenizer_fingerprint")
-    if want and tokenizer.fingerprint != want:
-        raise bpe.UserError(f"tokenizer {found} (fingerprint {tokenizer.fingerprint[:12]}) is not the one this "
-                            f"checkpoint was trained with ({want[:12]}); pass --tokenizer=PATH to the right tokenizer.bpe")
-    return tokenizer
 
 
 def random_model(device="cpu", seed=0, **overrides):
@@ -775,14 +681,14 @@ def bench(model, rt, cfg, bos_id=0, out=sys.stdout):
 
 def main():
     cfg = bpe.parse_settings(SampleConfig, sys.argv[1:], description=__doc__)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
+    rt = runtime_for(cfg)
     if cfg.ckpt == RANDOM_CKPT:
-        model, tokenizer, bos_id = random_model(rt.device, cfg.seed), None, 0
+        model, tokenizer, bos_id = random_model(rt.device, cfg.seed).use_kernels(rt.kernels), None, 0
     else:
         path = cfg.ckpt or os.path.join(cfg.out_dir, "best.pt")
         factor = 1.0 if cfg.rope_scaling == "none" else cfg.rope_factor
         overrides = dict(rope_scaling=cfg.rope_scaling, rope_factor=factor) if cfg.rope_scaling else None
-        model, tokenizer, ckpt = load_checkpoint(path, cfg.tokenizer, rt.device, overrides)
+        model, tokenizer, ckpt = load_model(path, cfg.tokenizer, rt, overrides)
         bos_id = tokenizer.eot_id
         print(f"loaded {path}: step {ckpt.get('step', '?')}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"params, context {context_length(model.config)}, {rt}", file=sys.stderr)

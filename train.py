@@ -7,9 +7,10 @@ trains it with Muon (hidden matrices) + AdamW (everything else), evaluates bits
 per byte on a fixed validation set, and writes checkpoints that sample.py loads.
 
 Run it:
-    python prepare.py && python train.py           # CPU quick start (~6 min, Python-ish samples)
+    python prepare.py && python train.py           # CPU quick start (Python-ish samples; README for times)
     python train.py --n_layer=6 --n_embd=384 --max_steps=5000    # any setting: --key=value
     python train.py --resume=True                  # continue out/last.pt exactly where it stopped
+    python train.py --overwrite=True               # start over in an out_dir that holds a run
     python train.py --init_from=out/best.pt --data_dir=data/custom --matrix_lr=0.005   # fine-tune
     python train.py --bench=True                   # tokens/s, MFU and ms per phase of a step
     torchrun --standalone --nproc_per_node=8 train.py --data_dir=data/fineweb   # 8 GPUs, DDP
@@ -17,23 +18,25 @@ Run it:
     python train.py --help                         # every setting with its default and meaning
 
 Outputs in --out_dir (default out/): last.pt, best.pt (lowest val loss), metrics.jsonl
-(one JSON object per step / eval), loss.svg (train and val loss, drawn by hand).
+(one JSON object per step / eval), loss.svg (train and val loss, drawn by hand). A run never
+replaces an earlier one unless told to (--resume=True or --overwrite=True). Exit codes: 0 the
+run reached max_steps, 2 a bad setting or input (one line says what to do), 75 stopped by
+SIGINT/SIGTERM after saving last.pt (continue it with --resume=True).
 
 Sections:
-    1. Settings               the TrainConfig table (model fields pass through to GPTConfig)
-    2. Runtime                distributed setup, device, precision policy, compile -- decided once
+    1. Settings               the TrainConfig table (it extends model.py's GPTConfig)
+    2. Runtime                model.py's Runtime, plus DDP and compile wrapping
     3. Data                   batches as a pure function of (seed, step, rank); fixed val set
     4. Optimizers             AdamW and Muon, written out
     5. Schedules              learning rate, Muon momentum, staged (step, value) lists
     6. Evaluation             val loss and bits per byte, greedy sample
-    7. Metrics and pictures   MFU, metrics.jsonl, loss.svg, a text plot
-    8. Checkpoints            atomic save, exact resume, weights_only loading
-    9. The training loop      train(cfg): what main() and the tests call
+    7. Metrics and pictures   MFU, metrics.jsonl (torn lines dropped), loss.svg, a text plot
+    8. Checkpoints            what a run saves; never over another run, never non-finite
+    9. The training loop      train(cfg), one screen, calling the named steps above it
    10. main
 """
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import json
@@ -46,6 +49,7 @@ import sys
 import threading
 import time
 import xml.sax.saxutils
+from typing import Optional
 
 import numpy as np
 import torch
@@ -54,58 +58,35 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import prepare
-from model import GPT, GPTConfig, doc_ids_from_bos
+import sample
+from model import (DTYPES, GPT, SWITCH, GPTConfig, Runtime, doc_ids_from_bos, gpt_config,
+                   load_checkpoint, model_from_checkpoint, save_checkpoint, setup_runtime)
 
 # -----------------------------------------------------------------------------
 # 1. Settings
 #
-# One table; the trailing comment of each field is its --help line. The model
-# fields below have the same names as GPTConfig's and are copied into it
-# (vocab_size comes from the data), so `--n_layer=6` works just as in nanoGPT.
+# One table; the trailing comment of each field is its --help line. TrainConfig extends
+# model.py's GPTConfig, so every architecture switch (--n_layer=6, --mlp=swiglu, ...) is a
+# setting here too, with its help text from model.py, and a new model switch needs no copy.
+# The fields below are the training ones. Values are Python literals: --matrix_lr=1 is read as
+# 1.0 where a float is expected, --seq_len_schedule=[(0,64),(500,256)] as a list.
 
 BATCH_MODES = ("random", "packed")
 WARMDOWN_SHAPES = ("linear", "cosine")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-SWITCH = ("auto", "true", "false")
+EXIT_INTERRUPTED = 75    # exit code of a run stopped by a signal: resumable, not finished
+                         # (sysexits.h's EX_TEMPFAIL: "try again later"); 0 = reached max_steps
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(GPTConfig):
+    vocab_size: int = 0                    # model vocabulary; 0 = the tokenizer's size (larger pads the embedding)
     # --- data and files ---
     data_dir: str = "data/stdlib"          # prepare.py's output: shards, tokenizer.bpe, meta.json
     out_dir: str = "out"                   # where last.pt, best.pt, metrics.jsonl, loss.svg go
-    resume: bool = False                   # continue from <out_dir>/last.pt, bitwise-exactly on CPU
+    resume: bool = False                   # continue from <out_dir>/last.pt, bitwise-exactly
+    overwrite: bool = False                # start a new run in an out_dir that holds one (deletes it)
     init_from: str = ""                    # start from this checkpoint's weights (new optimizer, step 0)
     batch_mode: str = "random"             # "random" windows, or "packed" whole documents + doc mask
-    # --- model (copied into model.GPTConfig) ---
-    n_layer: int = 4                       # transformer blocks
-    n_head: int = 4                        # query heads
-    n_kv_head: int = 4                     # key/value heads (< n_head = grouped-query attention)
-    n_embd: int = 256                      # model width d_model
-    block_size: int = 256                  # longest context the model is built for
-    mlp: str = "relu2"                     # feed-forward: "relu2" | "swiglu" | "gelu"
-    mlp_hidden: int = 0                    # feed-forward width (0 = the model's default, ~4 x n_embd)
-    rope_theta: float = 10000.0            # rotary base frequency
-    rope_scaling: str = "none"             # "none" | "linear" | "yarn" context extension
-    rope_factor: float = 1.0               # context extension factor for rope_scaling
-    qk_norm: bool = True                   # RMS-normalise queries and keys before attention
-    attn_softcap: float = 0.0              # tanh soft cap on attention logits (0 = off)
-    logit_softcap: float = 15.0            # tanh soft cap on output logits (0 = off)
-    norm_gain: bool = False                # learnable gain in RMSNorm
-    tie_embeddings: bool = False           # share wte and lm_head weights
-    window: int = 0                        # sliding attention window in tokens (0 = full causal)
-    n_global: int = 0                      # leading "sink" tokens every window also sees
-    mtp: bool = False                      # multi-token prediction head (predict token t+2 too)
-    attn_impl: str = "sdpa"                # attention path: "sdpa" (fast) | "manual" (readable)
-    n_experts: int = 0                     # MoE: routed experts per MoE layer (0 = dense MLPs)
-    moe_every: int = 1                     # MoE: every k-th block uses experts
-    top_k: int = 2                         # MoE: experts chosen per token
-    n_shared_experts: int = 0              # MoE: experts every token always uses
-    capacity_factor: float = 0.0           # MoE: max tokens per expert / fair share (0 = no dropping)
-    moe_hidden: int = 0                    # MoE: hidden size per expert (0 = the MLP's)
-    moe_aux_coef: float = 0.01             # MoE: weight of the load-balancing loss
-    moe_z_coef: float = 0.001              # MoE: weight of the router z-loss
-    moe_bias_rate: float = 0.0             # MoE: aux-loss-free balancing bias step (0 = off)
     # --- batch and length ---
     seq_len: int = 256                     # training context T (<= block_size)
     batch_size: int = 16                   # sequences per micro-batch per rank
@@ -126,12 +107,13 @@ class TrainConfig:
     muon_momentum: float = 0.95            # Muon momentum after warmup
     muon_momentum_start: float = 0.85      # Muon momentum at step 0
     muon_momentum_warmup: int = 300        # steps to ramp Muon momentum from start to final
-    warmup_steps: int = 0                  # linear lr warmup from 0
+    warmup_steps: int = 0                  # linear lr warmup over this many steps (step 0 runs at 1/warmup_steps)
     warmdown_frac: float = 0.4             # fraction of max_steps spent decaying the lr at the end
     warmdown: str = "linear"               # warmdown shape: "linear" | "cosine"
     final_lr_frac: float = 0.0             # lr at the last step as a fraction of the peak
     grad_clip: float = 1.0                 # clip the global gradient norm to this (0 = off)
-    skip_nonfinite: bool = False           # skip steps with a nan/inf loss instead of stopping
+    skip_nonfinite: bool = False           # skip steps with a nan/inf loss or gradient instead of stopping
+    max_skips: int = 10                    # with skip_nonfinite: give up after this many skipped steps in a row
     # --- staged schedules: [(from_step, value), ...]; empty = the setting above ---
     seq_len_schedule: list = dataclasses.field(default_factory=list)     # seq_len from each step on, e.g. [(0, 64), (500, 256)]
     batch_size_schedule: list = dataclasses.field(default_factory=list)  # batch_size from each step on, e.g. [(0, 8), (200, 16)]
@@ -146,32 +128,43 @@ class TrainConfig:
     sample_tokens: int = 64                # tokens per greedy sample
     log_interval: int = 1                  # steps between log lines
     ckpt_interval: int = 200               # steps between last.pt saves (and at the end)
-    # --- system ---
+    # --- system (model.py's Runtime decides what "auto" means; saved and reused on resume) ---
     device: str = "auto"                   # "auto" (cuda > mps > cpu) | "cpu" | "cuda" | "cuda:1" | "mps"
-    dtype: str = "auto"                    # "auto" | "float32" | "bfloat16" | "float16" (+GradScaler)
+    dtype: str = "auto"                    # "auto" (bf16 on CUDA and AMX CPUs, else float32) | "float32" | "bfloat16" | "float16"
     compile: str = "auto"                  # torch.compile the model and the optimizer steps: "auto" (on for CUDA and CPU) | "true" | "false"
+    deterministic: str = "auto"            # bitwise-repeatable runs: "auto" (on for CPU, off for CUDA) | "true" | "false"
     threads: int = 0                       # CPU threads per process (0 = all cores / ranks per node)
     bench: bool = False                    # only time bench_steps steps: tok/s, MFU, ms per phase
     bench_steps: int = 10                  # timed steps in --bench mode (after 3 warm-up steps)
 
     def __post_init__(self):
-        self.compile = str(self.compile).lower()  # --compile=False arrives as "False"
-        choices = {"batch_mode": BATCH_MODES, "warmdown": WARMDOWN_SHAPES, "dtype": DTYPES,
-                   "compile": SWITCH}
+        # the architecture fields are checked by building the GPTConfig they describe
+        gpt_config(self, vocab_size=max(1, self.vocab_size))
+        self.compile, self.deterministic = str(self.compile).lower(), str(self.deterministic).lower()
+        choices = {"batch_mode": BATCH_MODES, "warmdown": WARMDOWN_SHAPES,
+                   "dtype": ("auto", *DTYPES), "compile": SWITCH, "deterministic": SWITCH}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}={getattr(self, name)} must be one of {allowed}")
-        positive = ("n_layer", "n_head", "n_embd", "block_size", "seq_len", "batch_size",
-                    "grad_accum", "max_steps", "eval_interval", "eval_tokens", "log_interval",
-                    "ckpt_interval", "bench_steps")
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval",
+                    "eval_tokens", "log_interval", "ckpt_interval", "bench_steps", "max_skips")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        non_negative = ("vocab_size", "matrix_lr", "embed_lr", "head_lr", "scalar_lr", "weight_decay",
+                        "adam_weight_decay", "adam_eps", "grad_clip", "warmup_steps",
+                        "muon_momentum_warmup", "mtp_weight", "sample_interval", "threads")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:  # `not >=` also rejects nan
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+        for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_start"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name}={getattr(self, name)} must lie in [0, 1)")
         if not 0.0 <= self.warmdown_frac <= 1.0 or not 0.0 <= self.final_lr_frac <= 1.0:
             raise ValueError("--warmdown_frac and --final_lr_frac must lie in [0, 1]")
-        if self.resume and self.init_from:
-            raise ValueError("--resume=True and --init_from are exclusive: resume continues a run, "
-                             "init_from starts a new one")
+        if self.resume and (self.init_from or self.overwrite):
+            raise ValueError("--resume=True continues a run; --init_from and --overwrite start a "
+                             "new one: give only one of them")
         for name in ("seq_len_schedule", "batch_size_schedule", "window_schedule",
                      "mtp_weight_schedule"):
             check_schedule(name, getattr(self, name))
@@ -179,6 +172,10 @@ class TrainConfig:
             if not 0 < t <= self.block_size:
                 raise ValueError(f"sequence length {t} must be in 1..block_size={self.block_size}; "
                                  f"raise --block_size")
+        eval_len = staged(self.seq_len_schedule, self.max_steps, self.seq_len)
+        if self.eval_tokens < eval_len:
+            raise ValueError(f"--eval_tokens={self.eval_tokens} is less than one validation window "
+                             f"of {eval_len} tokens (the final seq_len); raise --eval_tokens")
         if any(v <= 0 for _, v in self.batch_size_schedule):
             raise ValueError("--batch_size_schedule values must be positive")
 
@@ -194,227 +191,61 @@ def check_schedule(name, schedule):
         raise ValueError(f"--{name}: steps must be >= 0 and strictly increasing, got {steps}")
 
 
-def model_config_from(cfg, vocab_size):
-    """GPTConfig from the model fields of the TrainConfig (same names)."""
-    names = {f.name for f in dataclasses.fields(GPTConfig)}
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
-    fields["vocab_size"] = vocab_size
-    try:
-        return GPTConfig(**fields)
-    except ValueError as e:
-        raise bpe.UserError(f"bad model settings: {e}") from None
+def staged(schedule, step, default):
+    """Value of a staged schedule [(from_step, value), ...] at step: the value of the
+    last stage that has started, or the default before the first one.
+    staged([(0, 64), (100, 256)], 99, 512) == 64; at step 100 it is 256."""
+    value = default
+    for start, v in schedule:
+        if step >= start:
+            value = v
+    return value
 
 
 # -----------------------------------------------------------------------------
-# 2. Runtime: distributed setup, device, precision, compile
+# 2. Runtime: what training adds to model.py's Runtime
 #
-# Every hardware decision is made here, once, and stored in a Runtime. The rest
-# of the file asks the Runtime ("rt.autocast()", "rt.is_main") instead of
-# testing for CUDA in a dozen places.
+# model.setup_runtime decides device, precision, compile, threads and determinism once (and
+# joins the torchrun process group). Training adds: wrapping the model for DDP and
+# torch.compile, and sums over ranks.
 
-# Peak dense bf16 tensor-core FLOP/s per GPU (vendor data sheets, no sparsity),
-# used as the MFU denominator. Unknown GPUs fall back to a measured matmul peak.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                  "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-BF16_MIN_SPEEDUP = 1.3      # CPU uses bf16 autocast only if its matmuls are this much faster
-PEAK_MATMUL_N = 1024        # size of the square matmul timed as the CPU's "peak" FLOP/s
+def runtime_for(cfg, saved=None):
+    """The Runtime of this process for these settings (saved: a resumed checkpoint's choices)."""
+    return setup_runtime(cfg.device, cfg.dtype, cfg.compile, cfg.threads, cfg.deterministic,
+                         distributed=True, saved=saved)
 
 
-@dataclasses.dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    dtype: torch.dtype = torch.float32      # autocast dtype (float32 = no autocast)
-    dtype_reason: str = ""
-    scaler: object = None                   # torch.amp.GradScaler for float16, else None
-    peak_flops: float = 0.0                 # per device, for MFU
-    compile: bool = False
-    compile_options: dict = dataclasses.field(default_factory=dict)  # inductor options
-
-    @property
-    def ddp(self):
-        return self.world_size > 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    def print(self, *args, **kwargs):
-        if self.is_main:
-            print(*args, **kwargs, flush=True)
-
-
-def _time_matmul(n_rows, n_in, n_out, dtype, device, reps=7):
-    """Fastest of reps timings of one (n_rows, n_in) @ (n_in, n_out) matmul. The minimum,
-    not the median: on a shared machine, other processes only ever add time."""
-    a = torch.randn(n_rows, n_in, device=device, dtype=dtype)
-    b = torch.randn(n_in, n_out, device=device, dtype=dtype)
-    times = []
-    for _ in range(reps + 1):  # the first call is warm-up (allocations, kernel selection)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
-
-
-def resolve_device(setting, local_rank):
-    if setting == "auto":
-        if torch.cuda.is_available():
-            setting = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            setting = "mps"
-        else:
-            setting = "cpu"
-    if setting == "cuda":
-        setting = f"cuda:{local_rank}"  # one GPU per torchrun process
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise bpe.UserError(f"--device={setting} but CUDA is not available; use --device=cpu")
-    return device
-
-
-def resolve_precision(cfg, device):
-    """The precision policy, all of it: returns (autocast dtype, reason, GradScaler or None).
-
-    CUDA: bf16 autocast (fp32 master weights) where the GPU has bf16, else fp16
-      autocast with a GradScaler (fp16's small exponent range underflows small
-      gradients unless the loss is scaled up first). TF32 is enabled for the
-      matmuls that stay in fp32.
-    CPU: bf16 autocast only if bf16 matmuls of this model's shape are measurably
-      faster here (CPUs with AMX/AVX512-BF16 are several times faster; others
-      emulate bf16 and are slower), else fp32.
-    --dtype overrides the policy."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if cfg.dtype != "auto":
-        dtype = getattr(torch, cfg.dtype)
-        if dtype == torch.float16 and device.type != "cuda":
-            raise bpe.UserError("--dtype=float16 needs CUDA (GradScaler); use bfloat16 or float32")
-        reason = "set by --dtype"
-    elif device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            dtype, reason = torch.bfloat16, "CUDA with bf16"
-        else:
-            dtype, reason = torch.float16, "CUDA without bf16: fp16 + GradScaler"
-    elif device.type == "cpu":
-        # time one matmul of the feed-forward's shape: (B*T, C) @ (C, 4C)
-        rows = min(cfg.batch_size * cfg.seq_len, 4096)
-        shape = (rows, cfg.n_embd, 4 * cfg.n_embd)
-        t32 = _time_matmul(*shape, torch.float32, device)
-        t16 = _time_matmul(*shape, torch.bfloat16, device)
-        speedup = t32 / t16
-        if speedup >= BF16_MIN_SPEEDUP:
-            dtype, reason = torch.bfloat16, f"CPU bf16 matmul {speedup:.1f}x faster than fp32"
-        else:
-            dtype, reason = torch.float32, f"CPU bf16 matmul only {speedup:.1f}x fp32"
-    else:
-        dtype, reason = torch.float32, f"{device.type}: float32"
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return dtype, reason, scaler
-
-
-def measure_peak_flops(device, dtype):
-    """FLOP/s of one large square matmul in the compute dtype: the CPU's "peak" for MFU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-    n = PEAK_MATMUL_N
-    seconds = _time_matmul(n, n, n, dtype, device)
-    return 2 * n ** 3 / seconds  # a matmul of (n, n) @ (n, n) is n^3 multiply-adds
-
-
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the
-    kernel, so that a CPU training step stops paying page faults for its own tensors.
-
-    Why: PyTorch on CPU allocates every tensor with malloc. glibc serves blocks of 128 KB
-    and more (adaptively raised, up to 32 MB) with a fresh mmap and unmaps them when they
-    are freed, and it trims the top of the heap; the next step then touches new pages, and
-    the kernel zero-fills each one on a page fault. At 4 x 128 (nanoGPT's CPU size) that
-    was ~3,500 page faults per step and a fifth of the step time; the default model's
-    64 MB logits alone are 16k faults per step. Now no block is mmap-ed (every tensor
-    comes from the heap, where freed blocks are reused), the heap is never trimmed and
-    grows 64 MB at a time. Measured with --bench, back to back: at 4 x 128 about one
-    fault per step once running and 31.4 -> 25.4 ms per step (with the mmap threshold
-    at 32 MB), then 1-3% more with mmap off altogether; the default model 283 -> 263 ms
-    per step (with mmap off; medians of 3 alternating runs). The cost is that the process
-    keeps its peak heap size, which a training loop reaches every step anyway.
-    Also off: "fastbins", glibc's lists of freed small blocks. Before serving a large
-    request, malloc merges every fastbin block back into the heap (malloc_consolidate),
-    and a step makes a few hundred large requests; with fastbins off small blocks are
-    merged when freed. At 4 x 128, switching it every 13 steps inside one process: 21.8
-    -> 21.4 ms per step (2%, medians over 300 steps each, twice).
-    Linux with glibc only; elsewhere nothing happens (returns False)."""
-    if not sys.platform.startswith("linux"):
-        return False
+def maybe_compile(rt, raw_model):
+    if not rt.compile:
+        return raw_model
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # another C library (musl) or none found
-        return False
-    M_MXFAST, M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = 1, -1, -2, -4  # from glibc's malloc.h
-    ok = mallopt(M_MMAP_MAX, 0)               # never serve a block with its own mmap
-    ok &= mallopt(M_TRIM_THRESHOLD, 1 << 30)  # mallopt takes an int: 1 GB stands for "never"
-    ok &= mallopt(M_TOP_PAD, 64 << 20)
-    ok &= mallopt(M_MXFAST, 0)                # no fastbins
-    return bool(ok)
+        return torch.compile(raw_model, options=rt.compile_options or None)
+    except Exception as e:  # the backend can be missing altogether
+        rt.print(f"warning: torch.compile unavailable ({type(e).__name__}: {e}); running eager")
+        rt.compile = False
+        return raw_model
 
 
-def setup_runtime(cfg):
-    """Start DDP if torchrun launched us, pick the device, precision and compile."""
-    rank, local_rank, world_size = 0, 0, 1
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # set by torchrun
-        rank = int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        world_size = int(os.environ["WORLD_SIZE"])
-    device = resolve_device(cfg.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    elif device.type == "cpu" and world_size > 1:
-        # ranks on one machine share its cores; oversubscription makes everyone slow
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dtype, reason, scaler = resolve_precision(cfg, device)
-    if world_size > 1 and cfg.dtype == "auto" and device.type == "cpu":
-        # the CPU choice comes from a timing, which can differ between ranks: use rank 0's
-        flag = torch.tensor([dtype == torch.bfloat16], dtype=torch.int32)
-        dist.broadcast(flag, src=0)
-        if bool(flag.item()) != (dtype == torch.bfloat16):
-            dtype, reason = (torch.bfloat16 if flag.item() else torch.float32), "rank 0's choice"
-    # torch.compile fuses the many small elementwise ops (norms, RoPE, relu^2, softcap)
-    # that dominate a small model's step on CPU. Measured on the 2-core dev CPU with the
-    # default model (python train.py --bench=True, with and without --compile=false):
-    # 243.1 vs 387.3 ms per step, 1.59x, for a one-off compile of ~10 s (warm cache) to
-    # ~45 s (cold cache); the README's quick start includes a cold compile.
-    compile_on = cfg.compile == "true" or (cfg.compile == "auto" and device.type in ("cuda", "cpu"))
-    # On CPU, inductor's cpp_wrapper calls the compiled kernels from generated C++ instead
-    # of generated Python: a small model's step launches ~150 kernels, and a Python call
-    # each adds up. At 4 x 128: 23.34 -> 22.22 ms per step (A/B in one process), 1.04-1.15x
-    # in --bench rounds (median 1.06x), for ~6 s more of a cold compile; the default model
-    # (bigger kernels) gains nothing measurable. (CUDA keeps the default: not measured.)
-    options = {"cpp_wrapper": True} if device.type == "cpu" else {}
-    return Runtime(device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                   dtype=dtype, dtype_reason=reason, scaler=scaler,
-                   peak_flops=measure_peak_flops(device, dtype), compile=compile_on,
-                   compile_options=options)
+def wrap_ddp(rt, model):
+    """DDP averages gradients during backward. broadcast_buffers=False: our buffers
+    (RoPE tables, MoE balancing biases) are computed identically on every rank, so
+    re-sending rank 0's copies before every forward would only cost time (and would
+    hide a bug that let the ranks' biases drift apart)."""
+    if not rt.ddp:
+        return model
+    return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+               broadcast_buffers=False)
+
+
+def unwrap(model):
+    """The plain GPT inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def all_reduce_sum(rt, values):
@@ -483,8 +314,8 @@ class BatchSource:
         if ends[-1] == 0:
             raise bpe.UserError(f"train split has fewer than {seq_len + 1} tokens per shard; "
                                 f"lower --seq_len or prepare more data")
-        # all rows' positions in one draw (numpy gives the same numbers as one draw per
-        # row; 12 rows of 65 tokens: 46 us per batch against 124 with a loop over rows)
+        # all rows' positions in one draw: numpy gives the same numbers as one draw per
+        # row, with one call instead of batch_size
         pos = rng.integers(ends[-1], size=batch_size)
         shard = np.searchsorted(ends, pos, side="right")
         start = pos - (ends[shard] - n_windows[shard])
@@ -554,9 +385,9 @@ def to_device(rt, array):
 # optimizer.state_dict() survives torch.save + torch.load(weights_only=True).
 
 
-ADAM_BETAS = (0.9, 0.95)  # beta2 = 0.95 (not torch's 0.999): forgets old grads faster,
-                          # the usual choice for LLM pretraining (GPT-3, nanoGPT, Llama)
-ADAM_EPS = 1e-8
+ADAM_BETAS = (0.9, 0.95)  # the AdamW class's defaults, for other callers (the trainer passes
+ADAM_EPS = 1e-8           # its own --beta1, --beta2, --adam_eps); beta2 = 0.95 rather than
+                          # torch's 0.999 forgets old gradients faster, as GPT-3 and Llama did
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (a, b, c), from
                                        # Keller Jordan's Muon (2024); derivation in newton_schulz5
 NS_STEPS = 5
@@ -655,9 +486,8 @@ class AdamW(torch.optim.Optimizer):
                         cautious=cautious)
         super().__init__(params, defaults)
         # compiled: run the update through torch.compile (the trainer passes its compile
-        # setting): one fused pass over each parameter's state instead of ~8 (at 4 x 128,
-        # inside the training step: 22.27 -> 22.01 ms, A/B in one process); falls back to
-        # eager if compiling fails
+        # setting): one fused pass over each parameter's state instead of ~8 separate ones;
+        # falls back to eager if compiling fails
         self._update = CompiledStep(adamw_update, "AdamW", compiled, compile_options)
 
     @torch.no_grad()
@@ -720,20 +550,14 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings):
 
 # 4.2 Muon: orthogonalised momentum for hidden matrices
 
-def default_ns_dtype(device):
-    """The one switch for Newton-Schulz precision: bf16 on CUDA (tensor cores; each
-    step maps the band around 1 back into itself, so bf16 rounding does not grow:
-    the result differs from fp32 by ~2% and lands in the same band, tested), float32
-    elsewhere (CPU bf16 matmuls are not always fast, and exact CPU tests want fp32)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def newton_schulz5(G, steps=NS_STEPS, dtype=None):
     """Approximately orthogonalise G: return ~U V^T where G = U S V^T (its SVD).
 
     G is (..., rows, cols); leading dims are a batch (e.g. MoE experts, one matrix
     each), each matrix is orthogonalised on its own. Returns the same shape, computed
-    in `dtype` (default: default_ns_dtype(G.device)).
+    in `dtype` (default float32; the trainer passes its Runtime's ns_dtype: bf16 when the
+    run computes in bf16, where the result differs from float32 by ~2% and lands in the
+    same band, tested).
 
     Why it works: with X = U S V^T, the map
         X <- a X + b (X X^T) X + c (X X^T)^2 X  =  U phi(S) V^T,
@@ -755,15 +579,15 @@ def newton_schulz5(G, steps=NS_STEPS, dtype=None):
     Cost: all matmuls use the smaller side. For rows > cols we work on the transpose,
     so X X^T is (cols, cols). torch.baddbmm(M, P, Q, beta=x, alpha=y) computes
     x M + y (P @ Q) in one BLAS call (gemm's own alpha/beta), which saves the separate
-    scale-and-add passes: measured 1.2-1.4x faster than the plain expression on CPU
-    in float32 (in bf16 under torch.compile, which fuses the adds, the two tied)."""
+    scale-and-add passes over the result (under torch.compile, which fuses such adds
+    anyway, it makes no difference)."""
     assert G.ndim >= 2, "newton_schulz5 needs a matrix or a batch of matrices"
     a, b, c = NS_COEFFS
-    X = G.to(dtype or default_ns_dtype(G.device))
+    X = G.to(dtype or torch.float32)
     tall = G.size(-2) > G.size(-1)
     if tall:
         # (..., m, n), m = min(rows, cols); copied into that layout once (with a
-        # transposed view every baddbmm below copied X again: 69 us per call here)
+        # transposed view, every baddbmm below would copy X again)
         X = X.mT.contiguous()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + NS_EPS)     # all singular values <= 1
     batch_shape = X.shape[:-2]
@@ -848,11 +672,10 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=NS_STEPS,
                  weight_decay=0.0, cautious=False, fan_in_first=False, ns_dtype=None, compiled=False,
                  compile_options=None):
-        # ns_dtype: precision of Newton-Schulz; None = default_ns_dtype(device) (bf16 on
-        # CUDA, float32 elsewhere). A trainer running bf16 on a CPU with fast bf16
-        # matmuls may pass torch.bfloat16 (the 16 matrices of a 4 x 128 model, batched by
-        # shape: 5.3 ms in bf16 vs 10.4 ms in float32 here). Not a group setting, so it
-        # stays out of state_dict (a checkpoint can resume on other hardware).
+        # ns_dtype: precision of Newton-Schulz (None = float32); the trainer passes its
+        # Runtime's choice (bf16 when the run computes in bf16, where bf16 matmuls are
+        # fast). Not a group setting, so it stays out of state_dict (a checkpoint can
+        # resume on other hardware).
         self.ns_dtype = ns_dtype
         # compiled: run each single-process step through torch.compile(muon_step) (the
         # trainer passes its compile setting and options); if compiling fails, warn
@@ -906,7 +729,7 @@ class Muon(torch.optim.Optimizer):
             bufs = [[self.state[p]["momentum_buffer"] for p in plist] for plist in buckets]
             scales = [self._scales(plist, group) for plist in buckets]
             device = buckets[0][0].device
-            dtype = self.ns_dtype or default_ns_dtype(device)
+            dtype = self.ns_dtype or torch.float32
             # lr and momentum follow schedules: as 0-d tensors they are inputs of the
             # compiled code, not constants baked into it (a new value would recompile)
             lr = torch.tensor(group["lr"], dtype=torch.float32, device=device)
@@ -950,8 +773,8 @@ def muon_directions(grads, bufs, mu, nesterov):
     """Momentum update of every buffer, in place, then the Nesterov look-ahead:
         buf = mu * buf + (1 - mu) * g,   u = (1 - mu) * g + mu * buf   (nesterov=False: u = buf)
     Returns the u of every param (new tensors; the buffers stay for the next step).
-    Plain per-tensor ops: compiled, they fuse with what follows; torch._foreach_lerp
-    with a tensor weight stayed one un-fused call per tensor (0.9 ms per step here)."""
+    Plain per-tensor ops: compiled, they fuse with what follows, where torch._foreach_lerp
+    with a tensor weight stays one un-fused call per tensor."""
     for buf, g in zip(bufs, grads):
         buf.lerp_(g, 1.0 - mu)
     return [g.lerp(buf, mu) for g, buf in zip(grads, bufs)] if nesterov else bufs
@@ -960,17 +783,15 @@ def muon_directions(grads, bufs, mu, nesterov):
 def muon_orthogonalise(directions, ns_steps, dtype):
     """Newton-Schulz on a list of same-shape directions (wide: rows <= cols), batched:
     returns the (n, *shape) stack of ~orthogonal matrices, in dtype.
-    Batching matters for small models: at 4 x 128 wide (16 matrices of 4 shapes) one
-    batched bf16 call per shape took 5.3 ms against 13.6 ms for one call per matrix
-    (measured here; tall and wide buckets merged, 3 calls: 2-3% less again). A batch
-    holds at most MUON_BATCH_NUMEL elements, so that a big model's stack (and the
-    iteration's temporaries, a few times its size) stays bounded."""
+    Batching matters for small models, whose many small matrices would otherwise pay
+    a call's fixed cost each (README, performance notes). A batch holds at most
+    MUON_BATCH_NUMEL elements, so that a big model's stack (and the iteration's
+    temporaries, a few times its size) stays bounded."""
     per_call = max(1, MUON_BATCH_NUMEL // directions[0].numel())
     parts = []
     for i in range(0, len(directions), per_call):
         # (compiled, the stack, the cast and the momentum lerps fuse into one pass; an
-        # empty stack filled row by row was 0.1 ms faster eagerly, but compiled it made
-        # inductor fuse everything into one slow 3.7 ms kernel)
+        # empty stack filled row by row made inductor fuse everything into one slow kernel)
         stack = torch.stack(directions[i:i + per_call]).to(dtype)
         parts.append(newton_schulz5(stack, ns_steps, dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -993,8 +814,7 @@ def muon_step(buckets, grads, bufs, scales, lr, mu, *, weight_decay, cautious, n
     bucket's updates in memory at a time). Plain tensor code with no data-dependent
     branches, so that torch.compile can turn it into one graph: the momentum lerps, the
     stacking, the norms and the final update fuse into a few kernels around the
-    batched matmuls of Newton-Schulz (4 x 128 model, bf16: 5.9 ms against 7.9 ms eager
-    per step here). lr, mu: 0-d tensors."""
+    batched matmuls of Newton-Schulz. lr, mu: 0-d tensors."""
     for plist, glist, blist, slist in zip(buckets, grads, bufs, scales):
         directions = [_wide(u) for u in muon_directions(glist, blist, mu, nesterov)]
         muon_apply(plist, muon_orthogonalise(directions, ns_steps, ns_dtype), lr, slist,
@@ -1023,7 +843,7 @@ def build_optimizers(cfg, raw_model, rt):
     if raw_model.config.tie_embeddings:
         # One matrix is both wte and lm_head (it sits in the "embed" group). Its gradient
         # is dominated by the read-out, so it must move at the head's small lr: at
-        # embed_lr (50x larger) the tied model diverged within 15 steps (measured here).
+        # embed_lr (50x larger) the tied model diverges within a few steps.
         adam_lr["embed"] = adam_lr["head"]
     muon_groups, adam_groups = [], []
     compiled = bool(rt.compile)  # both optimizers' updates compiled when the model is
@@ -1050,11 +870,8 @@ def build_optimizers(cfg, raw_model, rt):
                                 eps=cfg.adam_eps, cautious=cfg.cautious_wd, compiled=compiled,
                                 compile_options=rt.compile_options))
     if muon_groups:
-        # Newton-Schulz in bf16 when the run computes in bf16 (CUDA, or a CPU with fast
-        # bf16 matmuls); in float32 otherwise, e.g. for the exact CPU tests
-        ns_dtype = torch.bfloat16 if rt.dtype == torch.bfloat16 else None
         optimizers.append(Muon(muon_groups, lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
-                               cautious=cfg.cautious_wd, ns_dtype=ns_dtype, compiled=compiled,
+                               cautious=cfg.cautious_wd, ns_dtype=rt.ns_dtype, compiled=compiled,
                                compile_options=rt.compile_options))
     return optimizers
 
@@ -1068,8 +885,7 @@ def clip_grad_norm(params, max_norm):
     Same result as torch.nn.utils.clip_grad_norm_, with one pass fewer when no clipping
     is needed: torch always multiplies by min(1, coef), which rewrites every grad even
     when the factor is 1 (in a healthy run the norm sits below the threshold on most
-    steps: 0.4-0.7 against 1.0 at 4 x 128; there the training step went from 22.01 to
-    21.45 ms, A/B in one process)."""
+    steps)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -1091,6 +907,9 @@ def clip_grad_norm(params, max_norm):
 #       |  /                        \           cosine: final + (1 - final)(1 + cos(pi p)) / 2
 #  final| /                          \____      p = (step - D) / (S - D), in [0, 1]
 #       0   W                        D    S
+#
+# warmup: step s < W runs at (s + 1) / W, so step 0 already moves (at 1/W, not at 0: a step at
+# lr 0 would be wasted) and step W - 1 reaches the full rate.
 
 def lr_multiplier(cfg, step):
     if step < cfg.warmup_steps:
@@ -1108,17 +927,6 @@ def muon_momentum(cfg, step):
     """Low momentum early (the gradient direction changes fast), ramped linearly."""
     frac = min(1.0, step / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup > 0 else 1.0
     return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum
-
-
-def staged(schedule, step, default):
-    """Value of a staged schedule [(from_step, value), ...] at step: the value of the
-    last stage that has started, or the default before the first one.
-    staged([(0, 64), (100, 256)], 99, 512) == 64; at step 100 it is 256."""
-    value = default
-    for start, v in schedule:
-        if step >= start:
-            value = v
-    return value
 
 
 @dataclasses.dataclass
@@ -1194,28 +1002,73 @@ def evaluate(rt, model, val_x, val_y, batch_size, token_bytes, doc_mask, bos_id)
     return nats / tokens, nats / (math.log(2) * max(n_bytes, 1.0))
 
 
-@torch.no_grad()
-def greedy_sample(rt, model, tokenizer, prompt, n_tokens, block_size):
-    """Greedy continuation of the prompt (argmax each step, no KV cache: short and simple)."""
+def greedy_sample(rt, model, tokenizer, prompt, n_tokens):
+    """The prompt and its greedy continuation, generated by sample.py's KV-cached generator (one
+    home for generation). Like a training document, the prompt starts after a BOS."""
+    ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
     model.eval()
-    ids = [tokenizer.eot_id] + tokenizer.encode(prompt)  # documents start with BOS in training
-    x = torch.tensor([ids], dtype=torch.long, device=rt.device)
-    for _ in range(n_tokens):
-        with rt.autocast():
-            logits = model(x[:, -block_size:])           # (1, T, vocab)
-        x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    with rt.autocast():
+        done = sample.generate_text(model, tokenizer, ids, n_tokens, cache_dtype=rt.dtype)
     model.train()
-    return tokenizer.decode(x[0, 1:].tolist())
+    return prompt + done[0].text
 
 
 # -----------------------------------------------------------------------------
 # 7. Metrics and pictures
 #
-# MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, with the
-# achieved rate = tokens/s * flops_per_token (6 N for the matmuls of forward +
-# backward plus the attention term; see model.flops_per_token). On CPU the "peak"
-# is a large matmul timed at start-up, so MFU there reads "fraction of what this
-# CPU's matmul reaches".
+# MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s of the hardware, with the
+# achieved rate = tokens/s * flops_per_token (6 N for the matmuls of forward + backward plus the
+# attention term; see model.flops_per_token). The peak of a known GPU comes from its data sheet.
+# A CPU has no data sheet figure we can trust, so its "peak" is the fastest of many timings of a
+# large matmul in the run's precision, taken before training: MFU on CPU reads "fraction of what
+# this CPU's matmul reaches". Other processes can only make a timing slower, so the fastest of
+# many is the one to trust; if the machine was busy all along, the peak comes out too low and
+# MFU above 100%: that is impossible, so it is shown as n/a rather than as a wrong number.
+
+# Peak dense tensor-core FLOP/s per GPU (vendor data sheets, no sparsity) in the precision the
+# Runtime picks there: bf16, or fp16 on V100 and T4, which have no bf16. First match wins, so
+# the more specific names come first. Other GPUs fall back to a timed matmul, like CPUs.
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H200": 989e12, "H100": 989e12, "A100": 312e12,
+                  "L40S": 362e12, "L4": 121e12, "A10": 125e12, "V100": 125e12, "T4": 65e12}
+PEAK_MATMUL_N = 1024   # size of the square matmul timed as a CPU's peak
+PEAK_REPEATS = 20      # timings of it; the fastest counts
+
+
+def peak_flops(rt):
+    """Peak FLOP/s of one device, for MFU (see above); None on devices we cannot time (mps)."""
+    if rt.device.type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    elif rt.device.type != "cpu":
+        return None
+    n = PEAK_MATMUL_N
+    a = torch.randn(n, n, device=rt.device, dtype=rt.dtype)
+    b = torch.randn(n, n, device=rt.device, dtype=rt.dtype)
+    best = math.inf
+    for i in range(PEAK_REPEATS + 1):  # the first call is a warm-up (allocation, kernel choice)
+        t0 = time.perf_counter()
+        a @ b
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best  # (n, n) @ (n, n) is n^3 multiply-adds
+
+
+def mfu(tokens_per_s, flops_per_token, peak, world_size=1):
+    """Model FLOPs utilisation as a fraction, or None when it cannot be known: no peak, or a
+    value above 1 (a peak timed on a busy machine; see above)."""
+    if not peak:
+        return None
+    value = tokens_per_s * flops_per_token / (peak * world_size)
+    return value if value <= 1.0 else None
+
+
+def format_mfu(value):
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
 
 def format_seconds(s):
     return str(datetime.timedelta(seconds=int(max(0, s))))
@@ -1225,21 +1078,44 @@ def write_text_atomic(path, text):
     bpe.atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_metrics(path):
+    """The records of a metrics.jsonl, and how many lines were dropped. Each record was appended
+    as one whole line, so a crash or a full disk can only tear the last line: a line without its
+    newline, or one that is not a JSON object with a step, is dropped rather than trusted."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records, dropped = [], int(lines[-1] != b"")   # the text after the last newline is torn
+    for line in lines[:-1]:
+        try:
+            rec = json.loads(line)
+            if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
+                raise ValueError("not a record")
+            records.append(rec)
+        except ValueError:                         # JSONDecodeError and bad UTF-8 are ValueErrors
+            dropped += 1
+    return records, dropped
+
+
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line; train and eval records share 'step'."""
+    """metrics.jsonl: one JSON object per line; train and eval records share 'step'. Each
+    write appends one whole line in one call, so an interruption can only tear the last line."""
 
     def __init__(self, path, resume_step=None):
-        """A fresh log, or (resume_step given) the old one cut back to that step: a run
-        that crashed after its last checkpoint logged steps that will now be redone."""
+        """A fresh log, or (resume_step given) the old one cut back to that step (a run that
+        crashed after its last checkpoint logged steps that will now be redone), without a
+        torn last line."""
         self.path = path
         self.train, self.val = [], []   # (step, loss) for the plots
         kept = []
         if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-        write_text_atomic(path, "".join(kept))
-        for line in kept:
-            self._remember(json.loads(line))
+            records, dropped = read_metrics(path)
+            if dropped:
+                print(f"note: dropped {dropped} damaged line(s) of {path} (an interrupted write)",
+                      file=sys.stderr)
+            kept = [rec for rec in records if rec["step"] <= resume_step]
+        write_text_atomic(path, "".join(json.dumps(rec) + "\n" for rec in kept))
+        for rec in kept:
+            self._remember(rec)
 
     def _remember(self, rec):
         if "loss" in rec:
@@ -1323,21 +1199,39 @@ def text_plot(train, val, width=60, height=10):
 # -----------------------------------------------------------------------------
 # 8. Checkpoints
 #
-# Written only by rank 0, atomically: torch.save into a temp file in the same
-# directory, fsync, then os.replace, which swaps the name in one step -- a crash
-# mid-save leaves the previous last.pt intact and at worst a stray temp file.
-# Everything inside is a tensor or a plain Python type, so every script can load
-# with torch.load(weights_only=True), which refuses to run pickled code.
+# The file format, the atomic save with its checksum and the verified load are model.py's
+# (section 13), shared with sample.py. Training adds what a run needs to continue exactly: the
+# optimizers' state, the step (which is the whole data position: batches are a function of the
+# step), the RNG states, and the Runtime's resolved choices. Only rank 0 writes. Two promises:
+# a new run never replaces an earlier one unless told to, and weights that have become nan or
+# inf are never saved (the files keep the last finite ones).
 
-def unwrap(model):
-    """The plain GPT inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        if isinstance(model, DDP):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "loss.svg")
+
+
+class NonFinite(bpe.UserError):
+    """The loss, the gradient or the weights became nan/inf; the message says what to do."""
+
+
+def check_out_dir(cfg):
+    """Refuse to start a new run over an earlier one: --resume=True continues it, --overwrite=True
+    replaces it (its files are deleted when the run starts). Returns the earlier run's files."""
+    existing = [n for n in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if existing and not (cfg.resume or cfg.overwrite or cfg.bench):
+        raise bpe.UserError(f"{cfg.out_dir}/ already holds a run ({', '.join(existing)}); continue it "
+                            f"with --resume=True, replace it with --overwrite=True, or choose "
+                            f"another --out_dir")
+    return existing
+
+
+def claim_out_dir(cfg, existing):
+    """Rank 0, before the first write: create out_dir, delete what --overwrite=True replaces, and
+    remove the temp files of saves that were killed (kill -9) in earlier runs."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.overwrite:
+        for name in existing:
+            os.remove(os.path.join(cfg.out_dir, name))
+    bpe.remove_stale_temp_files(cfg.out_dir)
 
 
 def clean_state_dict(model):
@@ -1376,32 +1270,39 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, checkpoint):
-    """torch.save into path atomically (temp file + fsync + os.replace, see bpe.atomic_write):
-    a crash or a full disk mid-save leaves the previous checkpoint intact."""
-    bpe.atomic_write(path, lambda f: torch.save(checkpoint, f))
+def weights_finite(params):
+    """Whether every weight is a finite number (one device sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise bpe.UserError(f"checkpoint {path} not found; train first or fix the path")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated / foreign file
-        raise bpe.UserError(f"cannot load checkpoint {path} ({type(e).__name__}: {e}); "
-                            f"it is damaged or not a train.py checkpoint") from None
+def save(run, name):
+    """Write <out_dir>/<name> (last.pt or best.pt) for the current step; never non-finite weights."""
+    if not weights_finite(run.params):
+        raise NonFinite(f"the weights became nan or inf by step {run.step} (an update overflowed "
+                        f"before the loss showed it); not saving {name}: the checkpoints in "
+                        f"{run.cfg.out_dir}/ keep the last finite weights; lower the learning rates")
+    checkpoint = {
+        "model": clean_state_dict(run.raw_model), "model_config": dataclasses.asdict(run.model_cfg),
+        "runtime": run.rt.settings(), "train_config": dataclasses.asdict(run.cfg),
+        "optimizers": [opt.state_dict() for opt in run.optimizers], "step": run.step,
+        "rng": rng_state(), "tokenizer_path": run.tokenizer_path,
+        "tokenizer_fingerprint": run.tokenizer.fingerprint, "bos_id": run.bos_id,
+        "best_val_loss": run.best_val_loss, "val_bpb": run.val_bpb}
+    save_checkpoint(os.path.join(run.cfg.out_dir, name), checkpoint)
 
 
 # -----------------------------------------------------------------------------
 # 9. The training loop
-
-class NonFiniteLoss(bpe.UserError):
-    """The loss became nan/inf; the message names the step."""
-
+#
+# train(cfg) is the loop a reader should see whole, nanoGPT-shaped: between steps evaluate,
+# sample and save; then one optimizer step: plan it (schedules), forward and backward over the
+# micro-batches, clip, update, log. Everything else is a named function above or below it,
+# and a Run carries the state they share.
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves last.pt and exits 0.
-    A second signal interrupts immediately."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves last.pt and exits with
+    EXIT_INTERRUPTED (a scheduler can tell "stopped, resumable" from "finished"). A second
+    signal interrupts immediately."""
 
     def __init__(self):
         self.requested = False
@@ -1475,6 +1376,297 @@ class MoEStats:
                 "moe_min_load": load.min().item(), "moe_max_load": load.max().item()}
 
 
+class PhaseTimer:
+    """--bench only: where a step's time goes. mark(name) adds the time since the previous mark
+    to phase `name` (waiting for the GPU first); end_step() files the step's phases. Off the
+    bench every call returns at once: a device sync per phase would slow training down."""
+
+    def __init__(self, enabled, device):
+        self.enabled, self.device = enabled, device
+        self.phases = collections.defaultdict(list)      # name -> seconds, one entry per step
+        self.this_step = collections.defaultdict(float)
+        self.last = 0.0
+
+    def start(self):
+        self.last = time.perf_counter()
+
+    def mark(self, name):
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.this_step[name] += now - self.last
+        self.last = now
+
+    def end_step(self):
+        for name, seconds in self.this_step.items():
+            self.phases[name].append(seconds)
+        self.this_step.clear()
+
+    def report(self, warmup):
+        """Median ms per phase over the steps after `warmup` (the phases need not add up)."""
+        return ", ".join(f"{name} {1000 * statistics.median(ts[warmup:] or ts):.1f}"
+                         for name, ts in self.phases.items())
+
+
+@dataclasses.dataclass
+class Run:
+    """The state one training run's steps share (made by start_run, advanced by train)."""
+    cfg: TrainConfig
+    rt: Runtime
+    raw_model: GPT               # the bare model: saved, evaluated, sampled
+    model: torch.nn.Module       # the same model compiled and/or wrapped in DDP: trained
+    model_cfg: GPTConfig
+    optimizers: list
+    params: list                 # listed once: walking the modules every step costs time
+    tokenizer: bpe.Tokenizer
+    tokenizer_path: str
+    bos_id: int
+    batches: BatchSource
+    val_x: np.ndarray
+    val_y: np.ndarray
+    token_bytes: torch.Tensor    # bytes of each token id, for bits per byte
+    log: Optional[MetricsLog]    # rank 0 and not --bench only
+    peak: Optional[float]        # FLOP/s of one device for MFU
+    start_step: int
+    end_step: int
+    step: int
+    best_val_loss: float = math.inf
+    val_loss: float = math.nan
+    val_bpb: float = math.nan
+    skipped: int = 0             # non-finite steps skipped in a row
+    compile_checked: bool = False
+    losses: list = dataclasses.field(default_factory=list)      # (step, loss) of each step run
+    step_times: list = dataclasses.field(default_factory=list)  # seconds per step after the first
+    moe: Optional[MoEStats] = None
+    timer: Optional[PhaseTimer] = None
+    t_start: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def doc_mask(self):
+        return self.cfg.batch_mode == "packed"
+
+
+def build_model(cfg, rt, vocab_size, checkpoint=None, checkpoint_path=""):
+    """A GPT from the settings, or from a checkpoint's model_config + weights; on rt.device."""
+    torch.manual_seed(cfg.seed)  # the same init on every rank
+    if checkpoint is None:
+        if cfg.vocab_size and cfg.vocab_size < vocab_size:
+            raise bpe.UserError(f"--vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                                f"{vocab_size} tokens; leave it at 0 (= the tokenizer's size)")
+        model_cfg = gpt_config(cfg, vocab_size=cfg.vocab_size or vocab_size)
+        model = GPT(model_cfg, rt.kernels)
+    else:
+        model = model_from_checkpoint(checkpoint, checkpoint_path, rt.kernels)
+        model_cfg = model.config
+        ignored = [k for k, v in dataclasses.asdict(model_cfg).items()
+                   if k != "vocab_size" and getattr(cfg, k) != v]
+        if ignored:
+            rt.print(f"note: the architecture comes from the checkpoint; ignoring --{', --'.join(ignored)}")
+        if model_cfg.vocab_size < vocab_size:
+            raise bpe.UserError(f"checkpoint vocab_size {model_cfg.vocab_size} < the data's "
+                                f"{vocab_size} tokens; use data made with the checkpoint's tokenizer")
+    return model.to(rt.device), model_cfg
+
+
+def start_run(cfg, rt=None):
+    """Everything before the first step: the out_dir check, the data and tokenizer, the checkpoint
+    to resume or start from, the Runtime, the model, its optimizers and the validation set."""
+    existing = check_out_dir(cfg)
+    meta = prepare.load_meta(cfg.data_dir)
+    tokenizer = prepare.load_tokenizer(cfg.data_dir)
+    ckpt_path = os.path.join(cfg.out_dir, "last.pt") if cfg.resume else cfg.init_from
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
+    if checkpoint is not None and checkpoint.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+        raise bpe.UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.data_dir}'s; "
+                            f"use data prepared with the checkpoint's tokenizer")
+    rt = rt or runtime_for(cfg, checkpoint.get("runtime") if cfg.resume else None)
+    if rt.is_main and not cfg.bench:
+        claim_out_dir(cfg, existing)
+    train_shards = prepare.load_split(cfg.data_dir, "train", expected_fingerprint=tokenizer.fingerprint)
+    val_shards = prepare.load_split(cfg.data_dir, "val", expected_fingerprint=tokenizer.fingerprint)
+    raw_model, model_cfg = build_model(cfg, rt, tokenizer.vocab_size, checkpoint, ckpt_path)
+    optimizers = build_optimizers(cfg, raw_model, rt)
+    eval_len = staged(cfg.seq_len_schedule, cfg.max_steps, cfg.seq_len)  # the final context length
+    val_x, val_y = val_windows(val_shards, eval_len, cfg.eval_tokens)
+    step = checkpoint["step"] if cfg.resume else 0
+    run = Run(cfg=cfg, rt=rt, raw_model=raw_model, model=wrap_ddp(rt, maybe_compile(rt, raw_model)),
+              model_cfg=model_cfg, optimizers=optimizers, params=list(raw_model.parameters()),
+              tokenizer=tokenizer, tokenizer_path=os.path.abspath(
+                  os.path.join(cfg.data_dir, meta.get("tokenizer", "tokenizer.bpe"))),
+              bos_id=int(meta.get("bos_id", tokenizer.eot_id)),
+              batches=BatchSource(train_shards, cfg.batch_mode, cfg.seed), val_x=val_x, val_y=val_y,
+              token_bytes=torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=rt.device),
+              log=None, peak=peak_flops(rt), start_step=step, step=step,
+              end_step=step + cfg.bench_steps + 3 if cfg.bench else cfg.max_steps,
+              compile_checked=not rt.compile, moe=MoEStats(raw_model),
+              timer=PhaseTimer(cfg.bench, rt.device))
+    if cfg.resume:
+        for opt, state in zip(optimizers, checkpoint["optimizers"]):
+            opt.load_state_dict(state)
+        run.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+        set_rng_state(checkpoint["rng"])
+        rt.print(f"resumed from {ckpt_path} at step {step}")
+    elif cfg.init_from:
+        rt.print(f"initialised weights from {cfg.init_from} (step 0, fresh optimizer)")
+    if rt.is_main and not cfg.bench:
+        run.log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), step if cfg.resume else None)
+    peak = f"{run.peak / 1e12:.2f} TFLOP/s" if run.peak else "unknown"
+    rt.print(f"device {rt.device} x {rt.world_size} | precision {str(rt.dtype)[6:]} ({rt.dtype_reason}) "
+             f"| compile {rt.compile} | deterministic {rt.deterministic} | threads {rt.threads} | "
+             f"peak {peak} per device")
+    rt.print(f"model {raw_model.num_params():,} params | "
+             f"{raw_model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOP/token | "
+             f"{cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size:,} tokens/step | "
+             f"{len(val_x)} val windows of {eval_len}")
+    return run
+
+
+def draw_batch(run, plan, micro):
+    """Micro-batch `micro` of this step for this rank, on the device: x, y (B, T) and doc_ids."""
+    cfg, rt = run.cfg, run.rt
+    x, y = run.batches.get(run.step, rt.rank * cfg.grad_accum + micro, plan.batch_size, plan.seq_len)
+    x, y = to_device(rt, x), to_device(rt, y)
+    return x, y, doc_ids_from_bos(x, run.bos_id) if run.doc_mask else None
+
+
+def accumulate_gradients(run, plan):
+    """Forward + backward of grad_accum micro-batches; returns the sum of their losses (a float:
+    one device sync per step, which the non-finite check needs anyway)."""
+    cfg, rt = run.cfg, run.rt
+    loss_sum = torch.zeros((), device=rt.device)
+    run.timer.start()
+    for micro in range(cfg.grad_accum):
+        x, y, doc_ids = draw_batch(run, plan, micro)
+        run.timer.mark("data")
+        # DDP all-reduces gradients during backward; skip that on all but the last
+        # micro-step, whose backward then averages the accumulated sums once
+        last_micro = micro == cfg.grad_accum - 1
+        with (run.model.no_sync() if rt.ddp and not last_micro else contextlib.nullcontext()):
+            with rt.autocast():
+                total, loss, aux = forward_loss(run.model, x, y, doc_ids, plan, run.model_cfg)
+            run.timer.mark("forward")
+            # mean over micro-steps here and over ranks by DDP: N ranks x M micro-steps
+            # give the gradient of the mean loss of one N*M times larger batch
+            scaled = total / cfg.grad_accum
+            (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
+            run.timer.mark("backward")
+        run.moe.add()
+        loss_sum += loss.detach().float()
+    return loss_sum.item()
+
+
+def forward_backward(run, plan):
+    """accumulate_gradients, with the compile fallback: torch.compile fails lazily, at the first
+    call, so if the first step of a compiled run fails, warn once and redo it eagerly."""
+    if run.compile_checked:
+        return accumulate_gradients(run, plan)
+    run.compile_checked = True
+    try:
+        return accumulate_gradients(run, plan)
+    except Exception as e:
+        message = str(e).splitlines()[0][:200] if str(e) else ""
+        run.rt.print(f"warning: torch.compile failed ({type(e).__name__}: {message}); "
+                     f"continuing without it")
+        run.rt.compile = False
+        run.model = wrap_ddp(run.rt, run.raw_model)
+        for p in run.params:
+            p.grad = None
+        run.moe.reset()
+        return accumulate_gradients(run, plan)
+
+
+def sync_loss_and_stop(run, loss_sum, stop_requested):
+    """The step's mean loss over micro-steps and ranks, and whether any rank was asked to stop
+    (then every rank stops after this same step). One collective for both."""
+    loss_sum, votes = all_reduce_sum(run.rt, [loss_sum, float(stop_requested)])
+    return loss_sum / (run.cfg.grad_accum * run.rt.world_size), votes > 0
+
+
+def clip_gradients(run):
+    """Unscale (fp16), clip to grad_clip; returns the norm before clipping."""
+    if run.rt.scaler:
+        for opt in run.optimizers:
+            run.rt.scaler.unscale_(opt)
+    norm = clip_grad_norm(run.params, run.cfg.grad_clip)
+    run.timer.mark("loss sync, clip")
+    return norm
+
+
+def optimizer_step(run, loss, grad_norm):
+    """Update the weights, unless the loss or the gradient is not finite: then stop, or with
+    --skip_nonfinite=True skip the step (giving up after max_skips in a row). With fp16 an inf
+    gradient is routine: the GradScaler skips that step itself and lowers its scale.
+    Returns whether the weights were updated."""
+    cfg, rt = run.cfg, run.rt
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or rt.scaler is not None)
+    if finite:
+        run.skipped = 0
+        for opt in run.optimizers:
+            rt.scaler.step(opt) if rt.scaler else opt.step()
+    else:
+        run.skipped += 1
+        what = f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {run.step}"
+        keep = f"the checkpoints in {cfg.out_dir}/ keep the last finite weights"
+        if not cfg.skip_nonfinite:
+            raise NonFinite(f"{what}; {keep}; lower the learning rates, or pass "
+                            f"--skip_nonfinite=True to skip such steps")
+        if run.skipped > cfg.max_skips:
+            raise NonFinite(f"{what}, the {run.skipped}th step in a row; giving up (--max_skips="
+                            f"{cfg.max_skips}); {keep}; lower the learning rates")
+        rt.print(f"step {run.step}: {what}; step skipped ({run.skipped} in a row)")
+    if rt.scaler:
+        rt.scaler.update()
+    for p in run.params:
+        p.grad = None
+    run.timer.mark("optimizer steps")
+    return finite
+
+
+def evaluate_and_keep_best(run):
+    """Validation loss and bits per byte; rank 0 logs them, redraws the chart, saves best.pt."""
+    run.val_loss, run.val_bpb = evaluate(run.rt, run.raw_model, run.val_x, run.val_y,
+                                         run.cfg.batch_size, run.token_bytes, run.doc_mask, run.bos_id)
+    run.rt.print(f"step {run.step} | val loss {run.val_loss:.4f} | val bpb {run.val_bpb:.4f}")
+    if run.rt.is_main:
+        run.log.write({"step": run.step, "val_loss": run.val_loss, "val_bpb": run.val_bpb,
+                       "elapsed": time.time() - run.t_start})
+        write_plots(run)
+        if run.val_loss < run.best_val_loss and run.step > 0:
+            run.best_val_loss = run.val_loss
+            save(run, "best.pt")
+
+
+def write_plots(run):
+    write_text_atomic(os.path.join(run.cfg.out_dir, "loss.svg"), loss_svg(run.log.train, run.log.val))
+
+
+def log_step(run, plan, loss, grad_norm, moe_stats, seconds):
+    """A metrics.jsonl record for every step, and a log line every log_interval steps: step,
+    loss, lr, gradient norm, tokens/s, MFU, elapsed time and ETA (from the steps after the first,
+    which compiles and warms up)."""
+    cfg, rt, step = run.cfg, run.rt, run.step
+    if step > run.start_step + 1:
+        run.step_times.append(seconds)
+    tok_s = plan.batch_size * plan.seq_len * cfg.grad_accum * rt.world_size / seconds
+    util = mfu(tok_s, run.raw_model.flops_per_token(plan.seq_len), run.peak, rt.world_size)
+    run.losses.append((step, loss))
+    if run.log is not None:
+        run.log.write({"step": step, "loss": loss, "lr_mult": plan.lr_mult, "grad_norm": grad_norm,
+                       "tok_s": tok_s, "mfu": util, "seq_len": plan.seq_len,
+                       "batch_size": plan.batch_size, "elapsed": time.time() - run.t_start,
+                       **moe_stats})
+    if step % cfg.log_interval == 0 or step == run.end_step:
+        recent = run.step_times[-20:]
+        eta = format_seconds((run.end_step - step) * statistics.median(recent)) if recent else "n/a"
+        moe = (f"moe drop {100 * moe_stats['moe_dropped']:.1f}% load {moe_stats['moe_min_load']:.2f}-"
+               f"{moe_stats['moe_max_load']:.2f}x | " if moe_stats else "")
+        rt.print(f"step {step}/{run.end_step} | loss {loss:.4f} | lr x{plan.lr_mult:.3f} | "
+                 f"gnorm {grad_norm:.3f} | {tok_s / 1e3:.1f}k tok/s | mfu {format_mfu(util)} | {moe}"
+                 f"{format_seconds(time.time() - run.t_start)} elapsed | eta {eta}")
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What train() returns (the tests read it)."""
@@ -1486,288 +1678,68 @@ class TrainResult:
     model: object = None    # the trained (unwrapped) model
 
 
-def build_model(cfg, rt, vocab_size, checkpoint=None):
-    """A GPT from the settings, or from a checkpoint's model_config + weights."""
-    if checkpoint is not None:
-        names = {f.name for f in dataclasses.fields(GPTConfig)}
-        model_cfg = GPTConfig(**{k: v for k, v in checkpoint["model_config"].items() if k in names})
-        ignored = [k for k, v in dataclasses.asdict(model_cfg).items()
-                   if k != "vocab_size" and getattr(cfg, k, v) != v]
-        if ignored:
-            rt.print(f"note: the architecture comes from the checkpoint; ignoring --{', --'.join(ignored)}")
-        if model_cfg.vocab_size != vocab_size:
-            raise bpe.UserError(f"checkpoint vocab_size {model_cfg.vocab_size} != data vocab_size "
-                                f"{vocab_size}; use data made with the checkpoint's tokenizer")
-    else:
-        model_cfg = model_config_from(cfg, vocab_size)
-    torch.manual_seed(cfg.seed)  # the same init on every rank
-    model = GPT(model_cfg)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-    return model.to(rt.device), model_cfg
-
-
-def maybe_compile(rt, raw_model):
-    if not rt.compile:
-        return raw_model
-    try:
-        return torch.compile(raw_model, options=rt.compile_options or None)
-    except Exception as e:  # the backend can be missing altogether
-        rt.print(f"warning: torch.compile unavailable ({type(e).__name__}: {e}); running eager")
-        rt.compile = False
-        return raw_model
-
-
-def wrap_ddp(rt, model):
-    """DDP averages gradients during backward. broadcast_buffers=False: our buffers
-    (RoPE tables, MoE balancing biases) are computed identically on every rank, so
-    re-sending rank 0's copies before every forward would only cost time (and would
-    hide a bug that let the ranks' biases drift apart)."""
-    if not rt.ddp:
-        return model
-    return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-               broadcast_buffers=False)
-
-
 def train(cfg, rt=None):
-    """Run (or resume) training as cfg says; returns a TrainResult. main() calls it
-    under torchrun as well: every rank runs this same function."""
-    rt = rt or setup_runtime(cfg)
-    t_start = time.time()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path, best_path = os.path.join(cfg.out_dir, "last.pt"), os.path.join(cfg.out_dir, "best.pt")
-
-    # --- data and tokenizer; shards must have been made with this tokenizer ---
-    meta = prepare.load_meta(cfg.data_dir)
-    tokenizer = prepare.load_tokenizer(cfg.data_dir)
-    train_shards = prepare.load_split(cfg.data_dir, "train", expected_fingerprint=tokenizer.fingerprint)
-    val_shards = prepare.load_split(cfg.data_dir, "val", expected_fingerprint=tokenizer.fingerprint)
-    bos_id = int(meta.get("bos_id", tokenizer.eot_id))
-    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=rt.device)
-
-    # --- model: fresh, resumed or initialised from a checkpoint ---
-    checkpoint = None
-    if cfg.resume:
-        checkpoint = load_checkpoint(last_path)
-    elif cfg.init_from:
-        checkpoint = load_checkpoint(cfg.init_from)
-    if checkpoint is not None and checkpoint.get("tokenizer_fingerprint") != tokenizer.fingerprint:
-        raise bpe.UserError(f"the checkpoint was trained with another tokenizer than {cfg.data_dir}'s; "
-                            f"use data prepared with the checkpoint's tokenizer")
-    raw_model, model_cfg = build_model(cfg, rt, tokenizer.vocab_size, checkpoint)
-    optimizers = build_optimizers(cfg, raw_model, rt)
-    start_step, best_val_loss = 0, float("inf")
-    if cfg.resume:
-        for opt, state in zip(optimizers, checkpoint["optimizers"]):
-            opt.load_state_dict(state)
-        start_step = checkpoint["step"]
-        best_val_loss = checkpoint.get("best_val_loss", float("inf"))
-        set_rng_state(checkpoint["rng"])
-        rt.print(f"resumed from {last_path} at step {start_step}")
-    elif cfg.init_from:
-        rt.print(f"initialised weights from {cfg.init_from} (step 0, fresh optimizer)")
-    checkpoint = None  # free the memory
-
-    model = wrap_ddp(rt, maybe_compile(rt, raw_model))
-    params = list(raw_model.parameters())  # listed once: walking the modules every step costs
-    batches = BatchSource(train_shards, cfg.batch_mode, cfg.seed)
-    eval_len = staged(cfg.seq_len_schedule, cfg.max_steps, cfg.seq_len)  # the final context length
-    val_x, val_y = val_windows(val_shards, eval_len, cfg.eval_tokens)
-    doc_mask = cfg.batch_mode == "packed"
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-
-    rt.print(f"device {rt.device} x {rt.world_size} | precision {rt.dtype} ({rt.dtype_reason}) | "
-             f"compile {rt.compile} | peak {rt.peak_flops / 1e12:.2f} TFLOP/s per device")
-    rt.print(f"model {raw_model.num_params():,} params | {flops_per_token / 1e6:.1f} MFLOP/token | "
-             f"{cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size:,} tokens/step | "
-             f"{len(val_x)} val windows of {eval_len}")
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"),
-                     resume_step=start_step if cfg.resume else None) \
-        if rt.is_main and not cfg.bench else None
-
-    def checkpoint_dict(step, val_bpb):
-        return {"model": clean_state_dict(raw_model), "model_config": dataclasses.asdict(model_cfg),
-                "train_config": dataclasses.asdict(cfg),
-                "optimizers": [opt.state_dict() for opt in optimizers], "step": step,
-                "data_state": {"step": step, "seed": cfg.seed, "batch_mode": cfg.batch_mode},
-                "rng": rng_state(), "tokenizer_path": os.path.abspath(
-                    os.path.join(cfg.data_dir, meta.get("tokenizer", "tokenizer.bpe"))),
-                "tokenizer_fingerprint": tokenizer.fingerprint, "best_val_loss": best_val_loss,
-                "val_bpb": val_bpb, "bos_id": bos_id}
-
-    def write_plots():
-        write_text_atomic(os.path.join(cfg.out_dir, "loss.svg"), loss_svg(log.train, log.val))
-
-    moe = MoEStats(raw_model)
-    phases = collections.defaultdict(list)   # --bench: seconds per phase, one entry per step
-    this_step = collections.defaultdict(float)
-
-    def phase_end(name, since):
-        """--bench only: wait for the device, add the time since `since` to phase `name`
-        of this step; returns now. (Off the bench, a no-op: syncs would slow training.)"""
-        if not cfg.bench:
-            return since
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        this_step[name] += now - since
-        return now
-
-    def accumulate_gradients(model, plan, step):
-        """Forward + backward of grad_accum micro-batches; returns the sum of their losses."""
-        loss_sum = torch.zeros((), device=rt.device)
-        mark = time.perf_counter()
-        for micro in range(cfg.grad_accum):
-            x, y = batches.get(step, rt.rank * cfg.grad_accum + micro, plan.batch_size, plan.seq_len)
-            x, y = to_device(rt, x), to_device(rt, y)
-            doc_ids = doc_ids_from_bos(x, bos_id) if doc_mask else None
-            mark = phase_end("data", mark)
-            # DDP all-reduces gradients during backward; skip that on all but the last
-            # micro-step, whose backward then averages the accumulated sums once
-            last_micro = micro == cfg.grad_accum - 1
-            with (model.no_sync() if rt.ddp and not last_micro else contextlib.nullcontext()):
-                with rt.autocast():
-                    total, loss, aux = forward_loss(model, x, y, doc_ids, plan, model_cfg)
-                mark = phase_end("forward", mark)
-                # mean over micro-steps here and over ranks by DDP: N ranks x M micro-steps
-                # give the gradient of the mean loss of one N*M times larger batch
-                scaled = total / cfg.grad_accum
-                (rt.scaler.scale(scaled) if rt.scaler else scaled).backward()
-                mark = phase_end("backward", mark)
-            moe.add()
-            loss_sum += loss.detach().float()
-        return loss_sum.item()  # one device sync per step (the non-finite check needs it)
-
-    losses, val_loss, val_bpb = [], float("nan"), float("nan")
-    step, stopped, compile_checked = start_step, False, not rt.compile
-    step_times = []  # seconds per step, excluding the first (compile / warm-up)
-    end_step = start_step + cfg.bench_steps + 3 if cfg.bench else cfg.max_steps
+    """Run (or resume) training as cfg says; returns a TrainResult. Under torchrun every rank
+    runs this same function."""
+    run = start_run(cfg, rt)
+    cfg, rt, stopped = run.cfg, run.rt, False
     with StopFlag() as stop:
         while True:
-            last = step >= end_step
-            # --- evaluate, sample, checkpoint (between steps, so resume sees the same state) ---
+            last = run.step >= run.end_step
+            # between steps (so that a resumed run sees the same state): evaluate, sample, save
             if not cfg.bench:
-                if (step % cfg.eval_interval == 0 and step != start_step) or last \
-                        or (step == 0 and not cfg.resume):
-                    val_loss, val_bpb = evaluate(rt, raw_model, val_x, val_y, cfg.batch_size,
-                                                 token_bytes, doc_mask, bos_id)
-                    rt.print(f"step {step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
-                    if rt.is_main:
-                        log.write({"step": step, "val_loss": val_loss, "val_bpb": val_bpb,
-                                   "elapsed": time.time() - t_start})
-                        write_plots()
-                        if val_loss < best_val_loss and step > 0:
-                            best_val_loss = val_loss
-                            save_checkpoint(best_path, checkpoint_dict(step, val_bpb))
-                if rt.is_main and (last or (cfg.sample_interval and step % cfg.sample_interval == 0
-                                            and step > start_step)):
-                    text = greedy_sample(rt, raw_model, tokenizer, cfg.sample_prompt,
-                                         cfg.sample_tokens, model_cfg.block_size)
-                    rt.print(f"--- greedy sample at step {step} ---\n{text}\n---")
-                if rt.is_main and step > start_step and (step % cfg.ckpt_interval == 0 or last
-                                                         or stopped):
-                    save_checkpoint(last_path, checkpoint_dict(step, val_bpb))
+                if (run.step % cfg.eval_interval == 0 and run.step != run.start_step) or last \
+                        or (run.step == 0 and not cfg.resume):
+                    evaluate_and_keep_best(run)
+                if rt.is_main and (last or (cfg.sample_interval and run.step > run.start_step
+                                            and run.step % cfg.sample_interval == 0)):
+                    text = greedy_sample(rt, run.raw_model, run.tokenizer, cfg.sample_prompt,
+                                         cfg.sample_tokens)
+                    rt.print(f"--- greedy sample at step {run.step} ---\n{text}\n---")
+                if rt.is_main and run.step > run.start_step and (
+                        run.step % cfg.ckpt_interval == 0 or last or stopped):
+                    save(run, "last.pt")
             if last or stopped:
                 break
 
-            # --- one optimizer step: grad_accum micro-batches, then clip and update ---
+            # one optimizer step: plan, grad_accum micro-batches forward + backward, clip, update
             t0 = time.time()
-            plan = plan_step(cfg, step)
-            apply_schedules(optimizers, plan)
-            try:
-                loss_sum = accumulate_gradients(model, plan, step)
-            except Exception as e:
-                if compile_checked:
-                    raise
-                # torch.compile fails lazily, at the first call: warn once, redo the step eagerly
-                rt.print(f"warning: torch.compile failed ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); continuing without it")
-                rt.compile = False
-                model = wrap_ddp(rt, raw_model)
-                for p in raw_model.parameters():
-                    p.grad = None
-                moe.reset()
-                loss_sum = accumulate_gradients(model, plan, step)
-            compile_checked = True
-            mark = time.perf_counter()
-            loss_sum, stop_votes = all_reduce_sum(rt, [loss_sum, float(stop.requested)])
-            step_loss = loss_sum / (cfg.grad_accum * rt.world_size)
-            stopped = stop_votes > 0  # every rank stops after the same step
-            if rt.scaler:
-                for opt in optimizers:
-                    rt.scaler.unscale_(opt)
-            grad_norm = clip_grad_norm(params, cfg.grad_clip)
-            mark = phase_end("loss sync, clip", mark)
-            # with fp16 an inf gradient is routine: the GradScaler skips the step and lowers its scale
-            finite = math.isfinite(step_loss) and (math.isfinite(grad_norm) or rt.scaler is not None)
-            if not finite:
-                if not cfg.skip_nonfinite:
-                    raise NonFiniteLoss(f"non-finite loss ({step_loss}) or gradient norm "
-                                        f"({grad_norm}) at step {step}; checkpoints in "
-                                        f"{cfg.out_dir}/ were left untouched; lower the learning "
-                                        f"rates, or pass --skip_nonfinite=True to skip such steps")
-                rt.print(f"step {step}: non-finite loss/gradient, step skipped")
-            elif rt.scaler:
-                for opt in optimizers:
-                    rt.scaler.step(opt)
-            else:
-                for opt in optimizers:
-                    opt.step()
-            if rt.scaler:
-                rt.scaler.update()
-            for p in params:
-                p.grad = None
-            moe_stats = moe.finish(rt, update_bias=finite)  # MoE: balance once per step
-            phase_end("optimizer steps", mark)
-            for name, seconds in this_step.items():
-                phases[name].append(seconds)
-            this_step.clear()
-            step += 1
-
-            # --- log ---
+            plan = plan_step(cfg, run.step)
+            apply_schedules(run.optimizers, plan)
+            loss = forward_backward(run, plan)
+            loss, stopped = sync_loss_and_stop(run, loss, stop.requested)
+            grad_norm = clip_gradients(run)
+            updated = optimizer_step(run, loss, grad_norm)
+            moe_stats = run.moe.finish(rt, update_bias=updated)  # MoE: balance once per step
+            run.timer.end_step()
+            run.step += 1
             if rt.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            if step > start_step + 1:
-                step_times.append(dt)
-            tokens = plan.batch_size * plan.seq_len * cfg.grad_accum * rt.world_size
-            tok_s = tokens / dt
-            mfu = tok_s * raw_model.flops_per_token(plan.seq_len) / (rt.peak_flops * rt.world_size)
-            losses.append((step, step_loss))
-            if log is not None:
-                log.write({"step": step, "loss": step_loss, "lr_mult": plan.lr_mult,
-                           "grad_norm": grad_norm, "tok_s": tok_s, "mfu": mfu,
-                           "seq_len": plan.seq_len, "batch_size": plan.batch_size,
-                           "elapsed": time.time() - t_start, **moe_stats})
-            if step % cfg.log_interval == 0 or step == end_step:
-                recent = step_times[-20:] or [dt]
-                eta = (end_step - step) * sorted(recent)[len(recent) // 2]
-                rt.print(f"step {step}/{end_step} | loss {step_loss:.4f} | lr x{plan.lr_mult:.3f} | "
-                         f"gnorm {grad_norm:.3f} | {tok_s / 1e3:.1f}k tok/s | mfu {100 * mfu:.1f}% | "
-                         + (f"moe drop {100 * moe_stats['moe_dropped']:.1f}% load "
-                            f"{moe_stats['moe_min_load']:.2f}-{moe_stats['moe_max_load']:.2f}x | "
-                            if moe_stats else "") +
-                         f"{format_seconds(time.time() - t_start)} elapsed | "
-                         f"eta {format_seconds(eta)}")
+                torch.cuda.synchronize()  # so that the step time is the GPU's, not the launch's
+            log_step(run, plan, loss, grad_norm, moe_stats, time.time() - t0)
+    return finish(run, stopped)
 
+
+def finish(run, stopped):
+    """The closing report (--bench: speed and phases; else the chart and the last figures)."""
+    cfg, rt = run.cfg, run.rt
     if cfg.bench:
-        times = sorted(step_times[2:]) or sorted(step_times)  # drop the warm-up steps
+        times = sorted(run.step_times[2:]) or sorted(run.step_times)  # after 3 warm-up steps
         dt = times[len(times) // 2]
         tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
-        mfu = tokens / dt * flops_per_token / (rt.peak_flops * rt.world_size)
-        rt.print(f"bench: {tokens / dt:,.0f} tokens/s | MFU {100 * mfu:.1f}% | "
+        util = mfu(tokens / dt, run.raw_model.flops_per_token(cfg.seq_len), run.peak, rt.world_size)
+        rt.print(f"bench: {tokens / dt:,.0f} tokens/s | MFU {format_mfu(util)} | "
                  f"{1000 * dt:.1f} ms/step (median of {len(times)} steps)")
-        # where a step's time goes (medians per phase, same steps; they need not add up exactly)
-        rt.print("bench: ms per step by phase: " + ", ".join(
-            f"{name} {1000 * statistics.median(ts[3:] or ts):.1f}" for name, ts in phases.items()))
+        rt.print(f"bench: ms per step by phase: {run.timer.report(warmup=3)}")
     elif rt.is_main:
-        write_plots()
-        print(text_plot(log.train, log.val), flush=True)
-        print(f"{'stopped by signal' if stopped else 'done'}: step {step}, last val loss "
-              f"{val_loss:.4f}, val bpb {val_bpb:.4f}, "
-              f"{format_seconds(time.time() - t_start)}; checkpoints in {cfg.out_dir}/", flush=True)
-    return TrainResult(step=step, losses=losses, val_loss=val_loss, val_bpb=val_bpb, stopped=stopped,
-                       model=raw_model)
+        write_plots(run)
+        print(text_plot(run.log.train, run.log.val), flush=True)
+        ending = (f"stopped by signal (exit code {EXIT_INTERRUPTED}); continue with --resume=True"
+                  if stopped else "done")
+        print(f"{ending}: step {run.step}, last val loss {run.val_loss:.4f}, val bpb "
+              f"{run.val_bpb:.4f}, {format_seconds(time.time() - run.t_start)}; checkpoints in "
+              f"{cfg.out_dir}/", flush=True)
+    return TrainResult(step=run.step, losses=run.losses, val_loss=run.val_loss, val_bpb=run.val_bpb,
+                       stopped=stopped, model=run.raw_model)
 
 
 # -----------------------------------------------------------------------------
@@ -1776,15 +1748,13 @@ def train(cfg, rt=None):
 def main():
     cfg = bpe.parse_settings(TrainConfig, sys.argv[1:], description=__doc__)
     try:
-        train(cfg)
+        result = train(cfg)
     except BaseException as e:
         if dist.is_initialized():
             # other ranks may be blocked in a collective that this rank will never join;
             # leaving without destroy_process_group lets torchrun tear the group down
             # (their pending collectives fail as soon as this process is gone)
             print(f"rank {dist.get_rank()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            sys.stderr.flush()
-            raise
         raise
     if dist.is_initialized():
         # every rank reaches this line before any tears down: without the barrier one
@@ -1792,6 +1762,8 @@ def main():
         # which aborted a rank now and then ("terminate called without an active exception")
         dist.barrier()
         dist.destroy_process_group()
+    if result.stopped:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":
