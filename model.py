@@ -648,8 +648,8 @@ class MoE(nn.Module):
     def expert_weights(self):
         """Per-expert views of the 3-D weights: lists of E tensors (C, H) / (H, C).
         unbind() once rather than indexing c_fc[e] inside the loop: the backward of each
-        c_fc[e] would allocate and zero a full (E, C, H) gradient per expert (measured
-        here: a third of the layer's CPU time); unbind's backward stacks once."""
+        c_fc[e] would allocate and zero a full (E, C, H) gradient per expert (E times the
+        work of the gradient itself); unbind's backward stacks once."""
         gate = self.c_gate.unbind(0) if self.c_gate is not None else [None] * self.n_experts
         return self.c_fc.unbind(0), gate, self.c_proj.unbind(0)
 
@@ -733,9 +733,10 @@ class MoE(nn.Module):
         #         so no gradient flows through it)
         #   P_i = mean over tokens of softmax(logits)_i (differentiable)
         # Both sum to 1, so under UNIFORM routing (f_i = P_i = 1/E) it equals exactly 1.0 for
-        # every top_k; it approaches E when every token goes to the same expert with
-        # certainty. (Normalising f per token instead of per choice would give top_k at
-        # balance; dividing by N*k lets one moe_aux_coef fit every top_k.)
+        # every top_k. At the other extreme every token picks the same k experts, f_i = 1/k on
+        # those k, and the router's probability sits on them: the loss approaches E * (1/k) * 1
+        # = E / top_k (E for top-1). (Normalising f per token instead of per choice would give
+        # top_k at balance; dividing by N*k lets one moe_aux_coef fit every top_k.)
         probs = torch.softmax(logits, dim=-1)                           # (N, E)
         f = counts.float() / (N * k)
         aux = E * (f * probs.mean(0)).sum()
@@ -1147,13 +1148,18 @@ class GPT(nn.Module):
         Attention adds q k^T and probs v: 2 * 2 * head_dim * n_head FLOPs per attended key
         forward, times 3 for fwd + bwd. ctx is the mean number of keys a query attends to in a
         seq_len window (causal: (seq_len+1)/2; a sliding window caps it). This counts useful
-        FLOPs: nanoGPT's estimate_mfu uses ctx = seq_len (the masked half too)."""
+        FLOPs: nanoGPT's estimate_mfu uses ctx = seq_len (the masked half too).
+        Multi-token prediction adds its block (in the table), its attention, and a second pass
+        through lm_head for the T-1 positions that have a token t+2 to predict.
+        test_model_flops_counted_by_torch checks all of it against torch's own FLOP counter."""
         c = self.config
         T = seq_len or c.block_size
         table = self.num_params(by_component=True, active=True)
         n_matmul = sum(table.values()) - table["norm gains"] - table["embedding (wte)"]
         if c.tie_embeddings:
             n_matmul += c.vocab_size * c.n_embd                        # wte used as lm_head
+        if c.mtp:
+            n_matmul += c.vocab_size * c.n_embd * (T - 1) / T          # lm_head again, T-1 rows
         w = c.window if 0 < c.window < T else T
         ctx = sum(min(t + 1, w) for t in range(T)) / T
         n_attn_layers = c.n_layer + (1 if c.mtp else 0)

@@ -1407,18 +1407,40 @@ def _model_matmul_params(m):
                                 dict(mlp="gelu", mlp_hidden=50, n_kv_head=1, qk_norm=False, norm_gain=True),
                                 dict(window=8, mtp=True)])
 @_model_one_thread
-def test_model_param_and_flops_formulas_match_count(kw):
+def test_model_param_formulas_match_count(kw):
     m = M.GPT(_model_cfg(**kw))
     assert m.num_params() == sum(p.numel() for p in m.parameters())
     assert sum(m.num_params(by_component=True).values()) == m.num_params()
-    c = m.config
-    T = 16
-    w = c.window if 0 < c.window < T else T
-    ctx = sum(min(t + 1, w) for t in range(T)) / T
+    assert m.flops_per_token() == m.flops_per_token(m.config.block_size)
+
+
+@_model_one_thread
+@pytest.mark.parametrize("kw", [{}, dict(n_kv_head=1, window=5), dict(mtp=True, mlp="swiglu"),
+                                dict(mtp=True, tie_embeddings=True),
+                                dict(n_experts=4, top_k=2, n_shared_experts=1, moe_hidden=24)])
+def test_model_flops_counted_by_torch(kw):
+    """flops_per_token against a count of the real thing: torch.utils.flop_counter counts every
+    matmul of one forward + backward (the hand-written attention, so that the score matmuls are
+    plain bmm calls). The weight matmuls (mm, addmm) must give 6 N_matmul per token exactly, MTP's
+    second lm_head pass and the MoE experts each token really used included. The attention
+    matmuls compute every (query, key) score, masked or not: 12 * layers * H * D * T per token;
+    the formula keeps the visible share of it, ctx / T."""
+    from torch.utils.flop_counter import FlopCounterMode
+    m = M.GPT(_model_cfg(attn_impl="manual", **kw))
+    c, B, T = m.config, 2, 16
+    idx = torch.randint(c.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        loss, aux = m(idx, idx)
+        (loss + sum(aux.values())).backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    weights = (by_op.pop("aten.mm", 0) + by_op.pop("aten.addmm", 0)) / (B * T)
+    scores = by_op.pop("aten.bmm", 0) / (B * T)
+    assert not by_op, by_op   # no other kind of matmul went uncounted
     layers = c.n_layer + (1 if c.mtp else 0)
-    expected = 6 * _model_matmul_params(m) + 12 * layers * c.n_head * c.head_dim * ctx
-    assert m.flops_per_token(T) == int(expected)
-    assert m.flops_per_token() == m.flops_per_token(c.block_size)
+    assert scores == 12 * layers * c.n_head * c.head_dim * T
+    w = c.window if 0 < c.window < T else T
+    visible = sum(min(t + 1, w) for t in range(T)) / T       # mean keys a query may see
+    assert m.flops_per_token(T) == pytest.approx(weights + scores * visible / T, abs=1)
 
 
 @_model_one_thread
@@ -1426,9 +1448,13 @@ def test_model_flops_hand_example():
     """By hand: 1 layer, C=8, 2 heads of 4, V=10, untied, relu2 (hidden 32), T=4.
     matmul params: c_attn 8*24 + c_proj 8*8 + c_fc 8*32 + c_proj 32*8 + lm_head 8*10 = 848.
     attention: ctx = (1+2+3+4)/4 = 2.5 keys; 12 * 1 layer * 2 heads * 4 dims * 2.5 = 240.
-    total = 6 * 848 + 240 = 5328."""
-    m = M.GPT(M.GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_kv_head=2, n_embd=8))
-    assert m.flops_per_token() == 5328
+    total = 6 * 848 + 240 = 5328.
+    With mtp=True: its block's matmuls 192 + 64 + 256 + 256 = 768, its proj (16 -> 8) 128, and
+    lm_head again for the 3 of 4 positions that have a token t+2: 80 * 3/4 = 60; so
+    6 * (848 + 768 + 128 + 60) = 10824, and attention in 2 layers, 480: total 11304."""
+    cfg = M.GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_kv_head=2, n_embd=8)
+    assert M.GPT(cfg).flops_per_token() == 5328
+    assert M.GPT(dataclasses.replace(cfg, mtp=True)).flops_per_token() == 11304
 
 
 @_model_one_thread
@@ -1687,7 +1713,8 @@ def test_moe_gradients_reach_router(top_k):
 @pytest.mark.parametrize("top_k,n_experts", [(1, 4), (2, 4), (2, 8)])
 def test_moe_aux_loss_documented_values(top_k, n_experts):
     # Documented: moe_aux = E * sum f_i P_i = 1.0 exactly under uniform routing for every
-    # top_k; approaches E when all tokens go to one expert; moe_z = log(E)^2 at zero logits.
+    # top_k; approaches E / top_k when all tokens pick the same top_k experts with certainty;
+    # moe_z = log(E)^2 at zero logits.
     moe = _moe_layer(top_k=top_k, n_experts=n_experts)
     with torch.no_grad():
         moe.router.weight.zero_()  # every logit 0 -> P_i = 1/E exactly
@@ -1702,11 +1729,16 @@ def test_moe_aux_loss_documented_values(top_k, n_experts):
     x = torch.eye(n_experts).view(1, n_experts, n_experts)
     moe(x)
     assert moe.aux["moe_aux"].item() == pytest.approx(1.0, abs=1e-4)
-    # collapse: every token onto expert 0 (top_k=1) -> E
-    if top_k == 1:
-        x = torch.eye(n_experts)[[0] * n_experts].view(1, n_experts, n_experts)
-        moe(x)
-        assert moe.aux["moe_aux"].item() == pytest.approx(n_experts, rel=1e-4)
+    # collapse: every token onto the same top_k experts, all the router's probability on
+    # them -> E / top_k (regression: the comment said E for every top_k, and top_k > 1 was not
+    # tested). The router scores experts 0..k-1 alike and far above the rest.
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[:top_k, 0] = 30.0
+    x = torch.zeros(1, n_experts, n_experts)
+    x[..., 0] = 1.0
+    moe(x)
+    assert moe.aux["moe_aux"].item() == pytest.approx(n_experts / top_k, rel=1e-4)
 
 
 def test_moe_bias_update_balances_skewed_router():
@@ -2593,6 +2625,106 @@ def test_train_resume_is_bitwise_exact_after_sigterm(_train_data, tmp_path, monk
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def _train_default_cfg(data_dir, out_dir, **overrides):
+    """The defaults a user gets (dtype, compile, deterministic, threads all "auto"), on a small
+    model: only the sizes and the logging are set."""
+    base = dict(data_dir=data_dir, out_dir=str(out_dir), n_layer=2, n_head=2, n_kv_head=2,
+                n_embd=64, block_size=64, seq_len=64, batch_size=8, max_steps=8, eval_interval=4,
+                eval_tokens=256, sample_interval=0, log_interval=1000, ckpt_interval=1000)
+    base.update(overrides)
+    return train.TrainConfig(**base)
+
+
+def test_train_default_settings_resume_bitwise(_train_data, tmp_path, monkeypatch):
+    """Regression (reliability finding 3): with the defaults, compiled CPU code summed the
+    embedding's gradient with atomic adds across threads, so two runs with one seed drifted
+    apart after a few steps, and --dtype=auto could choose differently on resume. Now: two
+    uninterrupted default runs are bitwise equal, and so is a run stopped by SIGTERM and resumed
+    (which reuses the checkpoint's saved runtime choices)."""
+    threads = torch.get_num_threads()
+    try:
+        full = train.train(_train_default_cfg(_train_data, tmp_path / "full"))
+        again = train.train(_train_default_cfg(_train_data, tmp_path / "again"))
+        assert full.losses == again.losses
+        _train_sigterm_at(monkeypatch, at_call=4)
+        part = train.train(_train_default_cfg(_train_data, tmp_path / "part"))
+        assert part.stopped and part.step == 4
+        saved = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["runtime"]
+        assert saved == {"dtype": "float32" if not M.cpu_has_bf16_matmul() else "bfloat16",
+                         "compile": True, "threads": os.cpu_count(), "deterministic": True}
+        monkeypatch.undo()
+        rest = train.train(_train_default_cfg(_train_data, tmp_path / "part", resume=True))
+        assert part.losses + rest.losses == full.losses
+        assert (full.val_loss, full.val_bpb) == (rest.val_loss, rest.val_bpb)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_train_never_replaces_an_earlier_run(_train_data, tmp_path):
+    """Regression (reliability finding 1): running train.py again over an out_dir silently
+    replaced best.pt, last.pt and metrics.jsonl. Now it refuses with one line that names
+    --resume=True and --overwrite=True; --overwrite=True really starts over."""
+    cfg = _train_cfg(_train_data, tmp_path, max_steps=3, eval_interval=2)
+    train.train(cfg)
+    before = {n: (tmp_path / n).read_bytes() for n in ("last.pt", "best.pt", "metrics.jsonl")}
+    with pytest.raises(bpe.UserError, match=r"already holds a run .*--resume=True.*--overwrite=True"):
+        train.train(_train_cfg(_train_data, tmp_path, max_steps=1))
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    res = train.train(_train_cfg(_train_data, tmp_path, max_steps=1, overwrite=True, eval_interval=1))
+    assert res.step == 1 and torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert max(steps) == 1  # the old run's records are gone with it
+    r = _e2e_run(["train.py", *_train_args(_train_cfg(_train_data, tmp_path, max_steps=1))], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--overwrite=True" in r.stderr
+
+
+def test_train_torn_metrics_line_is_dropped_on_resume(_train_data, tmp_path, capsys):
+    """Regression (reliability finding 2): a half-written last line in metrics.jsonl (full disk,
+    kill) made --resume=True fail with a JSONDecodeError although last.pt was fine."""
+    train.train(_train_cfg(_train_data, tmp_path, max_steps=2, ckpt_interval=2, eval_interval=2))
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "loss": 4.2, "lr_m')
+    res = train.train(_train_cfg(_train_data, tmp_path, max_steps=4, resume=True, eval_interval=2))
+    assert res.step == 4 and "dropped 1 damaged line" in capsys.readouterr().err
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]  # every line parses
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]
+    svg = ET.parse(tmp_path / "loss.svg").getroot()   # the chart is drawn from the whole log
+    lines = {p.get("id"): p.get("points") for p in svg.iter("{http://www.w3.org/2000/svg}polyline")}
+    assert len(lines["train"].split()) == 4 and len(lines["val"].split()) == 3
+    assert train.read_metrics(tmp_path / "metrics.jsonl")[1] == 0
+
+
+def test_train_mfu_is_never_above_100_percent():
+    """MFU is a fraction of a peak; a CPU peak timed while the machine was busy comes out too low
+    (seen: "mfu 259.9%"). Impossible values are reported as n/a, never printed."""
+    assert train.mfu(1000.0, 1e6, 2e9) == pytest.approx(0.5)
+    assert train.mfu(1000.0, 1e6, 1e9, world_size=2) == pytest.approx(0.5)
+    assert train.mfu(1000.0, 1e6, 5e8) is None and train.mfu(1000.0, 1e6, None) is None
+    assert train.format_mfu(None) == "n/a" and train.format_mfu(0.123) == "12.3%"
+    rt = M.setup_runtime("cpu", "float32", compile="false", deterministic="false")
+    peak = train.peak_flops(rt)
+    assert 1e8 < peak < 1e14  # a CPU does between 0.1 GFLOP/s and 100 TFLOP/s
+
+
+def test_train_eta_ignores_the_compile_step(_train_data, tmp_path, capsys, monkeypatch):
+    """Regression (craft finding 5): the first step's ETA came from the compile step ("eta 1 day,
+    13:33:48"). The first step is slow here (a sleep stands in for compiling): its line says
+    n/a, and later ETAs come from the steps after it."""
+    real, calls = train.accumulate_gradients, {"n": 0}
+
+    def slow_first(run, plan):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(2.0)
+        return real(run, plan)
+    monkeypatch.setattr(train, "accumulate_gradients", slow_first)
+    train.train(_train_cfg(_train_data, tmp_path, max_steps=4, log_interval=1))
+    etas = re.findall(r"step (\d)/4 .*eta (\S+)", capsys.readouterr().out)
+    assert etas[0] == ("1", "n/a")
+    assert all(eta == "0:00:00" for _, eta in etas[1:]), etas
+
+
 def test_train_nonfinite_loss_stops_and_keeps_checkpoints(_train_data, tmp_path, monkeypatch):
     real = train.forward_loss
     calls = {"n": 0}
@@ -2613,6 +2745,98 @@ def test_train_nonfinite_loss_stops_and_keeps_checkpoints(_train_data, tmp_path,
     calls["n"] = 0
     res = train.train(_train_cfg(_train_data, tmp_path / "skip", max_steps=3, skip_nonfinite=True))
     assert res.step == 3 and math.isnan(res.losses[2][1]) and math.isfinite(res.losses[1][1])
+
+
+def test_train_never_saves_nonfinite_weights(_train_data, tmp_path, monkeypatch):
+    """Regression (reliability finding 5): the check looked at the loss before the update, so a
+    step that wrote inf into the weights was saved (last.pt held infinite tensors while the
+    message said checkpoints were untouched), and --skip_nonfinite=True skipped 19 of 20 steps,
+    exited 0 and saved a nan checkpoint. Now weights are checked before every save, skipping
+    gives up after max_skips steps in a row, and sample.py refuses such a file in one line."""
+    real = train.optimizer_step
+
+    def overflowing(run, loss, grad_norm):  # step 2's update overflows; its loss was finite
+        updated = real(run, loss, grad_norm)
+        if run.step == 2:
+            with torch.no_grad():
+                run.params[0][0, 0] = float("inf")
+        return updated
+    monkeypatch.setattr(train, "optimizer_step", overflowing)
+    with pytest.raises(train.NonFinite, match="not saving last.pt.*keep the last finite weights"):
+        train.train(_train_cfg(_train_data, tmp_path / "a", max_steps=5, ckpt_interval=1))
+    ck = M.load_checkpoint(str(tmp_path / "a" / "last.pt"))   # verified load: finite weights
+    assert ck["step"] == 2
+    monkeypatch.undo()
+
+    real_forward = train.forward_loss
+
+    def always_nan(*args, **kwargs):
+        total, loss, aux = real_forward(*args, **kwargs)
+        return total * float("nan"), loss * float("nan"), aux
+    monkeypatch.setattr(train, "forward_loss", always_nan)
+    with pytest.raises(train.NonFinite, match=r"the 4th step in a row; giving up \(--max_skips=3\)"):
+        train.train(_train_cfg(_train_data, tmp_path / "b", max_steps=20, skip_nonfinite=True,
+                               max_skips=3, ckpt_interval=2))
+    assert M.load_checkpoint(str(tmp_path / "b" / "last.pt"))["step"] == 2
+    monkeypatch.undo()
+
+    # a non-finite checkpoint written by an older train.py: one line from sample.py
+    bad = dict(ck, model={k: v.clone() for k, v in ck["model"].items()})
+    name = next(iter(bad["model"]))
+    bad["model"][name].view(-1)[0] = float("nan")
+    M.save_checkpoint(str(tmp_path / "nan.pt"), bad)
+    with pytest.raises(bpe.UserError, match=f"non-finite weights .*{re.escape(name)}"):
+        sample.load_model(str(tmp_path / "nan.pt"))
+
+
+def test_train_damaged_checkpoint_is_named(_train_data, tmp_path):
+    """Regression (reliability finding 10): bytes overwritten inside last.pt's weights loaded
+    silently (torch.load does not check the zip's CRCs). The checksum saved with every checkpoint
+    catches it: one line naming the file, for resume and for sample.py alike."""
+    train.train(_train_cfg(_train_data, tmp_path, max_steps=2))
+    path = tmp_path / "last.pt"
+    weight = M.load_checkpoint(str(path))["model"]["transformer.wte.weight"]
+    raw = path.read_bytes()
+    at = raw.find(weight.numpy().tobytes()[:64])
+    assert at > 0
+    damaged = bytearray(raw)
+    damaged[at + 100] ^= 0x40                      # one bit of one weight
+    path.write_bytes(bytes(damaged))
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["transformer.wte.weight"], weight)
+    for load in (lambda: train.train(_train_cfg(_train_data, tmp_path, max_steps=3, resume=True)),
+                 lambda: sample.load_model(str(path))):
+        with pytest.raises(bpe.UserError, match=f"checkpoint {re.escape(str(path))} is damaged"):
+            load()
+
+
+def test_train_checkpoint_disk_full_is_one_line(tmp_path, monkeypatch):
+    """Regression (reliability finding 7): a full disk during a save raised torch's zip-writer
+    error ("enforce fail at inline_container.cc ... unexpected pos"), which never mentions the
+    disk. Now one line says so, and the previous file is intact."""
+    path = str(tmp_path / "last.pt")
+    M.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "model_config": {}, "step": 1})
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4288 vs 4232")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(bpe.UserError, match=r"cannot write .*last.pt: the disk is full .* is intact"):
+        M.save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "model_config": {}, "step": 2})
+    monkeypatch.undo()
+    assert M.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_train_removes_temp_files_of_killed_saves(_train_data, tmp_path):
+    """Regression (reliability finding 9): kill -9 during saves left .last.pt.tmp<pid> files
+    that nothing removed. A run (here a resume) deletes those of dead processes, and only those."""
+    train.train(_train_cfg(_train_data, tmp_path, max_steps=1))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / f".last.pt.tmp{dead}").write_bytes(b"half a checkpoint")
+    (tmp_path / f".best.pt.tmp{os.getppid()}").write_bytes(b"a save in progress elsewhere")
+    train.train(_train_cfg(_train_data, tmp_path, max_steps=2, resume=True))
+    assert not (tmp_path / f".last.pt.tmp{dead}").exists()
+    assert (tmp_path / f".best.pt.tmp{os.getppid()}").exists()
 
 
 def test_train_init_from_starts_new_run_from_weights(_train_data, tmp_path):
