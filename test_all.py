@@ -1893,13 +1893,27 @@ def test_optim_adamw_matches_torch(weight_decay):
     assert not torch.equal(ours[0], _optim_params(0, shapes)[0])  # it did move
 
 
+def _compile_counting(monkeypatch):
+    """Make torch.compile count the graphs it compiles, with public API only (regression: the
+    tests used torch._dynamo.config.error_on_recompile, which torch 2.14 removed). A backend may
+    be any callable (graph module, example inputs) -> callable; this one records the graph and
+    runs it as it is. A recompile (a number baked in as a constant, say) is a second graph."""
+    graphs, real = [], torch.compile
+
+    def counting(fn, **kwargs):
+        kwargs.pop("options", None)   # inductor's options; this backend takes none
+        return real(fn, backend=lambda gm, inputs: graphs.append(gm) or gm.forward, **kwargs)
+    monkeypatch.setattr(torch, "compile", counting)
+    return graphs
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's imports
 def test_optim_adamw_compiled_matches_torch(monkeypatch, capsys):
     """The compiled update (the trainer's default) == torch.optim.AdamW too: two groups,
     one with cautious decay (compared with our eager step), lr changed every step. lr and
-    the bias corrections are inputs of the compiled graph, not constants: from the 2nd
-    step on a recompile raises."""
-    torch._dynamo.reset()
+    the bias corrections are inputs of the compiled graph, not constants: five steps with
+    changing numbers compile exactly one graph."""
+    torch.compiler.reset()
     shapes = [(5, 7), (7,), (3, 2, 4)]
     compiled, ref = _optim_params(0, shapes), _optim_params(0, shapes)
     for ps in (compiled, ref):
@@ -1912,25 +1926,24 @@ def test_optim_adamw_compiled_matches_torch(monkeypatch, capsys):
                    betas=(0.9, 0.95), eps=1e-8, **kw)
 
     sched = lambda s: 1.0 - 0.1 * s
-    opt = _optim_run(lambda ps: groups(ps, AdamW, compiled=True), compiled, steps=1, lrs=sched)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    for s in range(1, 5):
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * sched(s)
-        _optim_set_grads(compiled, 1000 + s)
-        opt.step()
+    opt = _optim_run(lambda ps: groups(ps, AdamW, compiled=True), compiled, steps=5, lrs=sched)
     assert opt._update.compiled_fn is not None and "warning" not in capsys.readouterr().err
     _optim_run(lambda ps: groups(ps, torch.optim.AdamW, foreach=False), ref, steps=5, lrs=sched)
     for a, b in zip(compiled, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with monkeypatch.context() as m:
+        graphs = _compile_counting(m)
+        torch.compiler.reset()
+        _optim_run(lambda ps: groups(ps, AdamW, compiled=True), _optim_params(0, shapes), steps=5,
+                   lrs=sched)
+        assert len(graphs) == 1
     # cautious decay, compiled vs eager (torch has no cautious decay)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
     compiled, eager = _optim_params(0, shapes), _optim_params(0, shapes)
     _optim_run(lambda ps: groups(ps, AdamW, cautious=True, compiled=True), compiled, steps=3, lrs=sched)
     _optim_run(lambda ps: groups(ps, AdamW, cautious=True), eager, steps=3, lrs=sched)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def _broken_compile(fn, **kwargs):
@@ -2140,9 +2153,6 @@ def _optim_muon_compiled_run(compiled, monkeypatch, steps=3):
             group["momentum"] = 0.85 + 0.05 * s
         _optim_set_grads(params, 60 + s)
         opt.step()
-        if s == 0 and compiled:
-            # from now on a recompile (e.g. lr baked in as a constant) raises
-            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     return params, opt
 
 
@@ -2150,14 +2160,19 @@ def _optim_muon_compiled_run(compiled, monkeypatch, steps=3):
 def test_optim_muon_compiled_equals_eager(monkeypatch, capsys):
     """Muon runs its single-process step through torch.compile when the trainer compiles:
     same weights as eager (float32), and the changing lr and momentum are inputs of the
-    compiled graph, not constants (the 2nd and 3rd steps would recompile, which raises)."""
-    torch._dynamo.reset()
+    compiled graph, not constants: three steps compile one graph per group, no more."""
+    torch.compiler.reset()
     eager, _ = _optim_muon_compiled_run(False, monkeypatch)
     compiled, opt = _optim_muon_compiled_run(True, monkeypatch)
     assert opt._update.compiled_fn is not None and "warning" not in capsys.readouterr().err
     for p, q in zip(compiled, eager):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
-    torch._dynamo.reset()
+    with monkeypatch.context() as m:
+        graphs = _compile_counting(m)
+        torch.compiler.reset()
+        _optim_muon_compiled_run(True, m)
+        assert len(graphs) == 2   # the two groups have different buckets and settings
+    torch.compiler.reset()
 
 
 def test_optim_muon_compile_failure_falls_back_to_eager(monkeypatch, capsys):
