@@ -273,6 +273,33 @@ def test_bpe_encode_iterable_equals_encode_for_any_line_split():
     assert list(tok.encode_iterable(iter(lines))) == tok.encode("".join(lines))
 
 
+def test_bpe_encode_iterable_streams_allowed_specials_like_encode():
+    # Guards: encode_iterable could only do encode_ordinary, so a stream with special tokens
+    # allowed was impossible. Now it must equal encode(joined text, allowed_special) for any cut,
+    # including a special token cut across pieces ("<|end" + "oftext|>") and a special that is
+    # the prefix of a longer one ("<|a|>" and "<|a|>x": only more text tells them apart).
+    tok = bpe.Tokenizer(bpe.GPT4_PATTERN, [(ord("<"), ord("|"), 256)],
+                        {bpe.EOT: 257, "<|a|>": 258, "<|a|>x": 259})
+    tok.STREAM_BLOCK = 8  # a pass every few characters: many cut points
+    rng = random.Random(3)
+    alphabet = [" ", "  ", "\n", "a", "Bc", "12", "!", "'ll", "é", "x", "<", "|", "<|", "|>", "a|",
+                "endoftext", bpe.EOT, "<|a|>", "<|a|>x"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 15))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        for allowed in ("none", "all", {"<|a|>"}):
+            assert list(tok.encode_iterable(pieces, allowed_special=allowed)) == \
+                tok.encode(text, allowed_special=allowed), (pieces, allowed)
+    # by hand: one character per piece, the special token arrives in 13 pieces
+    assert list(tok.encode_iterable(list("hi<|endoftext|>"), allowed_special="all")) == \
+        [ord("h"), ord("i"), 257]
+    assert list(tok.encode_iterable(["<|a|", ">", "x"], allowed_special="all")) == [259]
+    assert list(tok.encode_iterable(["<|a|", ">", "y"], allowed_special="all")) == [258, ord("y")]
+    with pytest.raises(bpe.UserError, match="unknown"):
+        list(tok.encode_iterable(["a"], allowed_special={"<|nope|>"}))
+
+
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_bpe_encode_batch_parallel_equals_serial(monkeypatch, start):
     """fork: workers inherit the texts from the parent; spawn (macOS, Windows): they are
@@ -342,7 +369,35 @@ def test_bpe_save_load_round_trip_and_fingerprint(tmp_path):
         assert back.encode(t, allowed_special="all") == tok.encode(t, allowed_special="all")
     other = _bpe_trained(vocab_size=401)
     assert other.fingerprint != tok.fingerprint
-    assert len(tok.fingerprint) == 64 and int(tok.fingerprint, 16) >= 0
+
+
+def test_bpe_fingerprint_is_sha256_of_the_text_and_sees_every_change(tmp_path):
+    # Replaces `int(fp, 16) >= 0`, which could not fail. The recipe (Tokenizer._serialize's
+    # comment): sha256 of the file's text without its '#' comment lines, worked out here by hand
+    # for one merge a+a -> 256 and <|endoftext|> = 257.
+    tok = bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {bpe.EOT: 257})
+    by_hand = ("nanostack-bpe 1\n"
+               f"pattern {json.dumps(bpe.GPT4_PATTERN)}\n"
+               "byte_ids identity\n"
+               "merges 1\n"
+               "256 97 97 a a\n"
+               "specials 1\n"
+               '257 "<|endoftext|>"\n')
+    assert tok.fingerprint == hashlib.sha256(by_hand.encode()).hexdigest()
+    tok.save(tmp_path / "t.bpe")
+    body = "".join(line for line in (tmp_path / "t.bpe").read_text().splitlines(True) if not line.startswith("#"))
+    assert body == by_hand and bpe.Tokenizer.load(tmp_path / "t.bpe").fingerprint == tok.fingerprint
+    # any change a model would notice changes it: a merge, a special's name or id, the pattern,
+    # the byte ids
+    variants = [bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 98, 256)], {bpe.EOT: 257}),
+                bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {"<|eot|>": 257}),
+                bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {bpe.EOT: 258}),
+                bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {}),
+                bpe.Tokenizer(bpe.GPT2_PATTERN, [(97, 97, 256)], {bpe.EOT: 257}),
+                bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {bpe.EOT: 257},
+                              byte_ids=[255 - b for b in range(256)])]
+    fingerprints = {tok.fingerprint} | {v.fingerprint for v in variants}
+    assert len(fingerprints) == 1 + len(variants)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -373,7 +428,7 @@ def test_bpe_escape_token_round_trips_every_byte():
         bpe.unescape_token("a b")
 
 
-# --- GPT-2 and tiktoken files ---------------------------------------------------------------------
+# --- interop: (vocab, merges), GPT-2 and tiktoken files -------------------------------------------
 
 def _bpe_gpt2_files(tmp_path):
     """A miniature GPT-2 tokenizer: the 256 byte tokens in GPT-2's order, 3 merges, 1 special."""
@@ -452,6 +507,48 @@ def test_bpe_tiktoken_files_hand_made_and_round_trip(tmp_path):
         bpe.Tokenizer.from_tiktoken(tmp_path / "bad.tiktoken")
 
 
+def test_bpe_vocab_table_and_from_vocab_merges_round_trip(tmp_path):
+    # The (vocab: id -> bytes, merges: [(bytes, bytes)]) form of other tokenizer tools, both ways:
+    # a trained tokenizer, a GPT-2 one (byte ids shuffled) and a tiktoken one (ids with gaps).
+    trained = _bpe_trained()
+    gpt2 = bpe.Tokenizer.from_gpt2(*_bpe_gpt2_files(tmp_path))
+    for tok in (trained, gpt2):
+        vocab = dict(tok.vocab)
+        assert len(vocab) == tok.vocab_size and all(vocab[i] == tok.decode_bytes([i]) for i in vocab)
+        merges = [(tok.vocab[a], tok.vocab[b]) for a, b, _ in tok.merges]
+        back = bpe.Tokenizer.from_vocab_merges(vocab, merges, tok.special_tokens, pattern=tok.pattern)
+        assert back.fingerprint == tok.fingerprint
+        for text in _bpe_texts():
+            assert back.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    with pytest.raises(TypeError):
+        trained.vocab[0] = b"x"  # read-only: it is the tokenizer's own table
+    # by hand: the 256 bytes at ids 0..255, "ab" = 256, "abc" = 257, a special at 300 (a gap)
+    vocab = {b: bytes([b]) for b in range(256)} | {256: b"ab", 257: b"abc", 300: b"<|endoftext|>"}
+    tok = bpe.Tokenizer.from_vocab_merges(vocab, [(b"a", b"b"), (b"ab", b"c")], {bpe.EOT: 300})
+    assert tok.encode("abcab<|endoftext|>", allowed_special="all") == [257, 256, 300]
+    assert tok.vocab_size == 301 and tok.eot_id == 300
+
+
+@pytest.mark.parametrize("vocab_edit, merges, specials, message", [
+    (lambda v: v.pop(ord("z")), [(b"a", b"b")], {}, "no token for byte 0x7a"),
+    (lambda v: None, [(b"a", b"q")], {}, r"result b'aq' is not in vocab"),
+    (lambda v: None, [(b"ab", b"c"), (b"a", b"b")], {}, "not a token made before it"),
+    (lambda v: None, [(b"a", b"b"), (b"a", b"b")], {}, "already made"),
+    (lambda v: None, [(b"a", b"b")], {}, r"vocab id 257 \(b'abc'\) is neither a byte"),
+    (lambda v: v.update({258: b"ab"}), [(b"a", b"b"), (b"ab", b"c")], {}, "both b'ab'"),
+    (lambda v: v.update({258: b"<|x|>"}), [(b"a", b"b"), (b"ab", b"c")], {"<|y|>": 258}, "special token"),
+    (lambda v: v.update({"259": b"q"}), [(b"a", b"b"), (b"ab", b"c")], {}, "bad vocab entry"),
+    (lambda v: None, [(b"a", b"b", b"c")], {}, "merge 0 is"),
+], ids=["missing-byte", "result-missing", "order", "twice", "unmade-id", "duplicate", "special-bytes",
+        "str-id", "triple"])
+def test_bpe_from_vocab_merges_rejects_bad_input_with_one_line(vocab_edit, merges, specials, message):
+    vocab = {b: bytes([b]) for b in range(256)} | {256: b"ab", 257: b"abc"}
+    vocab_edit(vocab)
+    with pytest.raises(bpe.UserError, match=message) as e:
+        bpe.Tokenizer.from_vocab_merges(vocab, merges, specials)
+    assert "\n" not in str(e.value)
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def _bpe_run(*args, cwd):
@@ -501,6 +598,88 @@ def test_bpe_encode_iterable_is_lazy_and_decode_takes_arrays(capsys):
     bpe.Tokenizer.train(_bpe_corpus(), 300, quiet=False)  # progress goes to stderr, not stdout
     out = capsys.readouterr()
     assert out.out == "" and "bpe: merges 43/43" in out.err and "distinct" in out.err
+
+
+
+# --- shared helpers, and the file read as a text -------------------------------------------------
+
+def test_bpe_parse_settings_docstring_example_is_true():
+    # Guards: the example named --lr_rate -> --lr, a setting no script has. The example quoted
+    # in parse_settings' docstring must be what the parser really says, for one of the scripts.
+    example = re.search(r'(--\w+=\S+) -> "([^"]+)"', bpe.parse_settings.__doc__)
+    assert example, bpe.parse_settings.__doc__
+    arg, message = example.groups()
+    said = []
+    for cls in (bpe.Settings, prepare.Settings, train.TrainConfig):
+        with pytest.raises(bpe.SettingsError) as e:
+            bpe.parse_settings(cls, [arg])
+        said.append(str(e.value))
+    assert message in said, said
+
+
+def _names_used_before_definition(path):
+    """Module-level names of a script that code above their definition refers to (the style
+    guide's "define before use": a reader never has to jump ahead)."""
+    import ast
+    tree = ast.parse(Path(path).read_text())
+    defined = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            getattr(node, "targets", [getattr(node, "target", None)])
+        for target in targets:
+            for n in ast.walk(target) if target is not None else ():
+                if isinstance(n, (ast.Name, ast.FunctionDef, ast.ClassDef)):
+                    defined.setdefault(getattr(n, "id", getattr(n, "name", None)), node.lineno)
+    return sorted({(n.id, n.lineno) for node in tree.body for n in ast.walk(node)
+                   if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+                   and defined.get(n.id, 0) > node.lineno})
+
+
+def test_bpe_defines_every_name_before_use():
+    # Guards: UserError was raised ~1,200 lines above its definition.
+    assert _names_used_before_definition(bpe.__file__) == []
+
+
+def test_bpe_remove_stale_temp_files_spares_live_writers(tmp_path):
+    # atomic_write's temp files of a process that died mid-write (kill -9) go; a live one stays
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f".last.pt.tmp{dead}", f".meta.json.tmp{os.getpid()}", "keep.tmp1", "tmp"):
+        (tmp_path / name).write_text("x")
+    assert bpe.remove_stale_temp_files(tmp_path) == [f".last.pt.tmp{dead}"]
+    assert sorted(os.listdir(tmp_path)) == sorted([f".meta.json.tmp{os.getpid()}", "keep.tmp1", "tmp"])
+    assert bpe.remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_bpe_progress_and_peak_memory(capsys, monkeypatch):
+    monkeypatch.setattr(bpe, "PROGRESS_LOG_SECONDS", 0.0)  # stderr is not a terminal here
+    p = bpe.Progress("tokenizing", total=4_000_000, scale=1e6, unit=" MB")
+    p.add(1_000_000)
+    p.add(1_000_000, note="2 docs")
+    p.done()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" |")[0] for line in lines] == ["tokenizing 1.0/4.0 MB", "tokenizing 2.0/4.0 MB",
+                                                        "tokenizing 2.0/4.0 MB"]
+    assert "ETA" in lines[0] and lines[1].endswith("| 2 docs")
+    bpe.Progress("quiet", quiet=True).done()
+    assert capsys.readouterr().err == ""
+    before = bpe.peak_rss_mb()
+    block = bytearray(64 << 20)  # 64 MiB, touched so that it is resident
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    assert bpe.peak_rss_mb() - before > 50 and bpe.peak_rss_mb(children=True) >= 0
+
+
+def test_bpe_default_corpus_is_stdlib_without_tests():
+    # the one home of the corpus walk that bpe.py's benchmark and prepare.py's default share
+    root, paths = bpe.stdlib_files()
+    rel = [os.path.relpath(p, root) for p in paths]
+    assert len(paths) > 100 and all(p.endswith(".py") for p in paths)
+    assert rel == sorted(rel) and "os.py" in rel                      # same order on every machine
+    for r in rel:
+        assert not {"test", "tests", "site-packages"} & set(r.split(os.sep)[:-1]), r
+    first = next(bpe.stdlib_documents())
+    assert first == Path(paths[0]).read_text(encoding="utf-8", errors="replace")
 
 # =============================================================================
 # 2. prepare.py: corpus to token shards
