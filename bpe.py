@@ -44,7 +44,7 @@ Notable features
 Sections
   1. Errors and settings (this file's command line)
   2. Split patterns, special tokens and byte helpers
-  3. Shared helpers: safe file writes, progress lines, peak memory, the default corpus
+  3. Shared helpers: safe file writes, a full disk, progress lines, peak memory, the default corpus
   4. Pre-tokenization: text -> chunks -> chunk counts (serial and parallel)
   5. Training: the textbook merge loop and the incremental one
   6. The Tokenizer: encode, decode, streaming, files; (vocab, merges), GPT-2 and tiktoken interop
@@ -60,6 +60,7 @@ import codecs
 import collections
 import dataclasses
 import difflib
+import errno
 import glob
 import hashlib
 import heapq
@@ -69,6 +70,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import statistics
 import sys
 import sysconfig
@@ -250,7 +252,7 @@ def gpt2_bytes_to_unicode():
 
 
 # -----------------------------------------------------------------------------
-# 3. Shared helpers: safe file writes, progress lines, peak memory, the default corpus
+# 3. Shared helpers: safe file writes, a full disk, progress lines, peak memory, the default corpus
 #
 # Small tools that prepare.py and train.py use too; they live here, in the lowest file, so each
 # has one home.
@@ -333,6 +335,23 @@ def remove_stale_temp_files(folder):
             except OSError:  # gone already, or a folder: not ours to remove
                 pass
     return removed
+
+
+# The errno a write gets when the disk is full (ENOSPC) or the user's disk quota is (EDQUOT).
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def is_disk_full(error):
+    """True for the OSError of a write that found no space left (scripts turn it into one line)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def free_bytes(path):
+    """Free space, in bytes, on the disk that holds path (or the nearest folder above it that exists)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
 
 
 PROGRESS_SECONDS = 2.0  # on a terminal, a progress line is rewritten in place at most this often

@@ -11,6 +11,7 @@ import base64
 import copy
 import ctypes
 import dataclasses
+import errno
 import functools
 import hashlib
 import http.server
@@ -22,12 +23,14 @@ import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import types
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -747,8 +750,11 @@ def test_prepare_shard_header_round_trip(tmp_path):
         w.add(docs[2], [5])
     assert w.names == ["train_0000.bin", "train_0001.bin", "train_0002.bin"]  # 11 tokens, 5 per shard
     shards = [prepare.open_shard(str(tmp_path / n), fp) for n in w.names]
-    assert shards[0].header == dict(version=1, dtype="uint16", n_tokens=5, n_docs=2, vocab_size=300,
-                                    bos_id=7, fingerprint=fp)
+    # the checksum by hand: CRC-32 of the body, the 5 uint16 tokens then the 2 int64 index entries
+    body = np.array([7, 1, 2, 3, 7], "<u2").tobytes() + np.array([0, 4], "<i8").tobytes()
+    assert shards[0].header == dict(version=2, dtype="uint16", n_tokens=5, n_docs=2, vocab_size=300,
+                                    bos_id=7, fingerprint=fp, checksum=zlib.crc32(body))
+    assert open(shards[0].path, "rb").read()[prepare.SHARD_HEADER_BYTES:] == body
     assert shards[0].tokens.dtype == np.uint16
     assert np.concatenate([s.tokens for s in shards]).tolist() == np.concatenate(docs).tolist()
     # Worked by hand: starts 0, 4, 6 in the stream -> shard0 [0, 4], shard1 [1] (6 - 5), shard2 none.
@@ -794,18 +800,65 @@ def test_prepare_truncated_foreign_and_wrong_fingerprint_refused(tmp_path):
     assert prepare.open_shard(str(good), fp).tokens.tolist() == [9, 1, 2, 9, 3]
 
 
+def _prepare_shard(tmp_path, tokens, starts, vocab_size=300, bos=9, name="train"):
+    with prepare.ShardWriter(str(tmp_path), name, np.dtype("<u2"), 100, vocab_size, bos, "c" * 64) as w:
+        w.add(np.array(tokens), np.diff([*starts, len(tokens)]))
+    return str(tmp_path / f"{name}_0000.bin")
+
+
+def test_prepare_token_id_out_of_range_refused_on_open(tmp_path):
+    # Guards (issue 15, finding 6): ids >= vocab in a shard body crashed training far away with an
+    # IndexError. Opening the shard must refuse it in one line naming the file.
+    path = _prepare_shard(tmp_path, [9, 1, 300, 9, 2], [0, 3])
+    with pytest.raises(prepare.ShardError, match=r"train_0000\.bin: holds token id 300, but the vocabulary "
+                                                 r"has 300 ids") as e:
+        prepare.open_shard(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(prepare.ShardError, match="header says vocab_size 500, the data directory 300"):
+        prepare.open_shard(_prepare_shard(tmp_path, [9, 1, 2], [0], vocab_size=500, name="val"),
+                           vocab_size=300)  # the header's vocab must be meta.json's (load_split passes it)
+    ok = _prepare_shard(tmp_path, [9, 1, 299, 9, 2], [0, 3], name="ok")
+    assert prepare.open_shard(ok).tokens.max() == 299        # the largest id that fits
+
+
+def test_prepare_changed_token_caught_by_checksum_and_verified_once(tmp_path, monkeypatch):
+    # Guards (issue 15, finding 10): a changed token id in a shard trained silently. The body's
+    # CRC-32 is verified once per file identity (verified.json), so later starts skip the pass.
+    path = _prepare_shard(tmp_path, [9, 1, 2, 9, 3, 4], [0, 3])
+    passes = []
+    real = prepare.scan_body
+    monkeypatch.setattr(prepare, "scan_body", lambda *a: passes.append(1) or real(*a))
+    prepare.open_shard(path)
+    prepare.open_shard(path)
+    assert len(passes) == 1 and "train_0000.bin" in json.loads((tmp_path / "verified.json").read_text())["shards"]
+    time.sleep(0.05)  # the change gets a new timestamp even on a coarse file-system clock
+    with open(path, "r+b") as f:   # token 1 (id 1) becomes id 5: in range, same size, same index
+        f.seek(prepare.SHARD_HEADER_BYTES + 2)
+        f.write(np.array([5], "<u2").tobytes())
+    with pytest.raises(prepare.ShardError, match=r"train_0000\.bin: its bytes do not match the checksum") as e:
+        prepare.open_shard(path)
+    assert len(passes) == 2 and "\n" not in str(e.value) and "re-run prepare.py" in str(e.value)
+    # a damaged cache file only costs a new pass
+    (tmp_path / "verified.json").write_text("{not json")
+    good = _prepare_shard(tmp_path, [9, 7], [0], name="val")
+    assert prepare.open_shard(good).tokens.tolist() == [9, 7] and len(passes) == 3
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_prepare_unknown_shard_version_refused(tmp_path, version):
+    # Version 2 added the checksum: version 1 shards (no checksum) and future ones are refused
+    # in one line that says what to do.
+    path = _prepare_shard(tmp_path, [9, 1, 2], [0])
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(struct.pack("<I", version))
+    with pytest.raises(prepare.ShardError, match=f"format version {version} .*re-run prepare.py") as e:
+        prepare.open_shard(path)
+    assert "\n" not in str(e.value)
+
+
 # -----------------------------------------------------------------------------
 # the pipeline
-
-
-def test_prepare_default_corpus_is_stdlib_without_tests():
-    root, paths = prepare.stdlib_files()
-    rel = [os.path.relpath(p, root) for p in paths]
-    assert len(paths) > 100 and all(p.endswith(".py") for p in paths)
-    assert rel == sorted(rel) and "os.py" in rel                      # same order on every machine
-    for r in rel:
-        parts = r.split(os.sep)[:-1]
-        assert not {"test", "tests", "site-packages"} & set(parts), r
 
 
 def test_prepare_oversized_document_is_refused(tmp_path, monkeypatch):
@@ -816,6 +869,21 @@ def test_prepare_oversized_document_is_refused(tmp_path, monkeypatch):
         list(prepare.iter_documents([str(tmp_path / "big.txt")]))
     with pytest.raises(bpe.UserError, match="--doc_sep"):
         list(prepare.iter_documents([str(tmp_path / "big.txt")], "SEP"))
+
+
+def test_prepare_max_doc_bytes_counts_bytes_not_characters(tmp_path, monkeypatch):
+    # Guards: MAX_DOC_BYTES was compared with a count of characters, so 40 "é" (80 bytes of
+    # UTF-8) passed a 50-byte limit. Both ways of cutting documents must count bytes.
+    monkeypatch.setattr(prepare, "MAX_DOC_BYTES", 50)
+    monkeypatch.setattr(prepare, "READ_BLOCK_CHARS", 16)   # the tail grows over several blocks
+    (tmp_path / "e.txt").write_text("é" * 40, encoding="utf-8")
+    for sep in ("", "SEP"):
+        with pytest.raises(bpe.UserError, match="--doc_sep"):
+            list(prepare.iter_documents([str(tmp_path / "e.txt")], sep))
+    (tmp_path / "ok.txt").write_text("é" * 25 + "SEP" + "é" * 25, encoding="utf-8")   # 50 bytes each side
+    assert list(prepare.iter_documents([str(tmp_path / "ok.txt")], "SEP")) == ["é" * 25] * 2
+    (tmp_path / "ok2.txt").write_text("é" * 25, encoding="utf-8")
+    assert list(prepare.iter_documents([str(tmp_path / "ok2.txt")])) == ["é" * 25]
 
 
 def test_prepare_round_trip_bos_and_exact_decode(tmp_path):
@@ -883,18 +951,33 @@ def test_prepare_rerun_reuses_and_force_rebuilds(tmp_path):
     lines = []
     prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=500, force=True), log=lines.append, quiet=True)
     assert not any("reusing" in line for line in lines)
-    # Editing a source file invalidates the build.
+    # Editing a source file invalidates the build; here it also changes the trained tokenizer,
+    # which only --force=True may replace (see the refusal test below).
     (tmp_path / "src" / "doc00.txt").write_text("something else entirely, " * 50)
+    with pytest.raises(bpe.UserError, match="would be replaced"):
+        prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=500), log=_prepare_quiet, quiet=True)
     lines = []
-    prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=500), log=lines.append, quiet=True)
+    meta = prepare.build(_prepare_settings(tmp_path, pattern, force=True), log=lines.append, quiet=True)
     assert not any("reusing" in line for line in lines)
+    # shards of the older, larger build do not linger beside the new one
+    assert sorted(n for n in os.listdir(s.out_dir) if n.endswith(".bin")) == \
+        sorted(meta["splits"]["train"]["shards"] + meta["splits"]["val"]["shards"])
+
+
+def _prepare_files(folder):
+    """{name: bytes} of every file in a folder (to show that nothing changed)."""
+    return {n: (Path(folder) / n).read_bytes() for n in sorted(os.listdir(folder))}
+
+
+def _prepare_side_folders(tmp_path):
+    return [n for n in os.listdir(tmp_path) if ".build" in n or ".old" in n]
 
 
 def test_prepare_interrupted_write_leaves_no_valid_looking_shard(tmp_path, monkeypatch):
-    # Guards: a crash mid-shard leaving train_0000.bin (or meta.json) that the loader accepts.
+    # Guards: a crash mid-shard leaving train_0000.bin (or meta.json) that the loader accepts,
+    # and (issue 15, finding 4) a crash mid-rebuild making the previous, good dataset unusable.
     pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
     s = _prepare_settings(tmp_path, pattern, shard_tokens=400)
-    prepare.build(s, log=_prepare_quiet, quiet=True)           # a complete old build is present...
     calls = []
     real = prepare.ShardWriter._write_tokens
 
@@ -905,18 +988,142 @@ def test_prepare_interrupted_write_leaves_no_valid_looking_shard(tmp_path, monke
         real(self, tokens)
 
     monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", failing)
+    with pytest.raises(KeyboardInterrupt):   # a first build, interrupted: nothing is left
+        prepare.build(s, log=_prepare_quiet, quiet=True)
+    assert not os.path.exists(s.out_dir) and _prepare_side_folders(tmp_path) == []
+    with pytest.raises(prepare.ShardError, match="meta.json"):
+        prepare.load_split(s.out_dir, "train")
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", real)
+    prepare.build(s, log=_prepare_quiet, quiet=True)           # a complete build is present...
+    before = _prepare_files(s.out_dir)
+    calls.clear()
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=400, force=True), log=_prepare_quiet,
                       quiet=True)
-    left = os.listdir(s.out_dir)
-    assert "meta.json" not in left and not any(".tmp" in n for n in left)
-    with pytest.raises(prepare.ShardError, match="meta.json"):   # ...and is not trusted any more
-        prepare.load_split(s.out_dir, "train")
+    assert _prepare_files(s.out_dir) == before and _prepare_side_folders(tmp_path) == []
+    assert prepare.load_split(s.out_dir, "train")              # ...and stays whole and usable
     monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", real)
     lines = []
-    prepare.build(s, log=lines.append, quiet=True)              # a plain re-run repairs it
-    assert not any("up to date" in line for line in lines)
-    assert prepare.load_split(s.out_dir, "train")
+    prepare.build(s, log=lines.append, quiet=True)              # a plain re-run finds it up to date
+    assert any("up to date" in line for line in lines)
+
+
+def test_prepare_disk_full_mid_rebuild_keeps_the_old_dataset(tmp_path, monkeypatch):
+    # Guards (issue 15, findings 4 and 7): prepare.py deleted meta.json before rebuilding, so a
+    # full disk left the good dataset unusable, with an OSError traceback. Now: one line that
+    # names the folder and the space needed, and the old dataset exactly as it was.
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern, shard_tokens=400)
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    before = _prepare_files(s.out_dir)
+    real = prepare.ShardWriter._write_tokens
+    calls = []
+
+    def disk_full(self, tokens):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, tokens)
+
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", disk_full)
+    with pytest.raises(bpe.UserError) as e:
+        prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=400, force=True), log=_prepare_quiet,
+                      quiet=True)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("disk full while writing")
+    assert str(tmp_path) in message and re.search(r"needs about \d+\.\d MB there", message)
+    assert "nothing was changed" in message
+    assert _prepare_files(s.out_dir) == before and _prepare_side_folders(tmp_path) == []
+    assert prepare.load_tokenizer(s.out_dir) and prepare.load_split(s.out_dir, "val")
+    # the same at the very last write (meta.json), and on a first build: nothing written at all
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", real)
+    real_write = bpe.atomic_write_bytes
+
+    def meta_disk_full(path, data):
+        if os.path.basename(path) == "meta.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(bpe, "atomic_write_bytes", meta_disk_full)
+    with pytest.raises(bpe.UserError, match="disk full.*nothing was changed"):
+        prepare.build(_prepare_settings(tmp_path, pattern, force=True), log=_prepare_quiet, quiet=True)
+    assert _prepare_files(s.out_dir) == before
+    with pytest.raises(bpe.UserError, match="disk full.*nothing was written"):
+        prepare.build(_prepare_settings(tmp_path, pattern, out_dir=str(tmp_path / "new")), log=_prepare_quiet,
+                      quiet=True)
+    assert not os.path.exists(tmp_path / "new") and _prepare_side_folders(tmp_path) == []
+
+
+def test_prepare_refuses_to_replace_the_tokenizer_without_force(tmp_path):
+    # Guards (issue 15, finding 4): a rebuild with another vocab_size silently replaced
+    # tokenizer.bpe, and checkpoints trained on the directory could no longer be sampled.
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern)
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    old_fp = prepare.load_tokenizer(s.out_dir).fingerprint
+    (tmp_path / "out" / "notes.txt").write_text("mine")          # a file the user keeps there
+    before = _prepare_files(s.out_dir)
+    with pytest.raises(bpe.UserError) as e:
+        prepare.build(_prepare_settings(tmp_path, pattern, vocab_size=310), log=_prepare_quiet, quiet=True)
+    message = str(e.value)
+    assert "\n" not in message and os.path.join(s.out_dir, "tokenizer.bpe") in message
+    assert old_fp[:16] in message and "checkpoints" in message and "--force=True" in message
+    assert _prepare_files(s.out_dir) == before and _prepare_side_folders(tmp_path) == []
+    # --force=True replaces it, keeps the old tokenizer beside the new one, and the user's file
+    lines = []
+    meta = prepare.build(_prepare_settings(tmp_path, pattern, vocab_size=310, force=True), log=lines.append,
+                         quiet=True)
+    assert meta["vocab_size"] == 310 and prepare.load_tokenizer(s.out_dir).vocab_size == 310
+    kept = tmp_path / "out" / f"tokenizer-{old_fp[:16]}.bpe"
+    assert bpe.Tokenizer.load(kept).fingerprint == old_fp and any(str(kept) in line for line in lines)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and _prepare_side_folders(tmp_path) == []
+    # a rebuild with the same tokenizer needs no --force (only the shards change)
+    meta = prepare.build(_prepare_settings(tmp_path, pattern, vocab_size=310, shard_tokens=500), log=_prepare_quiet,
+                         quiet=True)
+    assert len(meta["splits"]["train"]["shards"]) > 1 and kept.exists()
+
+
+def test_prepare_rebuild_through_a_symlinked_out_dir(tmp_path):
+    # data on another disk, reached through a link: the rebuild replaces the folder the link
+    # points to, and the link stays a link
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    (tmp_path / "big").mkdir()
+    os.symlink(tmp_path / "big" / "data", tmp_path / "link")
+    s = _prepare_settings(tmp_path, pattern, out_dir=str(tmp_path / "link"))
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    prepare.build(dataclasses.replace(s, shard_tokens=500), log=_prepare_quiet, quiet=True)
+    assert os.path.islink(tmp_path / "link") and (tmp_path / "big" / "data" / "meta.json").exists()
+    assert len(prepare.load_split(str(tmp_path / "link"), "train")) > 1
+
+
+def test_prepare_recovers_what_a_killed_build_left(tmp_path):
+    # kill -9 at any moment: the next run finishes the dead process's work (its pid is gone)
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern)
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    before = _prepare_files(s.out_dir)
+    # killed mid-build: a half build folder; and a temp file of a killed verified.json writer
+    (tmp_path / f".out.build{dead}").mkdir()
+    (tmp_path / f".out.build{dead}" / "train_0000.bin").write_bytes(b"half")
+    (tmp_path / "out" / f".verified.json.tmp{dead}").write_text("{")
+    lines = []
+    prepare.build(s, log=lines.append, quiet=True)
+    assert any("up to date" in line for line in lines) and _prepare_side_folders(tmp_path) == []
+    assert _prepare_files(s.out_dir).keys() == before.keys()
+    # killed between the two renames of the swap: the data directory is missing
+    os.rename(tmp_path / "out", tmp_path / f".out.old{dead}")
+    prepare.build(s, log=lines.append, quiet=True)
+    assert _prepare_files(s.out_dir) == before and any("restored" in line for line in lines)
+    # killed after the swap, before the old folder was retired: the user's file moves across
+    (tmp_path / f".out.old{dead}").mkdir()
+    (tmp_path / f".out.old{dead}" / "meta.json").write_text("{}")
+    (tmp_path / f".out.old{dead}" / "notes.txt").write_text("mine")
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and _prepare_side_folders(tmp_path) == []
+    assert prepare.load_meta(s.out_dir)["fingerprint"] == prepare.load_tokenizer(s.out_dir).fingerprint
 
 
 def test_prepare_parallel_equals_serial_and_max_doc_tokens(tmp_path):
@@ -1016,6 +1223,66 @@ def test_prepare_one_line_errors(tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
 
 
+def test_prepare_tokenizer_without_eot_gets_its_message(tmp_path):
+    # Guards: check_tokenizer's message could never print (getattr(tok, "eot_id", None) meets
+    # bpe's UserError, not AttributeError), so the user saw bpe's generic line instead.
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    bpe.Tokenizer(bpe.GPT4_PATTERN, [], {}).save(tmp_path / "noeot.bpe")
+    with pytest.raises(bpe.UserError, match=r"--tokenizer=.*noeot\.bpe: the tokenizer has no <\|endoftext\|> "
+                                            r"token, which marks document starts"):
+        prepare.build(_prepare_settings(tmp_path, pattern, tokenizer=str(tmp_path / "noeot.bpe")),
+                      log=_prepare_quiet, quiet=True)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage, what", [
+    ("{}", "'format_version' is missing"),
+    ('{"format_version": 2, "tokenizer": "tokenizer.bpe", "fingerprint": "ab", "vocab_size": 300, '
+     '"bos_id": 299, "splits": {"train": {"shards": ["../../etc/passwd"]}, "val": {"shards": []}}}',
+     "'splits.train.shards' is missing or not a list of file names"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"tokenizer"', "cannot be read"),
+], ids=["empty", "path-in-shards", "list", "truncated"])
+def test_prepare_damaged_meta_json_is_one_line(tmp_path, damage, what):
+    # Guards (issue 15, finding 7): meta.json = {} gave KeyError 'tokenizer' with a traceback.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "meta.json").write_text(damage)
+    for read in (prepare.load_meta, prepare.load_tokenizer, lambda d: prepare.load_split(d, "train")):
+        with pytest.raises(prepare.ShardError) as e:
+            read(str(tmp_path / "d"))
+        assert what in str(e.value) and "re-run prepare.py" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_prepare_verify_rechecks_every_shard(tmp_path, capsys):
+    # --verify=True ignores verified.json: damage that kept a file's identity is found too
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern, shard_tokens=500)
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    remembered = json.loads((tmp_path / "out" / "verified.json").read_text())["shards"]
+    assert sorted(remembered) == sorted(n for n in os.listdir(s.out_dir) if n.endswith(".bin"))
+    prepare.main([f"--out_dir={s.out_dir}", "--verify=True"])
+    assert re.search(r"all \d+ shards verified", capsys.readouterr().err)
+    shard = tmp_path / "out" / "train_0000.bin"
+    st = os.stat(shard)
+    data = bytearray(shard.read_bytes())
+    data[prepare.SHARD_HEADER_BYTES + 4] ^= 1          # a flipped bit...
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...with the old mtime restored
+    with pytest.raises(prepare.ShardError, match="train_0000.bin: its bytes do not match"):
+        prepare.main([f"--out_dir={s.out_dir}", "--verify=True"])
+
+
+def test_prepare_synthetic_corpus_varies_copies_as_documented(tmp_path, monkeypatch):
+    # the docstring's example: copy 3 of "def f(self):" is "def v3_f(self_3):"
+    (tmp_path / "m.py").write_text("def f(self):\n    return self\n")
+    monkeypatch.setattr(bpe, "stdlib_files", lambda: (str(tmp_path), [str(tmp_path / "m.py")]))
+    (tmp_path / "out").mkdir()
+    written = prepare.write_synthetic_corpus(str(tmp_path / "out"), 120 / prepare.MB)
+    docs = (tmp_path / "out" / "synthetic_000.txt").read_text().split("\n" + prepare.SYNTHETIC_SEP + "\n")
+    assert docs[:4] == [f"def v{k}_f(self_{k}):\n    return self_{k}\n" for k in range(4)]
+    assert written == sum(len(d.encode()) for d in docs if d) >= 120
+
+
 # -----------------------------------------------------------------------------
 # downloads against a local http.server
 
@@ -1105,6 +1372,50 @@ def test_prepare_download_sha_mismatch_404_and_offline(tmp_path, _prepare_server
         prepare.download(prepare.Remote(f"http://127.0.0.1:{port}/x", "x.txt"), str(tmp_path), retries=2,
                          backoff=0, log=_prepare_quiet)
     assert "\n" not in str(e.value)
+
+
+def test_prepare_cached_download_is_checked_by_sha256(tmp_path, _prepare_server):
+    # Guards (issue 15, finding 8): a cached file was checked by size only, so a same-size
+    # damaged file was used. Now it is downloaded again, with a message.
+    srv = _prepare_server
+    data = bytes(range(256)) * 40
+    remote = _prepare_remote(srv, "c.txt", data)
+    prepare.download(remote, str(tmp_path), backoff=0, log=_prepare_quiet)
+    damaged = bytearray(data)
+    damaged[100] ^= 0xFF
+    (tmp_path / "c.txt").write_bytes(bytes(damaged))            # same size, one byte changed
+    lines = []
+    path = prepare.download(remote, str(tmp_path), backoff=0, log=lines.append)
+    assert open(path, "rb").read() == data and len(srv.requests) == 2
+    assert any("does not match its pinned sha256" in line for line in lines)
+    lines = []
+    prepare.download(remote, str(tmp_path), backoff=0, log=lines.append)   # intact: used as is
+    assert len(srv.requests) == 2 and lines == [f"using cached {path}"]
+
+
+def test_prepare_disk_full_during_download_is_one_line(tmp_path, _prepare_server, monkeypatch):
+    # Guards (issue 15, finding 7): ENOSPC while downloading was retried as a network error
+    # and ended with "are you offline?". Now one line that says the disk is full, and the
+    # .part keeps what arrived, for the next run to resume.
+    srv = _prepare_server
+    data = b"x" * (3 * prepare.DOWNLOAD_BLOCK)
+    remote = _prepare_remote(srv, "big.txt", data)
+    real_open = open
+
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            if self.tell() >= prepare.DOWNLOAD_BLOCK:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    monkeypatch.setattr(prepare, "open", lambda p, mode="r", *a, **k: FullDisk(p, mode.replace("b", ""))
+                        if str(p).endswith(".part") else real_open(p, mode, *a, **k), raising=False)
+    with pytest.raises(bpe.UserError) as e:
+        prepare.download(remote, str(tmp_path), backoff=0, log=_prepare_quiet)
+    message = str(e.value)
+    assert message.startswith("disk full while downloading") and str(tmp_path) in message
+    assert "MB more are needed" in message and "\n" not in message and len(srv.requests) == 1
+    assert os.path.getsize(tmp_path / "big.txt.part") == prepare.DOWNLOAD_BLOCK
 
 
 def test_prepare_dataset_download_end_to_end(tmp_path, _prepare_server, monkeypatch):
