@@ -21,8 +21,9 @@ What ends up in the data directory (default data/stdlib/):
     val_0000.bin, ...                     token shards of the validation split
     tokenizer.bpe                         the tokenizer (bpe.py's own file format)
     meta.json                             sources, counts per split, bytes per token, settings, fingerprint
-    verified.json                         which shards were verified (written by whoever reads them first)
-    tokenizer-<fingerprint>.bpe           tokenizers that --force=True replaced (kept for old checkpoints)
+    verified.json                         shards that passed verification, so it runs once per file
+    tokenizer-<fp>.bpe                    a tokenizer that --force=True replaced, kept for older checkpoints
+                                          (fp: the first 16 hex digits of its fingerprint)
 
 Nothing is lost. A build goes into a hidden folder beside the data directory
 (data/.stdlib.build<pid>), meta.json last, and is read back and verified; only then is

@@ -1223,6 +1223,11 @@ def test_prepare_one_line_errors(tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
 
 
+def test_prepare_defines_every_name_before_use():
+    # Guards: Settings checked --dataset against DATASETS, defined ~200 lines further down.
+    assert _names_used_before_definition(prepare.__file__) == []
+
+
 def test_prepare_tokenizer_without_eot_gets_its_message(tmp_path):
     # Guards: check_tokenizer's message could never print (getattr(tok, "eot_id", None) meets
     # bpe's UserError, not AttributeError), so the user saw bpe's generic line instead.
