@@ -625,14 +625,15 @@ def _names_used_before_definition(path):
     guide's "define before use": a reader never has to jump ahead)."""
     import ast
     tree = ast.parse(Path(path).read_text())
-    defined = {}
+    defined = {}  # name -> line of the statement that first defines it
     for node in tree.body:
-        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-            getattr(node, "targets", [getattr(node, "target", None)])
-        for target in targets:
-            for n in ast.walk(target) if target is not None else ():
-                if isinstance(n, (ast.Name, ast.FunctionDef, ast.ClassDef)):
-                    defined.setdefault(getattr(n, "id", getattr(n, "name", None)), node.lineno)
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        else:  # assignments: NAME = ..., NAME: type = ..., A, B = ...
+            targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+            names = [n.id for t in targets if t is not None for n in ast.walk(t) if isinstance(n, ast.Name)]
+        for name in names:
+            defined.setdefault(name, node.lineno)
     return sorted({(n.id, n.lineno) for node in tree.body for n in ast.walk(node)
                    if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
                    and defined.get(n.id, 0) > node.lineno})
