@@ -617,8 +617,9 @@ def read_header(path):
 
 
 def shard_identity(path):
-    """What changes whenever a file's bytes change: size, modification and change times
-    (ctime cannot be set back by tools that restore mtime), and the inode."""
+    """What changes whenever a shard's bytes change: size, modification and change times
+    (ctime cannot be set back by tools that restore mtime), and the inode (a copy is a new
+    file). Renaming the folder it is in changes none of them."""
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
@@ -629,13 +630,14 @@ class VerifiedCache:
     entries just mean "verify again"; a folder we cannot write to is verified every time."""
 
     def __init__(self, folder):
-        self.path, self.changed = os.path.join(folder, VERIFIED_NAME), False
+        self.path, self.changed, self.entries = os.path.join(folder, VERIFIED_NAME), False, {}
         try:
             with open(self.path) as f:
-                self.entries = json.load(f)["shards"]
-            assert isinstance(self.entries, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            self.entries = {}
+                entries = json.load(f).get("shards")
+        except (OSError, ValueError, AttributeError):  # none yet, or damaged: verify again
+            return
+        if isinstance(entries, dict):
+            self.entries = entries
 
     def max_id(self, name, identity, checksum):
         """The largest token id recorded for this exact file, or None."""
@@ -1066,8 +1068,10 @@ def tokenize_to_shards(streams, is_val, tok, out_dir, s, dtype, num_proc, total_
 # and the old folder is retired: what prepare.py did not write there (your files) moves
 # into the new folder, a tokenizer that was replaced is kept as tokenizer-<fp>.bpe (fp:
 # the first 16 hex digits of its fingerprint), and the rest is deleted. A rename is
-# atomic, so a reader finds the old dataset or the new one, never a mix. A failure
-# before the swap (a full disk, Ctrl-C) deletes the build folder: nothing was changed.
+# atomic, so a reader finds the old dataset or the new one (or, for the instant between
+# the two renames, none), never a mix; a training run that has the old shards mapped
+# keeps reading them. A failure before the swap (a full disk, Ctrl-C) deletes the build
+# folder: nothing was changed.
 # A process killed anywhere leaves hidden folders named with its pid, and the next run
 # finishes its work: a build folder is deleted; an old folder is put back if the data
 # directory is missing (killed between the two renames), else retired.
@@ -1082,6 +1086,8 @@ WRITE_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}  # no permission, read-
 
 
 def file_identity(paths):
+    """[[absolute path, size, mtime], ...] of source files: like make, a change of any of
+    them means the build is out of date."""
     out = []
     for p in paths:
         st = os.stat(p)
@@ -1219,6 +1225,55 @@ def estimate_bytes(stats, text_bytes, n_docs, itemsize, old_meta):
     return text_bytes / bpt * itemsize + 8 * n_docs
 
 
+def load_meta_or_none(data_dir):
+    try:
+        return load_meta(data_dir)
+    except bpe.UserError:
+        return None
+
+
+def pick_tokenizer(s, out_dir, given_tok, tokenizer_key, train, log):
+    """The tokenizer of the new build: --tokenizer's, else the data directory's own when the
+    sources and tokenizer settings are unchanged, else train() trains one. A different
+    tokenizer than the directory's is refused unless --force=True (see the section comment)."""
+    old_meta, tok_file = load_meta_or_none(out_dir), os.path.join(out_dir, TOKENIZER_NAME)
+    try:
+        old_tok = bpe.Tokenizer.load(tok_file) if os.path.exists(tok_file) else None
+    except bpe.UserError:
+        old_tok = None  # unreadable: no checkpoint can use it either
+    if given_tok is not None:
+        tok = given_tok
+        log(f"using tokenizer {s.tokenizer} (vocab {tok.vocab_size})")
+    elif (not s.force and old_meta and old_tok and old_meta.get("tokenizer_key") == tokenizer_key
+          and old_tok.fingerprint == old_meta["fingerprint"]):
+        tok = old_tok
+        log(f"reusing {tok_file} (same sources and tokenizer settings)")
+    else:
+        tok = train()
+    check_tokenizer(tok, "tokenizer")
+    if old_tok and old_tok.fingerprint != tok.fingerprint and not s.force:
+        raise bpe.UserError(
+            f"{tok_file} (fingerprint {old_tok.fingerprint[:16]}) would be replaced by a different tokenizer "
+            f"({tok.fingerprint[:16]}), and checkpoints trained on {out_dir} need it (older ones look for it at "
+            f"that path); re-run with --force=True to replace it (it is then kept as "
+            f"{tokenizer_backup_name(old_tok.fingerprint)}), or choose another --out_dir")
+    return tok
+
+
+def write_failed(e, out_dir, target, need):
+    """The one line for a build that could not be written (full disk, no permission); the
+    build folder is already gone, and the previous dataset was never touched."""
+    parent, had_old = os.path.dirname(target), os.path.exists(target)
+    unchanged = f"nothing was changed: {out_dir} is as it was" if had_old else "nothing was written"
+    if bpe.is_disk_full(e):
+        return bpe.UserError(
+            f"disk full while writing the new {out_dir} (in {parent}): it needs about {need / MB:.1f} MB "
+            f"there, {bpe.free_bytes(target) / MB:.1f} MB are free"
+            + (" (the old dataset stays until the new one is complete)" if had_old else "")
+            + f"; free some space and re-run; {unchanged}")
+    return bpe.UserError(f"cannot write in {parent} ({e.strerror}); choose a writable --out_dir; {unchanged}")
+
+
 def build(s, log=print, quiet=False):
     """Prepare one data directory according to settings s. Returns meta (dict)."""
     out_dir = resolve_out_dir(s)
@@ -1253,39 +1308,15 @@ def build(s, log=print, quiet=False):
     else:
         choose_dtype(s.vocab_size, s.dtype)
 
-    # The previous dataset, if any: its tokenizer may be reused, and must not be lost.
-    try:
-        old_meta = load_meta(out_dir)
-    except bpe.UserError:
-        old_meta = None
-    tok_file = os.path.join(out_dir, TOKENIZER_NAME)
-    try:
-        old_tok = bpe.Tokenizer.load(tok_file) if os.path.exists(tok_file) else None
-    except bpe.UserError:
-        old_tok = None  # unreadable: no checkpoint can use it either
-    if given_tok is not None:
-        tok = given_tok
-        log(f"using tokenizer {s.tokenizer} (vocab {tok.vocab_size})")
-    elif (not s.force and old_meta and old_tok and old_meta.get("tokenizer_key") == tokenizer_key
-          and old_tok.fingerprint == old_meta["fingerprint"]):
-        tok = old_tok
-        log(f"reusing {tok_file} (same sources and tokenizer settings)")
-    else:
-        tok = train_tokenizer(train_paths, doc_sep, is_val, scan, s, num_proc, log, quiet)
-    check_tokenizer(tok, "tokenizer")
-    if old_tok and old_tok.fingerprint != tok.fingerprint and not s.force:
-        raise bpe.UserError(
-            f"{tok_file} (fingerprint {old_tok.fingerprint[:16]}) would be replaced by a different tokenizer "
-            f"({tok.fingerprint[:16]}), and checkpoints trained on {out_dir} need it (older ones look for it at "
-            f"that path); re-run with --force=True to replace it (it is then kept as "
-            f"{tokenizer_backup_name(old_tok.fingerprint)}), or choose another --out_dir")
+    tok = pick_tokenizer(s, out_dir, given_tok, tokenizer_key,
+                         lambda: train_tokenizer(train_paths, doc_sep, is_val, scan, s, num_proc, log, quiet), log)
     dtype = choose_dtype(tok.vocab_size, s.dtype)
 
     streams = [(None, iter_documents(train_paths, doc_sep))]
     if val_paths:
         streams.append(("val", iter_documents(val_paths, doc_sep)))
     total_bytes = scan.bytes + (val_scan.bytes if val_scan else 0)
-    work, stats, old_exists = side_folder(target, "build"), new_stats(), os.path.exists(target)
+    work, stats = side_folder(target, "build"), new_stats()
     try:
         os.makedirs(work)
         tok.save(os.path.join(work, TOKENIZER_NAME))
@@ -1307,26 +1338,18 @@ def build(s, log=print, quiet=False):
         for split in ("train", "val"):  # read back and verify: a bad build never replaces a good one
             load_split(work, split)
         old = swap_in(work, target)
-    except OSError as e:
+    except BaseException as e:  # a full disk, Ctrl-C, a bug: the build folder goes, the old dataset stays
         shutil.rmtree(work, ignore_errors=True)
-        unchanged = f"nothing was changed: {out_dir} is as it was" if old_exists else "nothing was written"
-        if bpe.is_disk_full(e):
+        if isinstance(e, OSError) and (bpe.is_disk_full(e) or e.errno in WRITE_REFUSED):
             n_docs = scan.docs + (val_scan.docs if val_scan else 0)
-            need = estimate_bytes(stats, total_bytes, n_docs, dtype.itemsize, old_meta)
-            raise bpe.UserError(
-                f"disk full while writing the new {out_dir} (in {os.path.dirname(target)}): it needs about "
-                f"{need / MB:.1f} MB there, {bpe.free_bytes(target) / MB:.1f} MB are free"
-                + (" (the old dataset stays until the new one is complete)" if old_exists else "")
-                + f"; free some space and re-run; {unchanged}") from None
-        if e.errno in WRITE_REFUSED:
-            raise bpe.UserError(f"cannot write {e.filename or work} ({e.strerror}); choose a writable "
-                                f"--out_dir; {unchanged}") from None
-        raise
-    except BaseException:  # Ctrl-C, a bug: the build folder goes, the old dataset stays
-        shutil.rmtree(work, ignore_errors=True)
+            need = estimate_bytes(stats, total_bytes, n_docs, dtype.itemsize, load_meta_or_none(out_dir))
+            raise write_failed(e, out_dir, target, need) from None
         raise
     if old is not None:
-        retire(old, target, log)
+        try:
+            retire(old, target, log)
+        except OSError as e:  # the new dataset is in place; the next run finishes the cleanup
+            log(f"warning: could not finish removing {old} ({e}); the next run of prepare.py will")
     for sp in ("train", "val"):
         st = stats[sp]
         log(f"{sp}: {st['docs']:,} docs, {st['bytes'] / MB:.1f} MB, {st['tokens']:,} tokens "
