@@ -16,6 +16,7 @@ Use it from Python:
   ids = tok.encode("hello world")                     # -> [list of ints]
   tok.decode(ids) == "hello world"
   tok.save("tok.bpe"); tok = Tokenizer.load("tok.bpe")
+  tok.vocab[ids[0]]                                   # -> the bytes of one token (id -> bytes table)
 
 The idea in one paragraph. A byte-level BPE tokenizer starts from the 256 byte values as its
 first 256 tokens, so any text at all can be encoded (there is no "unknown" token). Training then
@@ -37,7 +38,8 @@ Notable features
     cache), in parallel processes for batches, or lazily over a file larger than memory.
   - Special tokens (<|endoftext|>) are never merged, and `encode` treats their text as plain
     bytes unless you allow them (text from the web cannot inject control tokens).
-  - Exact GPT-2 ids from GPT-2's own files; tiktoken rank files in and out.
+  - Exact GPT-2 ids from GPT-2's own files; tiktoken rank files in and out; the (vocab, merges)
+    tables that other BPE tools exchange, in (from_vocab_merges) and out (vocab, merges).
   - A human-readable, versioned file format and a sha256 fingerprint that prepare.py stamps
     into every shard, so a model is never fed ids from the wrong tokenizer.
 
@@ -800,7 +802,8 @@ def _encode_batch_worker(bounds, allowed_special):
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer. Build one with Tokenizer.train / load / from_gpt2 / from_tiktoken."""
+    """A byte-level BPE tokenizer. Build one with Tokenizer.train / load / from_vocab_merges /
+    from_gpt2 / from_tiktoken."""
 
     def __init__(self, pattern, merges, special_tokens=None, byte_ids=None):
         self.pattern = resolve_pattern(pattern)
