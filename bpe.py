@@ -16,6 +16,7 @@ Use it from Python:
   ids = tok.encode("hello world")                     # -> [list of ints]
   tok.decode(ids) == "hello world"
   tok.save("tok.bpe"); tok = Tokenizer.load("tok.bpe")
+  tok.vocab[ids[0]]                                   # -> the bytes of one token (id -> bytes table)
 
 The idea in one paragraph. A byte-level BPE tokenizer starts from the 256 byte values as its
 first 256 tokens, so any text at all can be encoded (there is no "unknown" token). Training then
@@ -37,18 +38,20 @@ Notable features
     cache), in parallel processes for batches, or lazily over a file larger than memory.
   - Special tokens (<|endoftext|>) are never merged, and `encode` treats their text as plain
     bytes unless you allow them (text from the web cannot inject control tokens).
-  - Exact GPT-2 ids from GPT-2's own files; tiktoken rank files in and out.
+  - Exact GPT-2 ids from GPT-2's own files; tiktoken rank files in and out; the (vocab, merges)
+    tables that other BPE tools exchange, in (from_vocab_merges) and out (vocab, merges).
   - A human-readable, versioned file format and a sha256 fingerprint that prepare.py stamps
     into every shard, so a model is never fed ids from the wrong tokenizer.
 
 Sections
-  1. Settings (this file's command line)
+  1. Errors and settings (this file's command line)
   2. Split patterns, special tokens and byte helpers
-  3. Pre-tokenization: text -> chunks -> chunk counts (serial and parallel)
-  4. Training: the textbook merge loop and the incremental one
-  5. The Tokenizer: encode, decode, streaming decode, files, GPT-2 and tiktoken interop
-  6. Teaching demo and benchmark
-  7. Settings from the command line (shared by every nanostack script)
+  3. Shared helpers: safe file writes, a full disk, progress lines, peak memory, the default corpus
+  4. Pre-tokenization: text -> chunks -> chunk counts (serial and parallel)
+  5. Training: the textbook merge loop and the incremental one
+  6. The Tokenizer: encode, decode, streaming, files; (vocab, merges), GPT-2 and tiktoken interop
+  7. Teaching demo and benchmark
+  8. Settings from the command line (shared by every nanostack script)
   main()
 """
 import array
@@ -59,6 +62,7 @@ import codecs
 import collections
 import dataclasses
 import difflib
+import errno
 import glob
 import hashlib
 import heapq
@@ -68,16 +72,30 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import statistics
 import sys
 import sysconfig
 import time
+import types
 
 import numpy as np
 import regex
 
 # -----------------------------------------------------------------------------
-# 1. Settings (this file's command line)
+# 1. Errors and settings (this file's command line)
+#
+# The error class comes first because everything below raises it.
+
+class UserError(Exception):
+    """An error caused by the user's input (a bad setting, a missing file, a corrupt
+    shard). main_guard (section 8) prints its message as one line, without a traceback,
+    and exits with code 2, so the message itself must say what to do. Anything else is
+    a bug and keeps its traceback."""
+
+
+class SettingsError(UserError):
+    """A bad --key=value."""
 
 
 @dataclasses.dataclass
@@ -131,7 +149,6 @@ N_BYTES = 256  # ids 0..255 are the raw byte values (for tokenizers we train)
 FORMAT_NAME = "nanostack-bpe"  # first word of a saved tokenizer file
 FORMAT_VERSION = 1  # bump when the file layout changes; load() refuses other versions
 CHUNK_CACHE_MAX = 1 << 20  # encode's chunk -> ids cache is cleared when it grows past this
-PROGRESS_SECONDS = 2.0  # training prints a progress line on stderr at most this often
 # Text (strings) round-trips through bytes with "surrogateescape": a str made from arbitrary bytes
 # by bytes.decode("utf-8", "surrogateescape") encodes back to exactly those bytes.
 UTF8_ERRORS = "surrogateescape"
@@ -152,11 +169,11 @@ def compile_pattern(pattern):
 
 # A fast path for ASCII text. The `regex` module is needed for \p{L} and \p{N} (Unicode letters
 # and numbers), but on pure-ASCII text (most source code, most English) the standard library's
-# `re` runs an equivalent pattern 2.2x faster (10.6 vs 22.9 MB/s on the 781 ASCII files of the
-# stdlib corpus, measured here), and splitting is most of the cost of encoding. In ASCII the
-# classes are small: \p{L} is [A-Za-z], \p{N} is [0-9], and \s is [\t\n\v\f\r ], spelled out
-# because `re`'s \s also matches \x1c-\x1f (str.isspace() calls them spaces) while `regex`
-# follows Unicode White_Space.
+# `re` runs an equivalent pattern markedly faster (the README's performance notes give the
+# figure), and splitting is most of the cost of encoding. In ASCII the classes are small:
+# \p{L} is [A-Za-z], \p{N} is [0-9], and \s is [\t\n\v\f\r ], spelled out because `re`'s \s
+# also matches \x1c-\x1f (str.isspace() calls them spaces) while `regex` follows Unicode
+# White_Space.
 # The possessive quantifiers (?+, ++) become greedy ones (`re` has them only from Python 3.11).
 # Backtracking cannot change a match here: in [^\r\n\p{L}\p{N}]?+\p{L}+ the optional character
 # is not a letter, so giving it back leaves a non-letter where a letter must start; in
@@ -236,12 +253,30 @@ def gpt2_bytes_to_unicode():
     return table  # dict insertion order == GPT-2 id order of the byte tokens
 
 
+# -----------------------------------------------------------------------------
+# 3. Shared helpers: safe file writes, a full disk, progress lines, peak memory, the default corpus
+#
+# Small tools that prepare.py and train.py use too; they live here, in the lowest file, so each
+# has one home.
+
+def fsync_folder(folder):
+    """Make the renames in folder durable (POSIX: fsync of the folder itself; a no-op on
+    Windows, which cannot open a folder for this)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_write(path, write):
     """Write a file so that `path` is either the old file or the complete new one, never half.
 
     write(f) fills an open binary temp file in the same folder; then fsync (the bytes are on
     disk), os.replace (atomic on POSIX and Windows), and fsync of the folder (the rename is
-    on disk too). If anything fails, the temp file is removed and `path` is untouched.
+    on disk too). If anything fails, the temp file is removed and `path` is untouched; only a
+    process killed mid-write leaves its temp file, which remove_stale_temp_files (below) deletes.
     prepare.py (meta.json) and train.py (checkpoints, logs) write through this too."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -256,12 +291,7 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_folder(folder)
 
 
 def atomic_write_bytes(path, data):
@@ -269,35 +299,157 @@ def atomic_write_bytes(path, data):
     atomic_write(path, lambda f: f.write(data))
 
 
+def pid_alive(pid):
+    """True if a process with this id runs on this machine (or if we cannot tell: then nothing
+    of its may be deleted). On Windows os.kill(pid, 0) would terminate the process, so there
+    every pid counts as alive."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists but belongs to another user
+        return True
+    return True
+
+
+_TEMP_NAME = re.compile(r"\..+\.tmp(\d+)")  # atomic_write's temp files: .NAME.tmpPID
+
+
 def remove_stale_temp_files(folder):
-    """Delete the temp files that atomic_write left in folder when its process was killed (kill -9,
-    power loss: no `finally` ran). They are named .NAME.tmpPID; a file is removed only when
-    process PID no longer exists, so a save in progress in another process is never touched.
-    POSIX only (elsewhere there is no safe way to ask whether a pid lives). Returns the names."""
+    """Delete the temp files that atomic_write left in folder when its process died mid-write
+    (kill -9, power loss): .NAME.tmpPID whose PID no longer runs. A live writer's file is kept.
+    Returns the names removed."""
     removed = []
-    if os.name != "posix" or not os.path.isdir(folder):
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # no such folder yet: nothing to clean
         return removed
-    for name in os.listdir(folder):
-        m = re.fullmatch(r"\..+\.tmp(\d+)", name)
-        if not m or int(m.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)        # signal 0: only asks whether the process exists
-            continue
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):  # alive under another user / not a pid
-            continue
-        try:
-            os.remove(os.path.join(folder, name))
-            removed.append(name)
-        except FileNotFoundError:
-            pass
+    for name in names:
+        m = _TEMP_NAME.fullmatch(name)
+        if m and not pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:  # gone already, or a folder: not ours to remove
+                pass
     return removed
 
 
+# The errno a write gets when the disk is full (ENOSPC) or the user's disk quota is (EDQUOT).
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def is_disk_full(error):
+    """True for the OSError of a write that found no space left (scripts turn it into one line)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def free_bytes(path):
+    """Free space, in bytes, on the disk that holds path (or the nearest folder above it that exists)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+PROGRESS_SECONDS = 2.0  # on a terminal, a progress line is rewritten in place at most this often
+PROGRESS_LOG_SECONDS = 10.0  # when stderr is a file, a new line at most this often (logs stay short)
+
+
+class Progress:
+    """A progress line on stderr for a long loop (BPE training, tokenizing, downloads).
+        p = Progress("bpe: merges", total=3840)
+        p.update(1200)      # the count so far; prints when it is time:
+                            # 'bpe: merges 1200/3840 | 2300/s | ETA 1s'
+        p.done()            # the final line, always printed (unless quiet)
+    scale and unit show large counts readably: Progress("tokenizing", n_bytes, scale=1e6,
+    unit=" MB") prints '12.0/50.3 MB'. total=0 means unknown: no ETA. note= adds a last field."""
+
+    def __init__(self, label, total=0, scale=1, unit="", quiet=False):
+        self.label, self.total, self.scale, self.unit, self.quiet = label, total, scale, unit, quiet
+        self.count = 0
+        self.t0 = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.shown = False  # a line was printed
+        self.width = 0  # length of the line on screen, so a shorter one can blank it out
+
+    def update(self, count, note=""):
+        self.count = count
+        now = time.perf_counter()
+        if self.quiet or now - self.last < (PROGRESS_SECONDS if self.tty else PROGRESS_LOG_SECONDS):
+            return
+        self.last = now
+        self._show(note, final=False)
+
+    def add(self, n, note=""):
+        self.update(self.count + n, note)
+
+    def done(self, note=""):
+        if not self.quiet:
+            self._show(note, final=True)
+
+    def _show(self, note, final):
+        def amount(x):
+            return f"{x / self.scale:.1f}" if self.scale != 1 else f"{x:.0f}"
+        rate = self.count / max(time.perf_counter() - self.t0, 1e-9)
+        line = f"{self.label} {amount(self.count)}" + (f"/{amount(self.total)}" if self.total else "")
+        line += f"{self.unit} | {amount(rate)}{self.unit}/s"
+        if self.total and rate > 0:
+            line += f" | ETA {max(0.0, self.total - self.count) / rate:.0f}s"
+        if note:
+            line += f" | {note}"
+        if self.tty:  # rewrite in place; the newline comes with the final line
+            line, self.width = "\r" + line.ljust(self.width), len(line)
+        print(line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
+        self.shown = True
+
+
+def peak_rss_mb(children=False):
+    """Peak resident memory in MB: of this process, or (children=True) of the largest child
+    process that has finished (a worker). For this process Linux's VmHWM is read first: unlike
+    ru_maxrss it is reset by exec, so a spawned child does not report its parent's peak."""
+    if not children:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024  # kB
+        except OSError:
+            pass
+    import resource  # POSIX only, so imported where it is needed
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+STDLIB_SKIP_DIRS = {"test", "tests", "site-packages", "__pycache__"}  # tests are huge and repetitive
+
+
+def stdlib_files():
+    """The default corpus of bpe.py and prepare.py: the Python standard library's own .py files,
+    read from the running interpreter (no download). Test folders and site-packages are left
+    out; paths are sorted, so every machine with the same Python version reads the same ~13 MB
+    in the same order. Returns (root, [paths])."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in STDLIB_SKIP_DIRS)
+        paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+    return root, sorted(paths)
+
+
+def stdlib_documents():
+    """The text of stdlib_files(), one document per file (undecodable bytes become U+FFFD)."""
+    for path in stdlib_files()[1]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield f.read()
+
+
 # -----------------------------------------------------------------------------
-# 3. Pre-tokenization: text -> chunks -> chunk counts (serial and parallel)
+# 4. Pre-tokenization: text -> chunks -> chunk counts (serial and parallel)
 #
 # Training never looks at the corpus as one long string. It only needs how often each distinct
 # chunk occurs: 13 MB of Python source has ~2.9M chunks but only ~66k distinct ones. So we stream
@@ -367,17 +519,14 @@ def _pool(num_proc, **kwargs):
 
 
 def _reading_progress(texts):
-    """Pass the documents through, with a line on stderr every PROGRESS_SECONDS."""
-    t0 = last = time.perf_counter()
-    docs = chars = 0
+    """Pass the documents through, with a progress line on stderr (see Progress)."""
+    progress, docs = Progress("bpe: counting chunks", scale=1e6, unit="M characters"), 0
     for text in texts:
         yield text
-        docs, chars = docs + 1, chars + len(text)
-        now = time.perf_counter()
-        if now - last >= PROGRESS_SECONDS:
-            last = now
-            print(f"bpe: counting chunks: {docs:,} documents, {chars / 1e6:.0f}M characters "
-                  f"({chars / 1e6 / (now - t0):.1f}M/s)", file=sys.stderr)
+        docs += 1
+        progress.add(len(text), note=f"{docs:,} documents")
+    if progress.shown:  # a long read: end its line (a short one printed nothing)
+        progress.done(note=f"{docs:,} documents")
 
 
 def count_chunks(texts, pattern=GPT4_PATTERN, special_tokens=(), num_proc=1, batch_chars=BATCH_CHARS,
@@ -422,7 +571,7 @@ def chunks_to_words(chunk_counts):
 
 
 # -----------------------------------------------------------------------------
-# 4. Training: the textbook merge loop and the incremental one
+# 5. Training: the textbook merge loop and the incremental one
 #
 # Both take the distinct chunks as lists of byte values ("words") with their counts, and return
 # the merges in the order they were learned, as (left_id, right_id, count); merge number i
@@ -472,23 +621,6 @@ def _descending(token):
     greatest first: negate each byte (255 - x) and end with 256, which sorts after every negated
     byte, so that a prefix ("ab") comes after its extensions ("abc"), the reverse of bytes order."""
     return (*[255 - x for x in token], 256)
-
-
-class _Progress:
-    """'merges 1200/3840 | 2300 merges/s | ETA 1s' on stderr, at most every PROGRESS_SECONDS."""
-
-    def __init__(self, total, quiet):
-        self.total, self.quiet = total, quiet
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, done, force=False):
-        now = time.perf_counter()
-        if self.quiet or (not force and now - self.last < PROGRESS_SECONDS):
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        print(f"bpe: merges {done}/{self.total} | {rate:.0f} merges/s | ETA {eta:.0f}s", file=sys.stderr)
 
 
 def _initial_pairs(words, counts):
@@ -549,7 +681,7 @@ def train_merges(words, counts, n_merges, quiet=True, final_words=None):
     vocab = {chr(i): bytes([i]) for i in range(N_BYTES)}
     heap = [(-c, (key[p[0]], key[p[1]]), p) for p, c in pair_count.items()]
     heapq.heapify(heap)
-    merges, progress = [], _Progress(n_merges, quiet)
+    merges, progress = [], Progress("bpe: merges", n_merges, quiet=quiet)
     while len(merges) < n_merges and heap:
         neg, _, pair = heapq.heappop(heap)
         c = pair_count.get(pair, 0)
@@ -599,14 +731,15 @@ def train_merges(words, counts, n_merges, quiet=True, final_words=None):
             where[p] = entry[1:]
             heapq.heappush(heap, (-entry[0], (key[p[0]], key[p[1]]), p))
         progress.update(len(merges))
-    progress.update(len(merges), force=len(merges) > 0)
+    if merges:
+        progress.done()
     if final_words is not None:
         final_words.extend([list(map(ord, w)) for w in words])
     return merges
 
 
 # -----------------------------------------------------------------------------
-# 5. The Tokenizer: encode, decode, streaming decode, files, GPT-2 and tiktoken interop
+# 6. The Tokenizer: encode, decode, streaming, files; (vocab, merges), GPT-2 and tiktoken interop
 #
 # A tokenizer is fully described by:
 #   pattern         the split regex
@@ -669,7 +802,8 @@ def _encode_batch_worker(bounds, allowed_special):
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer. Build one with Tokenizer.train / load / from_gpt2 / from_tiktoken."""
+    """A byte-level BPE tokenizer. Build one with Tokenizer.train / load / from_vocab_merges /
+    from_gpt2 / from_tiktoken."""
 
     def __init__(self, pattern, merges, special_tokens=None, byte_ids=None):
         self.pattern = resolve_pattern(pattern)
@@ -697,6 +831,7 @@ class Tokenizer:
         self._cache = {}  # chunk str -> tuple of ids
         self._special_re = {}  # frozenset of allowed specials -> compiled splitter
         self._fingerprint = None
+        self._vocab_dict = None  # built on first use of .vocab
 
     # --- training ---------------------------------------------------------------------------
 
@@ -751,6 +886,16 @@ class Tokenizer:
             raise UserError(f"this tokenizer has no {EOT} special token; train it with special_tokens=({EOT!r},)")
         return self.special_tokens[EOT]
 
+    @property
+    def vocab(self):
+        """The id -> bytes table, read-only: every id of the tokenizer, the special tokens as the
+        UTF-8 bytes of their text. tok.vocab[i] is what decode_bytes([i]) gives, without building
+        a list per id. With the merges as byte pairs, [(tok.vocab[a], tok.vocab[b]) for a, b, _ in
+        tok.merges], it is the (vocab, merges) form of from_vocab_merges."""
+        if self._vocab_dict is None:
+            self._vocab_dict = {i: v for i, v in enumerate(self._vocab) if v is not None}
+        return types.MappingProxyType(self._vocab_dict)
+
     def token_bytes(self):
         """Byte length of every id (0 for special tokens and unused ids). bits-per-byte divides the
         summed loss by the bytes of the targets, which makes models with different vocabularies
@@ -766,7 +911,7 @@ class Tokenizer:
 
     def __getstate__(self):  # for worker processes: the caches travel empty, compiled regexes not at all
         state = dict(self.__dict__)
-        state.update(_cache={}, _special_re={}, _findall=None)
+        state.update(_cache={}, _special_re={}, _findall=None, _vocab_dict=None)
         return state
 
     def __setstate__(self, state):
@@ -818,8 +963,8 @@ class Tokenizer:
     def _encode_chunks(self, chunks):
         """Chunks -> ids, through the chunk -> ids cache: real text repeats its chunks (the stdlib
         corpus has ~2.9M chunks but ~66k distinct), so _bpe runs once per distinct chunk and the
-        rest is one dict lookup per chunk. (A plain loop with list.extend measured as fast as
-        C-level map/chain variants here.)"""
+        rest is one dict lookup per chunk. (C-level map/chain variants were no faster than this
+        plain loop with list.extend.)"""
         cache = self._cache
         if len(cache) > CHUNK_CACHE_MAX:
             cache.clear()  # bound memory on endless input; the common chunks come back at once
@@ -848,6 +993,13 @@ class Tokenizer:
                             f"this tokenizer has {sorted(self.special_tokens)}")
         return allowed
 
+    def _special_splitter(self, allowed):
+        """special_splitter(allowed), compiled once per set of allowed specials."""
+        splitter = self._special_re.get(allowed)
+        if splitter is None:
+            splitter = self._special_re[allowed] = special_splitter(allowed)
+        return splitter
+
     def encode(self, text, allowed_special="none") -> list:
         """Text -> ids.
 
@@ -859,9 +1011,7 @@ class Tokenizer:
         allowed = self._allowed_specials(allowed_special)
         if not allowed:
             return self.encode_ordinary(text)
-        splitter = self._special_re.get(allowed)
-        if splitter is None:
-            splitter = self._special_re[allowed] = special_splitter(allowed)
+        splitter = self._special_splitter(allowed)
         ids = []
         for k, piece in enumerate(splitter.split(text)):  # [text, special, text, special, ...]
             if k % 2:
@@ -888,10 +1038,9 @@ class Tokenizer:
                                           for k in range(1, n_jobs))})
         # num_proc - 1 worker processes, and this process is the last one: it encodes jobs
         # too instead of waiting, its ids need no transfer, and its cache gets warm. (With
-        # num_proc workers this process idled while they ran, then converted all the ids
-        # alone: 0.97x of tiktoken's single thread on 2 cores, against 1.07x now.) With fork
-        # the workers inherit the tokenizer, its cache and the texts from this process's
-        # memory; with spawn they are pickled to each worker.
+        # num_proc workers this process would idle while they ran, then convert all their ids
+        # alone.) With fork the workers inherit the tokenizer, its cache and the texts from
+        # this process's memory; with spawn they are pickled to each worker.
         next_job = _context().Value("q", 0)
         with _pool(num_proc - 1, initializer=_encode_batch_init, initargs=(self, texts, next_job)) as pool:
             workers = [pool.apply_async(_encode_batch_worker, (bounds, allowed_special))
@@ -906,28 +1055,44 @@ class Tokenizer:
     # has read (the ones more text could still change) and only emits the ones before them.
     # Two is enough for our patterns: a whitespace run ending the text splits into at most two
     # chunks once more text arrives; tests check random line splits against encode.
+    # Allowed special tokens add one more thing that more text can change: which special token
+    # (if any) starts at position p depends on the L characters from p on, L = the longest
+    # allowed special. So a special token is taken only where p + L <= len(text), text is
+    # committed only up to there, and a special token cut across two pieces is found whole on
+    # a later pass.
     STREAM_HOLD_BACK = 2
     STREAM_BLOCK = 1 << 16  # characters read before each regex pass
 
-    def encode_iterable(self, lines):
+    def encode_iterable(self, pieces, allowed_special="none"):
         """Lazy encode of an iterable of strings (e.g. an open file): yields exactly the ids of
-        encode_ordinary("".join(lines)), holding only about STREAM_BLOCK characters in memory."""
-        buffer = []
-        size = 0
-        for line in lines:
-            buffer.append(line)
-            size += len(line)
+        encode("".join(pieces), allowed_special), however the text is cut into pieces, holding
+        only about STREAM_BLOCK characters in memory."""
+        allowed = self._allowed_specials(allowed_special)
+        splitter = self._special_splitter(allowed) if allowed else None
+        longest = max(map(len, allowed), default=0)
+        buffer, size = [], 0
+        for piece in pieces:
+            buffer.append(piece)
+            size += len(piece)
             if size < self.STREAM_BLOCK:
                 continue
             text = "".join(buffer)
-            chunks = self._findall(text)
-            keep = chunks[-self.STREAM_HOLD_BACK:]
+            start, decided = 0, len(text) - longest  # a special at p <= decided is certain
+            if splitter is not None:
+                for m in splitter.finditer(text):
+                    if m.start() > decided:
+                        break
+                    yield from self.encode_ordinary(text[start:m.start()])  # complete: a special ends it
+                    yield self.special_tokens[m.group()]
+                    start = m.end()
+            # No special starts in text[start:decided + 1]; one may still start after it.
+            chunks = self._findall(text[start:max(start, decided + 1)])
             done = chunks[:-self.STREAM_HOLD_BACK]
             yield from self._encode_chunks(done)  # not encode("".join(done)): that would re-split
-            buffer = ["".join(keep)]
-            size = len(buffer[0])
+            rest = text[start + sum(map(len, done)):]
+            buffer, size = [rest], len(rest)
         if buffer:
-            yield from self.encode_ordinary("".join(buffer))
+            yield from self.encode("".join(buffer), allowed_special)
 
     # --- decoding -----------------------------------------------------------------------------
 
@@ -1063,7 +1228,70 @@ class Tokenizer:
         except (ValueError, IndexError, TypeError, regex.error) as e:
             raise UserError(f"bad tokenizer file {path}: {e}; re-create it with bpe.py or prepare.py") from None
 
-    # --- GPT-2 and tiktoken interop ---------------------------------------------------------------
+    # --- interop: (vocab, merges), GPT-2 and tiktoken ---------------------------------------------
+
+    def as_vocab_merges(self):
+        """This tokenizer in the (vocab, merges) form, as keyword arguments of from_vocab_merges:
+        plain dicts, lists, bytes and strings (train.py stores it inside every checkpoint, so a
+        checkpoint carries its own tokenizer). from_vocab_merges(**tok.as_vocab_merges()) has
+        tok's fingerprint."""
+        return {"vocab": dict(self.vocab), "merges": [(self.vocab[a], self.vocab[b]) for a, b, _ in self.merges],
+                "special_tokens": dict(self.special_tokens), "pattern": self.pattern}
+
+    @classmethod
+    def from_vocab_merges(cls, vocab, merges, special_tokens=None, pattern=GPT4_PATTERN):
+        """A tokenizer from the (vocab, merges) form that other BPE tools exchange:
+            vocab           {id: token bytes}, the 256 single bytes included (at any ids)
+            merges          [(left bytes, right bytes), ...] in rank order (applied first to last)
+            special_tokens  {text: id}; their ids may appear in vocab (with the text's UTF-8 bytes)
+        Every id of vocab must be one of the 256 bytes, the result of a merge, or a special
+        token: anything else would be an id that encoding can never produce. Each merge must
+        join two tokens that exist before it and make a token that did not. Any problem is one
+        UserError line. Worked example: vocab {0..255: the bytes, 256: b"ab"}, merges
+        [(b"a", b"b")] gives encode("abc") == [256, ord("c")]. from_gpt2 is built on this."""
+        special_tokens = dict(special_tokens or {})
+        special_ids = {i: s for s, i in special_tokens.items()}
+        id_of = {}  # token bytes -> id, specials excluded
+        for i, token in vocab.items():
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0 or not isinstance(token, (bytes, bytearray)):
+                raise UserError(f"bad vocab entry {i!r}: {token!r}; vocab maps ids (int >= 0) to token bytes")
+            if i in special_ids:
+                if token != special_ids[i].encode("utf-8"):
+                    raise UserError(f"vocab id {i} is the special token {special_ids[i]!r} but holds {token!r}")
+                continue
+            if bytes(token) in id_of:
+                raise UserError(f"vocab ids {id_of[bytes(token)]} and {i} are both {bytes(token)!r}; "
+                                f"each token must have one id")
+            id_of[bytes(token)] = i
+        missing = [b for b in range(N_BYTES) if bytes([b]) not in id_of]
+        if missing:
+            raise UserError(f"vocab has no token for byte 0x{missing[0]:02x} ({len(missing)} bytes missing); "
+                            f"a byte-level BPE needs all {N_BYTES} single bytes")
+        byte_ids = [id_of[bytes([b])] for b in range(N_BYTES)]
+        made = set(byte_ids)  # ids that exist so far: the bytes, then each merge's result
+        triples = []
+        for rank, pair in enumerate(merges):
+            if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                    or not all(isinstance(p, (bytes, bytearray)) for p in pair)):
+                raise UserError(f"merge {rank} is {pair!r}; each merge is a pair (left bytes, right bytes)")
+            left, right = bytes(pair[0]), bytes(pair[1])
+            for part in (left, right):
+                if id_of.get(part) not in made:
+                    raise UserError(f"merge {rank} ({left!r}, {right!r}): {part!r} is not a token made "
+                                    f"before it (not in vocab, or made by a later merge)")
+            z = id_of.get(left + right)
+            if z is None or z in made:
+                raise UserError(f"merge {rank} ({left!r}, {right!r}): its result {left + right!r} is "
+                                + ("not in vocab" if z is None else "already made (a byte or an earlier merge)"))
+            made.add(z)
+            triples.append((id_of[left], id_of[right], z))
+        unmade = sorted(set(id_of.values()) - made)
+        if unmade:
+            i = unmade[0]
+            raise UserError(f"vocab id {i} ({vocab[i]!r}) is neither a byte, nor made by a merge, nor a "
+                            f"special token ({len(unmade)} such ids); if it is a special token, "
+                            f"pass it in special_tokens")
+        return cls(pattern, triples, special_tokens, byte_ids)
 
     @classmethod
     def from_gpt2(cls, encoder_json, vocab_bpe):
@@ -1071,7 +1299,8 @@ class Tokenizer:
 
         encoder.json maps token text -> id and vocab.bpe lists the merges in rank order, one
         "left right" per line, both written with gpt2_bytes_to_unicode() (a space is 'Ġ').
-        Tokens that are neither a byte nor a merge result (<|endoftext|>) are special tokens."""
+        Tokens that are neither a byte nor a merge result (<|endoftext|>) are special tokens.
+        The texts are turned back into bytes, and from_vocab_merges does the rest."""
         try:
             with open(encoder_json, encoding="utf-8") as f:
                 encoder = json.load(f)
@@ -1079,18 +1308,7 @@ class Tokenizer:
                 merge_lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read GPT-2 tokenizer files {encoder_json}, {vocab_bpe}: {e}") from None
-        table = gpt2_bytes_to_unicode()
-        try:
-            byte_ids = [encoder[table[b]] for b in range(N_BYTES)]
-            merges = []
-            for line in merge_lines:
-                left, right = line.split(" ")
-                merges.append((encoder[left], encoder[right], encoder[left + right]))
-        except (KeyError, ValueError) as e:
-            raise UserError(f"{vocab_bpe} does not match {encoder_json} (problem at {e}); use the pair "
-                            f"published together") from None
-        used = set(byte_ids) | {z for _, _, z in merges}
-        from_unicode = {c: b for b, c in table.items()}
+        from_unicode = {c: b for b, c in gpt2_bytes_to_unicode().items()}
 
         def special_name(s):  # GPT-2 writes "<|endoftext|>" in printable ASCII, which maps to itself
             try:
@@ -1098,8 +1316,25 @@ class Tokenizer:
             except (KeyError, UnicodeDecodeError):
                 return s
 
-        specials = {special_name(s): i for s, i in encoder.items() if i not in used}
-        return cls(GPT2_PATTERN, merges, specials, byte_ids)
+        try:
+            merges = [tuple(line.split(" ")) for line in merge_lines]
+            made = {a + b for a, b in merges}
+            vocab, specials = {}, {}
+            for text, i in encoder.items():
+                if len(text) > 1 and text not in made:
+                    specials[special_name(text)] = i
+                else:
+                    vocab[i] = bytes(from_unicode[c] for c in text)
+            byte_merges = [(bytes(from_unicode[c] for c in a), bytes(from_unicode[c] for c in b))
+                           for a, b in merges]
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{vocab_bpe} does not match {encoder_json} (problem at {e}); use the pair "
+                            f"published together") from None
+        try:
+            return cls.from_vocab_merges(vocab, byte_merges, specials, pattern=GPT2_PATTERN)
+        except UserError as e:
+            raise UserError(f"{vocab_bpe} does not match {encoder_json} ({e}); use the pair published "
+                            f"together") from None
 
     def save_tiktoken(self, path):
         """tiktoken's rank file: 'base64(token bytes) rank' per line, rank = our id; specials are not
@@ -1141,7 +1376,7 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# 6. Teaching demo and benchmark
+# 7. Teaching demo and benchmark
 
 DEMO_TEXT = """\
 The cat sat on the mat. The cat ate the rat, and then the other cat sat on the hat.
@@ -1172,41 +1407,12 @@ def demo():
     print(f"  ids: {ids}\n  decode(ids) == text: {tok.decode(ids) == DEMO_SENTENCE}")
 
 
-def stdlib_documents():
-    """The default corpus: the Python standard library's own .py files, read from the running
-    interpreter (no download). Test folders and site-packages are left out; files are sorted,
-    so every machine with the same Python version reads the same ~13 MB in the same order."""
-    root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if d not in ("test", "tests", "site-packages", "__pycache__"))
-        paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
-    for path in sorted(paths):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield f.read()
-
-
-def _peak_rss_mb():
-    """Peak resident memory of this process in MB. Linux: VmHWM (reset by exec, unlike ru_maxrss,
-    which a spawned child inherits from its parent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
 def _train_in_child(vocab_size, num_proc, queue):
     docs = list(stdlib_documents())
-    base = _peak_rss_mb()
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     Tokenizer.train(docs, vocab_size, num_proc=num_proc, quiet=True)
-    queue.put((time.perf_counter() - t0, base, _peak_rss_mb()))
+    queue.put((time.perf_counter() - t0, base, peak_rss_mb()))
 
 
 def _median_time(fn, repeats):
@@ -1303,7 +1509,7 @@ def bench(settings):
     enc = None
     try:
         import tiktoken
-        ranks = {tok._vocab[i]: i for i in range(tok.vocab_size) if i not in tok.special_tokens.values()}
+        ranks = {v: i for i, v in tok.vocab.items() if i not in tok.special_tokens.values()}
         enc = tiktoken.Encoding("nanostack-bench", pat_str=GPT4_PATTERN, mergeable_ranks=ranks,
                                 special_tokens=dict(tok.special_tokens))
         same = all(enc.encode_ordinary(d) == tok.encode_ordinary(d) for d in docs)
@@ -1319,8 +1525,8 @@ def bench(settings):
         timings[f"ours {cores} procs"].append(_median_time(ours_multi, 1))
         if enc is not None:
             # tiktoken's single-thread figure: a plain loop of encode_ordinary. (Its
-            # encode_ordinary_batch with num_threads=1 goes through a thread pool and measured
-            # 10.4 MB/s here against 14.2 for the loop: the loop is the fair reference.)
+            # encode_ordinary_batch with num_threads=1 goes through a thread pool, which costs
+            # more than it saves on one thread: the loop is the fair reference.)
             timings["tiktoken 1 thread"].append(
                 _median_time(lambda: [enc.encode_ordinary(d) for d in docs], 1))
             timings[f"tiktoken {cores} threads"].append(
@@ -1343,24 +1549,14 @@ def bench(settings):
 
 
 # -----------------------------------------------------------------------------
-# 7. Settings from the command line (shared by every nanostack script)
+# 8. Settings from the command line (shared by every nanostack script)
 #
 # Every script keeps its knobs in one dataclass whose fields read like a table:
-#     lr: float = 3e-4        # peak learning rate
+#     max_steps: int = 1200        # optimizer steps in the run      (train.py)
 # and calls parse_settings(ThatClass, sys.argv[1:]). The trailing comment of each
 # field IS its --help text (read back from the source with inspect), so the table
 # and the help can never drift apart. This lives in bpe.py only because bpe.py is
 # the one file that every other script already imports.
-
-class UserError(Exception):
-    """An error caused by the user's input (a bad setting, a missing file, a corrupt
-    shard). main_guard prints its message as one line, without a traceback, so the
-    message itself must say what to do."""
-
-
-class SettingsError(UserError):
-    """A bad --key=value."""
-
 
 def _field_comments(cls):
     """Map field name -> its trailing '# comment' in the class source ('' if none). A settings
@@ -1401,7 +1597,7 @@ def _coerce(name, text, default):
 
     ast.literal_eval gives Python literals (3, 3e-4, True, None, [1, 2], (0, 64));
     anything it cannot parse stays a plain string, so --input=data/*.txt needs no
-    quotes. Ints are accepted where floats are expected (--lr=1 means 1.0), and a
+    quotes. Ints are accepted where floats are expected (--matrix_lr=1 means 1.0), and a
     None default accepts anything (it has no type to check against)."""
     try:
         value = ast.literal_eval(text)
@@ -1428,7 +1624,8 @@ def parse_settings(cls, argv, description=""):
     """Build cls() from ['--key=value', ...]; --help prints the table and exits.
 
     Unknown keys fail with the closest valid key suggested, e.g.
-    --lr_rate=0.1 -> "unknown setting --lr_rate (did you mean --lr?)".
+    --max_step=3 -> "unknown setting --max_step (did you mean --max_steps?); see --help for the list"
+    (train.py's settings; a test runs this example).
     Validation errors raised (as ValueError) by cls.__post_init__ become
     SettingsError, so main_guard prints them as one line."""
     if any(a in ("-h", "--help") for a in argv):

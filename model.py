@@ -65,7 +65,6 @@ import errno
 import hashlib
 import math
 import os
-import shutil
 import sys
 import time
 from typing import NamedTuple, Optional
@@ -1454,7 +1453,9 @@ def setup_runtime(device="auto", dtype="auto", compile="auto", threads=0, determ
 #   model                  state_dict of the bare GPT (no DDP or torch.compile prefixes)
 #   model_config           dataclasses.asdict(GPTConfig): the model is rebuilt from this alone
 #   runtime                the resolved precision / compile / threads / determinism (exact resume)
-#   tokenizer_fingerprint  the tokenizer it was trained with (sample.py refuses any other)
+#   tokenizer              the tokenizer it was trained with, in bpe's (vocab, merges) form: a
+#                          checkpoint never depends on a data directory that may be rebuilt
+#   tokenizer_fingerprint  its fingerprint (any other tokenizer is refused)
 #   checksum               sha256 of every tensor in the file (see tensor_checksum)
 # plus what train.py needs to resume: train_config, optimizers, step, rng, best_val_loss, ...
 # Plain types only, so everybody loads with torch.load(weights_only=True), which refuses to
@@ -1500,7 +1501,7 @@ def _disk_full(err):
     """Whether an exception from torch.save means the disk (or quota) ran out. torch's zip writer
     reports it as a RuntimeError ('unexpected pos', 'file write failed'), never naming the disk."""
     if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        return bpe.is_disk_full(err)
     text = str(err)
     return isinstance(err, RuntimeError) and ("unexpected pos" in text or "write failed" in text)
 
@@ -1515,7 +1516,7 @@ def save_checkpoint(path, checkpoint):
         if not _disk_full(e):
             raise
         folder = os.path.dirname(os.path.abspath(path))
-        free = shutil.disk_usage(folder).free / 2 ** 20
+        free = bpe.free_bytes(folder) / 2 ** 20
         raise bpe.UserError(f"cannot write {path}: the disk is full ({free:.0f} MB free in {folder}); "
                             f"the previous {os.path.basename(path)} is intact: free some space and "
                             f"continue with --resume=True") from None
@@ -1568,10 +1569,18 @@ def model_from_checkpoint(ckpt, path, kernels=Kernels(), overrides=None):
 
 
 def checkpoint_tokenizer(ckpt, ckpt_path, tokenizer_path=""):
-    """The tokenizer a checkpoint was trained with: tokenizer_path if given, else the path
-    recorded in the checkpoint, else (the run was copied elsewhere) a file of that name next to
-    the checkpoint. Whichever is used must carry the checkpoint's fingerprint: a different merge
-    table maps the same text to different ids, and the model would read gibberish silently."""
+    """The tokenizer a checkpoint was trained with: tokenizer_path if given, else the copy stored
+    in the checkpoint, else (a checkpoint of an older train.py) the path recorded in it, or a
+    file of that name next to the checkpoint (the run was copied elsewhere). Whichever is used
+    must carry the checkpoint's fingerprint: a different merge table maps the same text to
+    different ids, and the model would read gibberish silently."""
+    want = ckpt.get("tokenizer_fingerprint")
+    if not tokenizer_path and ckpt.get("tokenizer"):
+        tokenizer = bpe.Tokenizer.from_vocab_merges(**ckpt["tokenizer"])
+        if want and tokenizer.fingerprint != want:
+            raise bpe.UserError(f"checkpoint {ckpt_path}: its stored tokenizer does not match its "
+                                f"fingerprint; the file is damaged: use another checkpoint")
+        return tokenizer
     candidates = [tokenizer_path] if tokenizer_path else []
     recorded = ckpt.get("tokenizer_path") or ""
     if not tokenizer_path and recorded:
@@ -1583,7 +1592,6 @@ def checkpoint_tokenizer(ckpt, ckpt_path, tokenizer_path=""):
         raise bpe.UserError(f"tokenizer {where} not found; pass --tokenizer=PATH to the tokenizer.bpe "
                             f"of the data directory the model was trained on")
     tokenizer = bpe.Tokenizer.load(found)
-    want = ckpt.get("tokenizer_fingerprint")
     if want and tokenizer.fingerprint != want:
         raise bpe.UserError(f"tokenizer {found} (fingerprint {tokenizer.fingerprint[:12]}) is not the "
                             f"one this checkpoint was trained with ({want[:12]}); pass "

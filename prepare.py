@@ -12,6 +12,7 @@ Run it:
     python prepare.py --dataset=tinystories            # ~2 GB download, official validation file as val
     python prepare.py --input='books/*.txt' --doc_sep='\\n\\n\\n' --out_dir=data/books
     python prepare.py --input=a.txt --tokenizer=gpt2/encoder.json     # reuse GPT-2's tokenizer (vocab.bpe beside it)
+    python prepare.py --verify=True                    # check every shard of data/stdlib again, byte by byte
     python prepare.py --bench=True                     # throughput benchmark (1 vs 2 processes) + end-to-end time
     python prepare.py --help                           # every setting with its default
 
@@ -20,37 +21,52 @@ What ends up in the data directory (default data/stdlib/):
     val_0000.bin, ...                     token shards of the validation split
     tokenizer.bpe                         the tokenizer (bpe.py's own file format)
     meta.json                             sources, counts per split, bytes per token, settings, fingerprint
-meta.json is written last: it is the "commit marker". A data directory without it
-(an interrupted run) is refused by the reader, never half-used.
+    verified.json                         shards that passed verification, so it runs once per file
+    tokenizer-<fp>.bpe                    a tokenizer that --force=True replaced, kept for older checkpoints
+                                          (fp: the first 16 hex digits of its fingerprint)
+
+Nothing is lost. A build goes into a hidden folder beside the data directory
+(data/.stdlib.build<pid>), meta.json last, and is read back and verified; only then is
+it swapped in by renaming folders. Until that moment the previous dataset is untouched,
+so a failed or interrupted build (disk full, Ctrl-C, kill -9) leaves it as it was, and the
+next run cleans up what a dead process left. A rebuild that would replace the data
+directory's tokenizer with a different one is refused unless --force=True, because
+checkpoints trained on it need it. Every shard carries a checksum of its body, verified
+(with the token id range) the first time it is read, and again whenever the file changes.
 
 Sections:
-    1. Settings
+    1. Settings and the datasets --dataset can name
     2. Finding the text: the built-in corpus, --input globs, documents
-    3. Downloads: resumable, retried, checked
-    4. The shard format: header, writer, reader API (open_shard, load_split, load_meta, load_tokenizer)
-    5. Train/val split by document hash
-    6. The tokenizer: train one or load one
-    7. Tokenizing in parallel, in bounded memory
-    8. The whole build: reuse, write, meta.json
-    9. Benchmark
-   10. main
+    3. Downloads: resumable, retried, checked (cached files too)
+    4. The shard format: header and writer
+    5. Reading shards: verification (checksum, id range, cached), then the reader API
+       (open_shard, load_split, load_meta, load_tokenizer)
+    6. Train/val split by document hash
+    7. The tokenizer: train one or load one
+    8. Tokenizing in parallel, in bounded memory
+    9. The whole build: reuse, build beside, swap in, recover; disk full
+   10. Benchmark
+   11. main
 """
 import codecs
 import dataclasses
 import datetime
+import errno
 import glob
 import hashlib
 import http.client
 import json
 import multiprocessing
 import os
+import re
+import shutil
 import struct
 import sys
-import sysconfig
 import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections import deque
 
 import numpy as np
@@ -58,7 +74,35 @@ import numpy as np
 import bpe
 
 # -----------------------------------------------------------------------------
-# 1. Settings
+# 1. Settings and the datasets --dataset can name
+#
+# A dataset is one or more files to download (pinned by size and sha256 where we know them)
+# and the string that separates its documents.
+
+@dataclasses.dataclass
+class Remote:
+    url: str
+    name: str                # file name inside --download_dir
+    size: int = 0            # bytes, 0 = unknown
+    sha256: str = ""         # hex digest, "" = unknown (printed after download so it can be pinned)
+
+
+HF_TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
+DATASETS = {
+    # Karpathy's char-rnn tiny Shakespeare: one 1.1 MB file. Documents = speeches
+    # (blank-line separated), so the hash split holds out whole speeches.
+    "tinyshakespeare": dict(
+        train=[Remote("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                      "tinyshakespeare.txt", 1115394,
+                      "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")],
+        val=[], doc_sep="\n\n"),
+    # TinyStories (Eldan & Li 2023), GPT-4 generated stories; the official -valid
+    # file is the val split so numbers compare with other projects.
+    "tinystories": dict(
+        train=[Remote(HF_TINYSTORIES + "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-train.txt")],
+        val=[Remote(HF_TINYSTORIES + "TinyStoriesV2-GPT4-valid.txt", "TinyStoriesV2-GPT4-valid.txt")],
+        doc_sep="<|endoftext|>"),
+}
 
 
 @dataclasses.dataclass
@@ -78,7 +122,8 @@ class Settings:
     dtype: str = "auto"          # token dtype on disk: auto (uint16 when the vocab fits) | uint16 | uint32
     num_proc: int = 0            # tokenizer worker processes (0 = one per CPU core)
     chunk_mb: float = 1.0        # MB of text per worker task (bounds memory: a few tasks are in flight)
-    force: bool = False          # rebuild even if the data directory is up to date
+    force: bool = False          # rebuild even if up to date, and let a different tokenizer replace the data dir's
+    verify: bool = False         # only check every shard of --out_dir again (checksums, token ids), then exit
     bench: bool = False          # measure tokenize-and-write MB/s (1 vs 2 processes) and end-to-end time
     bench_reps: int = 3          # repetitions per benchmark configuration (medians are reported)
     bench_synthetic_mb: int = 0  # with --bench: instead, build a corpus this big (1000 = 1 GB) and report peak RSS
@@ -130,25 +175,18 @@ def resolve_num_proc(n):
 # A *document* is the unit the model sees between two BOS tokens and the unit of
 # the train/val split: one file, or one piece of a file cut at --doc_sep.
 # Everything here streams: a file is read in blocks, and only the current
-# document (at most MAX_DOC_BYTES) is held in memory.
+# document (at most MAX_DOC_BYTES) is held in memory. The built-in corpus
+# (bpe.stdlib_files) is shared with bpe.py's benchmark.
 
-STDLIB_SKIP_DIRS = {"test", "tests", "site-packages", "__pycache__"}  # tests are huge and repetitive
+MB = 1e6
 BINARY_SNIFF_BYTES = 8192            # like git: a NUL byte in the first 8 KB means "binary"
 READ_BLOCK_CHARS = 1 << 20           # characters per read() when splitting a file on --doc_sep
-MAX_DOC_BYTES = 64 << 20             # one document must fit in a worker's memory (with its token list)
-MB = 1e6
+MAX_DOC_BYTES = int(64 * MB)         # bytes of one document (a whole file: its size): it must fit in a worker
 
 
-def stdlib_files():
-    """The built-in corpus: *.py under the running interpreter's stdlib, tests and
-    site-packages excluded, sorted by path (so every machine sees the same order).
-    Returns (root, [paths])."""
-    root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP_DIRS)
-        paths += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
-    return root, sorted(paths, key=lambda p: os.path.relpath(p, root))
+def utf8_size(text):
+    """Bytes of text in UTF-8 (lone surrogates, which a U+FFFD-replacing read never makes, count as 3)."""
+    return len(text.encode("utf-8", errors="surrogatepass"))
 
 
 def is_binary(path):
@@ -220,14 +258,16 @@ def iter_documents(paths, doc_sep=""):
     for path in paths:
         with open(path, encoding="utf-8", errors=errors, newline="") as f:
             if not doc_sep:
-                text = f.read(MAX_DOC_BYTES + 1)
-                if len(text) > MAX_DOC_BYTES:
-                    raise bpe.UserError(f"{path} is over {MAX_DOC_BYTES // (1 << 20)} MB as one document; "
-                                        f"split it into documents with --doc_sep (e.g. --doc_sep='\\n\\n')")
+                size = os.fstat(f.fileno()).st_size  # bytes on disk: decided before reading any
+                if size > MAX_DOC_BYTES:
+                    raise bpe.UserError(f"{path} is {size / MB:.0f} MB as one document, over the "
+                                        f"{MAX_DOC_BYTES / MB:.0f} MB limit; split it into documents with "
+                                        f"--doc_sep (e.g. --doc_sep='\\n\\n')")
+                text = f.read()
                 if text:
                     yield text
                 continue
-            tail = ""
+            tail, tail_bytes = "", 0  # the unfinished document and its UTF-8 size
             while True:
                 block = f.read(READ_BLOCK_CHARS)
                 if not block:
@@ -237,11 +277,13 @@ def iter_documents(paths, doc_sep=""):
                 search_from = max(0, len(tail) - len(doc_sep) + 1)
                 tail += block
                 if tail.find(doc_sep, search_from) < 0:
-                    if len(tail) > MAX_DOC_BYTES:
-                        raise bpe.UserError(f"{path}: a document longer than {MAX_DOC_BYTES // (1 << 20)} MB "
+                    tail_bytes += utf8_size(block)  # each block is measured once
+                    if tail_bytes > MAX_DOC_BYTES:
+                        raise bpe.UserError(f"{path}: a document longer than {MAX_DOC_BYTES / MB:.0f} MB "
                                             f"(no --doc_sep={doc_sep!r} found); check --doc_sep")
                     continue
                 *pieces, tail = tail.split(doc_sep)
+                tail_bytes = utf8_size(tail)
                 for piece in pieces:
                     piece = piece.strip()
                     if piece:
@@ -256,59 +298,10 @@ def iter_documents(paths, doc_sep=""):
 # urllib only. The file grows as <name>.part; an interrupted download resumes with
 # an HTTP Range request from where it stopped. Only a complete file whose size and
 # sha256 match (when we know them) is renamed to its final name, so the cache never
-# holds a file that looks done but is not.
+# holds a file that looks done but is not; a cached file is checked again on every
+# use (a same-size file can still be damaged), and downloaded again if it fails.
 
 
-PROGRESS_EVERY_S = 1.0       # seconds between progress lines on a terminal (10x that in a log file)
-
-
-class Progress:
-    """'tokenizing 12.0/50.3 MB  8.1 MB/s  ETA 5 s' on stderr, at most once a second
-    (rewritten in place on a terminal, one line per 10 s in a log file)."""
-
-    def __init__(self, label, total_bytes):
-        self.label, self.total, self.done = label, total_bytes, 0
-        self.t0 = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, nbytes, final=False):
-        self.done += nbytes
-        now = time.time()
-        if not final and now - self.last < (PROGRESS_EVERY_S if self.tty else 10 * PROGRESS_EVERY_S):
-            return
-        self.last = now
-        rate = self.done / MB / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / MB / rate if rate > 0 else 0.0
-        line = (f"{self.label} {self.done / MB:.1f}/{self.total / MB:.1f} MB  {rate:.1f} MB/s  "
-                f"ETA {eta:.0f} s")
-        print(("\r" + line) if self.tty else line, end="\n" if (final or not self.tty) else "",
-              file=sys.stderr, flush=True)
-
-
-@dataclasses.dataclass
-class Remote:
-    url: str
-    name: str                # file name inside --download_dir
-    size: int = 0            # bytes, 0 = unknown
-    sha256: str = ""         # hex digest, "" = unknown (printed after download so it can be pinned)
-
-
-HF_TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
-DATASETS = {
-    # Karpathy's char-rnn tiny Shakespeare: one 1.1 MB file. Documents = speeches
-    # (blank-line separated), so the hash split holds out whole speeches.
-    "tinyshakespeare": dict(
-        train=[Remote("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                      "tinyshakespeare.txt", 1115394,
-                      "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")],
-        val=[], doc_sep="\n\n"),
-    # TinyStories (Eldan & Li 2023), GPT-4 generated stories; the official -valid
-    # file is the val split so numbers compare with other projects.
-    "tinystories": dict(
-        train=[Remote(HF_TINYSTORIES + "TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-train.txt")],
-        val=[Remote(HF_TINYSTORIES + "TinyStoriesV2-GPT4-valid.txt", "TinyStoriesV2-GPT4-valid.txt")],
-        doc_sep="<|endoftext|>"),
-}
 DOWNLOAD_RETRIES = 5          # attempts per file before giving up
 DOWNLOAD_BACKOFF_S = 2.0      # wait 2, 4, 8, ... seconds between attempts
 DOWNLOAD_TIMEOUT_S = 30       # socket timeout per request
@@ -351,17 +344,22 @@ def _fetch_into(url, part):
             mode, have = "wb", 0  # plain 200: the server sends everything again
         length = int(response.headers.get("Content-Length") or 0)
         total = have + length if length else 0
-        progress = Progress("downloading", length or 1)
+        progress = bpe.Progress("downloading", length, scale=MB, unit=" MB")
         try:
             with open(part, mode) as f:
                 for block in iter(lambda: response.read(DOWNLOAD_BLOCK), b""):
                     f.write(block)
-                    progress.update(len(block))
+                    progress.add(len(block))
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, http.client.HTTPException) as e:  # the .part keeps what arrived
+            if bpe.is_disk_full(e):
+                need = f"about {(length - progress.count) / MB:.1f} MB more are needed, " if length else ""
+                raise bpe.UserError(f"disk full while downloading {url} into {os.path.dirname(part)}: {need}"
+                                    f"{bpe.free_bytes(part) / MB:.1f} MB are free; free some space and re-run "
+                                    f"(the download resumes where it stopped)") from None
             raise TransientError(str(e)) from None
-    progress.update(0, final=True)
+    progress.done()
     got = os.path.getsize(part)
     if total and got < total:
         raise TransientError(f"connection closed after {got} of {total} bytes")
@@ -377,9 +375,16 @@ def download(remote, directory, retries=DOWNLOAD_RETRIES, backoff=DOWNLOAD_BACKO
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, remote.name)
     part = path + ".part"
-    if os.path.exists(path) and (not remote.size or os.path.getsize(path) == remote.size):
-        log(f"using cached {path}")
-        return path
+    if os.path.exists(path):
+        size = os.path.getsize(path)
+        if remote.size and size != remote.size:
+            log(f"cached {path} has {size} bytes, not {remote.size}: downloading it again")
+        elif remote.sha256 and sha256_file(path) != remote.sha256:
+            log(f"cached {path} does not match its pinned sha256 (damaged?): downloading it again")
+        else:
+            log(f"using cached {path}")
+            return path
+        os.remove(path)
     for attempt in range(retries):
         try:
             resumed = os.path.getsize(part) if os.path.exists(part) else 0
@@ -410,7 +415,7 @@ def download(remote, directory, retries=DOWNLOAD_RETRIES, backoff=DOWNLOAD_BACKO
 
 
 # -----------------------------------------------------------------------------
-# 4. The shard format: header, writer, reader API
+# 4. The shard format: header and writer
 #
 # One shard file, little-endian throughout:
 #
@@ -419,22 +424,30 @@ def download(remote, directory, retries=DOWNLOAD_RETRIES, backoff=DOWNLOAD_BACKO
 #     offset 256 + n_tokens*w  n_docs int64 document start offsets (the doc index)
 #
 # The header carries a magic string (so a foreign file is refused), the format
-# version, the token width w, the counts, the vocab size, the BOS id and the
-# tokenizer fingerprint (so shards made with another tokenizer are refused). The
-# exact file size follows from the header, so a truncated copy is detected without
-# reading it. The document index at the end lets train.py know where documents
-# start without scanning tokens; each listed offset holds a BOS token. A document
-# may run past the end of a shard and continue at offset 0 of the next one (shards
-# are filled to exactly --shard_tokens), in which case that shard's index does not
-# list offset 0.
+# version, the token width w, the counts, the vocab size, the BOS id, the
+# tokenizer fingerprint (so shards made with another tokenizer are refused) and a
+# CRC-32 of the body (everything after the header: tokens, then index), so a changed
+# byte is caught (section 5). The exact file size follows from the header, so a
+# truncated copy is detected without reading it. The document index at the end lets
+# train.py know where documents start without scanning tokens; each listed offset
+# holds a BOS token. A document may run past the end of a shard and continue at
+# offset 0 of the next one (shards are filled to exactly --shard_tokens), in which
+# case that shard's index does not list offset 0.
+#
+# Why CRC-32 (zlib.crc32) and not sha256: the checksum is there to catch accidents
+# (a flipped bit, bytes overwritten by a tool, a bad copy), not an attacker (who could
+# rewrite the header too). CRC-32 detects every error confined to 32 consecutive
+# bits, so every single changed token id, uint16 or uint32, is caught for certain, and
+# other random damage with probability 1 - 2^-32; and it is fast on every CPU, while
+# sha256 is fast only where the CPU has SHA instructions.
 
 SHARD_MAGIC = b"NANOSTK1"
-SHARD_VERSION = 1
+SHARD_VERSION = 2  # 2: the body's CRC-32 in the header (version 1 had none); readers refuse others
 SHARD_HEADER_BYTES = 256
-# magic, version, itemsize, n_tokens, n_docs, vocab_size, bos_id, fingerprint (64 hex chars)
-SHARD_HEADER = struct.Struct("<8sIIQQII64s")
-DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # itemsize -> on-disk dtype
-UINT16_VOCAB_LIMIT = 1 << 16                      # ids 0..65535 fit in uint16
+# magic, version, itemsize, n_tokens, n_docs, vocab_size, bos_id, fingerprint (64 hex chars), body crc32
+SHARD_HEADER = struct.Struct("<8sIIQQII64sI")
+TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # itemsize -> on-disk dtype of the token ids
+UINT16_VOCAB_LIMIT = 1 << 16                            # ids 0..65535 fit in uint16
 
 
 class ShardError(bpe.UserError):
@@ -447,24 +460,24 @@ class Shard:
     path: str
     tokens: np.ndarray       # (n_tokens,) read-only np.memmap, uint16/uint32
     doc_starts: np.ndarray   # (n_docs,) int64 offsets into tokens where a document's BOS sits
-    header: dict             # version, dtype, n_tokens, n_docs, vocab_size, bos_id, fingerprint
+    header: dict             # version, dtype, n_tokens, n_docs, vocab_size, bos_id, fingerprint, checksum
 
 
 def choose_dtype(vocab_size, requested="auto"):
     """uint16 when every id fits (vocab <= 65536), else uint32; refuse impossible requests."""
     if requested == "uint32" or (requested == "auto" and vocab_size > UINT16_VOCAB_LIMIT):
-        return DTYPES[4]
+        return TOKEN_DTYPES[4]
     if vocab_size > UINT16_VOCAB_LIMIT:
         raise bpe.UserError(f"--dtype=uint16 cannot hold a vocab of {vocab_size} (max {UINT16_VOCAB_LIMIT}); "
                             f"use --dtype=uint32 or auto")
-    return DTYPES[2]
+    return TOKEN_DTYPES[2]
 
 
-def pack_header(dtype, n_tokens, n_docs, vocab_size, bos_id, fingerprint):
+def pack_header(dtype, n_tokens, n_docs, vocab_size, bos_id, fingerprint, checksum):
     fp = fingerprint.encode("ascii")
     assert len(fp) <= 64, "fingerprint must be at most 64 ASCII characters (sha256 hex)"
     raw = SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, dtype.itemsize, n_tokens, n_docs,
-                            vocab_size, bos_id, fp)
+                            vocab_size, bos_id, fp, checksum)
     return raw.ljust(SHARD_HEADER_BYTES, b"\0")
 
 
@@ -473,8 +486,9 @@ class ShardWriter:
 
     Each shard grows under a hidden temporary name (.train_0000.bin.tmp<pid>) and is
     renamed to its real name only after its header and index are written and
-    fsync'ed. Use as a context manager: on an exception the temporary file is deleted,
-    so an interrupted run leaves no shard that looks valid."""
+    fsync'ed. The body's CRC-32 is computed on the way, from the bytes as written.
+    Use as a context manager: on an exception the temporary file is deleted, so an
+    interrupted run leaves no shard that looks valid."""
 
     def __init__(self, out_dir, split, dtype, shard_tokens, vocab_size, bos_id, fingerprint):
         self.out_dir, self.split, self.dtype = out_dir, split, dtype
@@ -486,6 +500,7 @@ class ShardWriter:
         self._tmp = None
         self._n = 0              # tokens in the current shard
         self._starts = []        # doc start offsets in the current shard (arrays)
+        self._crc = 0            # CRC-32 of the current shard's body so far
 
     def __enter__(self):
         return self
@@ -501,17 +516,21 @@ class ShardWriter:
         self._tmp = os.path.join(self.out_dir, f".{name}.tmp{os.getpid()}")
         self._file = open(self._tmp, "wb")
         self._file.write(b"\0" * SHARD_HEADER_BYTES)  # placeholder; the real header comes last
-        self._n, self._starts = 0, []
+        self._n, self._starts, self._crc = 0, [], 0
 
     def _write_tokens(self, tokens):
-        self._file.write(tokens.tobytes())
+        data = tokens.tobytes()
+        self._crc = zlib.crc32(data, self._crc)
+        self._file.write(data)
 
     def _finish(self):
         starts = np.concatenate(self._starts) if self._starts else np.zeros(0, np.int64)
-        self._file.write(starts.astype("<i8").tobytes())
+        index = starts.astype("<i8").tobytes()
+        self._crc = zlib.crc32(index, self._crc)
+        self._file.write(index)
         self._file.seek(0)
         self._file.write(pack_header(self.dtype, self._n, len(starts), self.vocab_size,
-                                     self.bos_id, self.fingerprint))
+                                     self.bos_id, self.fingerprint, self._crc))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -558,6 +577,26 @@ class ShardWriter:
         self.names = []
 
 
+# -----------------------------------------------------------------------------
+# 5. Reading shards: verification, then the reader API
+#
+# Opening a shard checks what is cheap at once (header, exact size, fingerprint, the
+# document index) and then verifies the body: one pass over the memory-mapped tokens
+# in blocks computes the CRC-32 (which must match the header) and the largest token
+# id (which must be below the vocab size: an id out of range would otherwise crash
+# training far away, in an embedding lookup). The pass reads the whole file, so its
+# result is remembered in verified.json beside the shards, keyed by the file's name
+# and identity (size, modification and change times, inode) and its checksum: the
+# next start skips it, and any write to the file changes the identity and brings the
+# check back. (Damage that leaves the identity as it was, a disk going bad under an
+# unchanged file, is found only by a new pass: `python prepare.py --verify=True`.)
+
+VERIFY_BLOCK_TOKENS = 1 << 22  # tokens per block of the verification pass (8 or 16 MB)
+VERIFIED_NAME = "verified.json"
+META_NAME = "meta.json"
+TOKENIZER_NAME = "tokenizer.bpe"
+
+
 def read_header(path):
     """The header of a shard as a dict; ShardError if it is not one of ours."""
     try:
@@ -567,87 +606,198 @@ def read_header(path):
         raise ShardError(f"{path}: cannot read ({e.strerror}); re-run prepare.py") from None
     if len(raw) < SHARD_HEADER_BYTES or raw[:8] != SHARD_MAGIC:
         raise ShardError(f"{path}: not a nanostack token shard (bad magic); re-run prepare.py")
-    magic, version, itemsize, n_tokens, n_docs, vocab_size, bos_id, fp = SHARD_HEADER.unpack_from(raw)
-    if version != SHARD_VERSION or itemsize not in DTYPES:
+    version, itemsize = struct.unpack_from("<II", raw, 8)  # the fields every version starts with
+    if version != SHARD_VERSION or itemsize not in TOKEN_DTYPES:
         raise ShardError(f"{path}: shard format version {version} / width {itemsize} is not "
-                         f"{SHARD_VERSION} / 2 or 4; re-run prepare.py --force")
-    return dict(version=version, dtype=DTYPES[itemsize].name, n_tokens=n_tokens, n_docs=n_docs,
-                vocab_size=vocab_size, bos_id=bos_id, fingerprint=fp.rstrip(b"\0").decode("ascii"))
+                         f"{SHARD_VERSION} / 2 or 4 (made by another prepare.py?); re-run prepare.py")
+    magic, version, itemsize, n_tokens, n_docs, vocab_size, bos_id, fp, checksum = SHARD_HEADER.unpack_from(raw)
+    return dict(version=version, dtype=TOKEN_DTYPES[itemsize].name, n_tokens=n_tokens, n_docs=n_docs,
+                vocab_size=vocab_size, bos_id=bos_id, fingerprint=fp.rstrip(b"\0").decode("ascii"),
+                checksum=checksum)
 
 
-def open_shard(path, expected_fingerprint=None):
-    """Map a shard into memory after checking its header, size and fingerprint.
+def shard_identity(path):
+    """What changes whenever a shard's bytes change: size, modification and change times
+    (ctime cannot be set back by tools that restore mtime), and the inode (a copy is a new
+    file). Renaming the folder it is in changes none of them."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
-    Costs O(n_docs), not O(n_tokens): the tokens are memory-mapped (pages are read
-    when train.py touches them), only the small document index is read."""
+
+class VerifiedCache:
+    """verified.json of one folder: shard name -> identity, checksum and largest token id,
+    for shards whose body passed the verification pass. Missing, unreadable or stale
+    entries just mean "verify again"; a folder we cannot write to is verified every time."""
+
+    def __init__(self, folder):
+        self.path, self.changed, self.entries = os.path.join(folder, VERIFIED_NAME), False, {}
+        try:
+            with open(self.path) as f:
+                entries = json.load(f).get("shards")
+        except (OSError, ValueError, AttributeError):  # none yet, or damaged: verify again
+            return
+        if isinstance(entries, dict):
+            self.entries = entries
+
+    def max_id(self, name, identity, checksum):
+        """The largest token id recorded for this exact file, or None."""
+        e = self.entries.get(name)
+        if isinstance(e, dict) and e.get("identity") == identity and e.get("checksum") == checksum \
+                and isinstance(e.get("max_id"), int):
+            return e["max_id"]
+        return None
+
+    def record(self, name, identity, checksum, max_id):
+        self.entries[name] = dict(identity=identity, checksum=checksum, max_id=max_id)
+        self.changed = True
+
+    def save(self):
+        if self.changed:
+            try:
+                bpe.atomic_write_bytes(self.path, json.dumps(dict(shards=self.entries), indent=1).encode())
+            except OSError:  # read-only data, or a full disk: only the saving of work is lost
+                pass
+            self.changed = False
+
+
+def scan_body(tokens, index_bytes):
+    """One pass over a shard's body in blocks -> (CRC-32 of tokens then index, largest token id)."""
+    crc, top = 0, 0
+    for i in range(0, len(tokens), VERIFY_BLOCK_TOKENS):
+        block = tokens[i:i + VERIFY_BLOCK_TOKENS]
+        crc = zlib.crc32(block, crc)  # the memmap's bytes as they are on disk
+        top = max(top, int(block.max()))
+    return zlib.crc32(index_bytes, crc), top
+
+
+def open_shard(path, expected_fingerprint=None, vocab_size=None, cache=None):
+    """Map a shard into memory after checking its header, size, fingerprint, document
+    index, checksum and token id range (ids < vocab_size, by default the header's).
+
+    The cheap checks cost O(n_docs); the checksum and range pass reads the file once and
+    is then remembered in cache (a VerifiedCache of the shard's folder; by default one is
+    opened and saved here). The tokens are memory-mapped: train.py's batches read pages
+    as they touch them."""
     h = read_header(path)
     itemsize = np.dtype(h["dtype"]).itemsize
     expected_size = SHARD_HEADER_BYTES + h["n_tokens"] * itemsize + h["n_docs"] * 8
     size = os.path.getsize(path)
     if size != expected_size:
         raise ShardError(f"{path}: file is {size} bytes but its header says {expected_size} "
-                         f"(truncated or corrupt); re-run prepare.py --force")
+                         f"(truncated or corrupt); re-run prepare.py")
     if expected_fingerprint is not None and h["fingerprint"] != expected_fingerprint:
         raise ShardError(f"{path}: made with tokenizer {h['fingerprint'][:12]}, expected "
-                         f"{expected_fingerprint[:12]}; re-run prepare.py --force with this tokenizer")
+                         f"{expected_fingerprint[:12]}; re-run prepare.py with this tokenizer")
     if h["n_tokens"] == 0:
-        raise ShardError(f"{path}: shard holds no tokens; re-run prepare.py --force")
-    tokens = np.memmap(path, dtype=DTYPES[itemsize], mode="r", offset=SHARD_HEADER_BYTES,
+        raise ShardError(f"{path}: shard holds no tokens; re-run prepare.py")
+    vocab_size = h["vocab_size"] if vocab_size is None else vocab_size
+    if h["vocab_size"] != vocab_size:
+        raise ShardError(f"{path}: header says vocab_size {h['vocab_size']}, the data directory "
+                         f"{vocab_size}; re-run prepare.py")
+    tokens = np.memmap(path, dtype=TOKEN_DTYPES[itemsize], mode="r", offset=SHARD_HEADER_BYTES,
                        shape=(h["n_tokens"],))
-    doc_starts = np.fromfile(path, dtype="<i8", count=h["n_docs"],
-                             offset=SHARD_HEADER_BYTES + h["n_tokens"] * itemsize).astype(np.int64)
+    index = np.fromfile(path, dtype="<i8", count=h["n_docs"], offset=SHARD_HEADER_BYTES + h["n_tokens"] * itemsize)
+    doc_starts = index.astype(np.int64)
     # The index is cheap to verify: sorted, in range, and every entry points at a BOS.
     if len(doc_starts) and (np.any(np.diff(doc_starts) <= 0) or doc_starts[0] < 0
                             or doc_starts[-1] >= h["n_tokens"]
                             or np.any(tokens[doc_starts] != h["bos_id"])):
-        raise ShardError(f"{path}: document index does not match the tokens (corrupt); "
-                         f"re-run prepare.py --force")
+        raise ShardError(f"{path}: document index does not match the tokens (corrupt); re-run prepare.py")
+    own_cache = cache is None
+    cache = VerifiedCache(os.path.dirname(os.path.abspath(path))) if own_cache else cache
+    name, identity = os.path.basename(path), shard_identity(path)
+    top = cache.max_id(name, identity, h["checksum"])
+    if top is None:
+        crc, top = scan_body(tokens, index.tobytes())
+        if crc != h["checksum"]:
+            raise ShardError(f"{path}: its bytes do not match the checksum in its header (the file was "
+                             f"changed or damaged after prepare.py wrote it); re-run prepare.py")
+        cache.record(name, identity, h["checksum"], top)
+    if top >= vocab_size:
+        raise ShardError(f"{path}: holds token id {top}, but the vocabulary has {vocab_size} ids "
+                         f"(damaged, or made for another tokenizer); re-run prepare.py")
+    if own_cache:
+        cache.save()
     return Shard(path=path, tokens=tokens, doc_starts=doc_starts, header=h)
+
+
+# meta.json fields that readers rely on, with their types (a damaged meta.json fails here, in one line)
+META_FIELDS = dict(format_version=int, tokenizer=str, fingerprint=str, vocab_size=int, bos_id=int, splits=dict)
+
+
+def _meta_problem(meta):
+    """What is wrong with a parsed meta.json, or None."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for key, kind in META_FIELDS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"'{key}' is missing or not a{'n' if kind is int else ''} {kind.__name__}"
+    for split in ("train", "val"):
+        names = meta["splits"].get(split, {}).get("shards") if isinstance(meta["splits"].get(split), dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) and n and os.path.basename(n) == n
+                                                  for n in names):
+            return f"'splits.{split}.shards' is missing or not a list of file names"
+    return None
 
 
 def load_meta(data_dir):
     """meta.json of a prepared data directory (written last, so its presence means
-    the build finished)."""
-    path = os.path.join(data_dir, "meta.json")
+    the build finished), with the fields readers use checked."""
+    path = os.path.join(data_dir, META_NAME)
     if not os.path.exists(path):
         raise ShardError(f"{path} not found: the data is missing or its build was interrupted; "
                          f"run prepare.py (its --out_dir must match --data_dir)")
     try:
         with open(path) as f:
-            return json.load(f)
+            meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise ShardError(f"{path}: cannot be read ({e}); re-run prepare.py --force") from None
+        raise ShardError(f"{path} cannot be read ({e}): the data directory is damaged; re-run prepare.py "
+                         f"with the settings that made it") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise ShardError(f"{path} is damaged ({problem}); re-run prepare.py with the settings that made "
+                         f"{data_dir}")
+    return meta
 
 
 def load_split(data_dir, split, expected_fingerprint=None):
-    """Open every shard of one split ('train' or 'val'), in order.
+    """Open every shard of one split ('train' or 'val'), in order, verified (section 5's
+    pass runs once per shard file; later calls find it in verified.json).
 
     The shards must match meta.json's tokenizer fingerprint and, if given,
     expected_fingerprint (e.g. the one stored in a checkpoint being resumed)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     meta = load_meta(data_dir)
+    if meta["format_version"] != SHARD_VERSION:
+        raise ShardError(f"{data_dir} was made by another version of prepare.py (shard format "
+                         f"{meta['format_version']}, this one reads {SHARD_VERSION}); re-run prepare.py")
     names = meta["splits"][split]["shards"]
     if not names:
-        raise ShardError(f"{data_dir}: the {split} split has no shards; re-run prepare.py --force")
+        raise ShardError(f"{data_dir}: the {split} split has no shards; re-run prepare.py")
     if expected_fingerprint is not None and expected_fingerprint != meta["fingerprint"]:
         raise ShardError(f"{data_dir}: data was tokenized with {meta['fingerprint'][:12]}, expected "
-                         f"{expected_fingerprint[:12]}; re-run prepare.py --force with the matching tokenizer")
-    return [open_shard(os.path.join(data_dir, n), meta["fingerprint"]) for n in names]
+                         f"{expected_fingerprint[:12]}; re-run prepare.py with the matching tokenizer")
+    cache = VerifiedCache(data_dir)
+    try:
+        return [open_shard(os.path.join(data_dir, n), meta["fingerprint"], meta["vocab_size"], cache)
+                for n in names]
+    finally:
+        cache.save()  # what passed is remembered even if a later shard fails
 
 
 def load_tokenizer(data_dir):
     """The tokenizer the shards were made with (the file named in meta.json)."""
     meta = load_meta(data_dir)
-    tok = bpe.Tokenizer.load(os.path.join(data_dir, meta["tokenizer"]))
+    path = os.path.join(data_dir, meta["tokenizer"])
+    tok = bpe.Tokenizer.load(path)
     if tok.fingerprint != meta["fingerprint"]:
-        raise ShardError(f"{os.path.join(data_dir, meta['tokenizer'])}: fingerprint does not match meta.json; "
-                         f"re-run prepare.py --force")
+        raise ShardError(f"{path}: fingerprint does not match meta.json; re-run prepare.py")
     return tok
 
 
 # -----------------------------------------------------------------------------
-# 5. Train/val split by document hash
+# 6. Train/val split by document hash
 #
 # A document goes to val when a hash of its *content* falls below val_fraction:
 #     u = int(blake2b(utf8(doc))[:8]) / 2**64,   val  <=>  u < val_fraction
@@ -684,7 +834,7 @@ def scan_corpus(paths, doc_sep, val_fraction, log):
     for text in iter_documents(paths, doc_sep):
         u, _ = doc_hash(text)
         scan.docs += 1
-        scan.bytes += len(text.encode("utf-8", errors="surrogatepass"))
+        scan.bytes += utf8_size(text)
         scan.val_docs += u < val_fraction
         scan.min_u = min(scan.min_u, u)
     scan.replaced = ReplacementCounter.count
@@ -711,7 +861,7 @@ def make_is_val(scan, val_fraction, has_val_input):
 
 
 # -----------------------------------------------------------------------------
-# 6. The tokenizer: train one or load one
+# 7. The tokenizer: train one or load one
 
 
 def tokenizer_files(spec):
@@ -767,14 +917,15 @@ def train_tokenizer(paths, doc_sep, is_val, scan, s, num_proc, log, quiet=False)
 
 
 def check_tokenizer(tok, where):
-    if getattr(tok, "eot_id", None) is None:
+    """tok, if it has the <|endoftext|> token that starts every document; else one line saying so."""
+    if bpe.EOT not in tok.special_tokens:
         raise bpe.UserError(f"{where}: the tokenizer has no {bpe.EOT} token, which marks document starts; "
                             f"use one trained with it")
     return tok
 
 
 # -----------------------------------------------------------------------------
-# 7. Tokenizing in parallel, in bounded memory
+# 8. Tokenizing in parallel, in bounded memory
 #
 # The main process reads documents and cuts them into tasks of about --chunk_mb MB;
 # worker processes encode them and send back flat numpy arrays; the main process
@@ -822,7 +973,7 @@ def iter_tasks(streams, chunk_bytes):
         for text in docs:
             texts.append(text)
             splits.append(split)
-            doc_bytes.append(len(text.encode("utf-8", errors="surrogatepass")))
+            doc_bytes.append(utf8_size(text))
             total += doc_bytes[-1]
             if total >= chunk_bytes:
                 yield texts, splits, doc_bytes
@@ -831,12 +982,18 @@ def iter_tasks(streams, chunk_bytes):
         yield texts, splits, doc_bytes
 
 
-def tokenize_to_shards(streams, is_val, tok, out_dir, s, dtype, num_proc, total_bytes, quiet=False):
+def new_stats():
+    """Per-split counters that tokenize_to_shards fills as it goes."""
+    return {sp: dict(docs=0, bytes=0, tokens=0, shards=[]) for sp in ("train", "val")}
+
+
+def tokenize_to_shards(streams, is_val, tok, out_dir, s, dtype, num_proc, total_bytes, quiet=False, stats=None):
     """Encode every document of streams into <out_dir>/{train,val}_NNNN.bin.
-    Returns per-split stats dicts."""
-    stats = {sp: dict(docs=0, bytes=0, tokens=0, shards=[]) for sp in ("train", "val")}
+    Returns the per-split stats (filled in place when given: after a failure they say
+    how far it got)."""
+    stats = new_stats() if stats is None else stats
     truncated = 0
-    progress = Progress("tokenizing", total_bytes) if not quiet else None
+    progress = bpe.Progress("tokenizing", total_bytes, scale=MB, unit=" MB", quiet=quiet)
     writers = {sp: ShardWriter(out_dir, sp, dtype, s.shard_tokens, tok.vocab_size, tok.eot_id,
                                tok.fingerprint) for sp in ("train", "val")}
     pool = None
@@ -862,8 +1019,7 @@ def tokenize_to_shards(streams, is_val, tok, out_dir, s, dtype, num_proc, total_
                 stats[sp]["docs"] += int(mask.sum())
                 stats[sp]["bytes"] += int(doc_bytes[mask].sum())
                 stats[sp]["tokens"] += int(lengths[mask].sum())
-        if progress:
-            progress.update(int(doc_bytes.sum()))
+        progress.add(int(doc_bytes.sum()))
 
     try:
         pending = deque()  # (AsyncResult, task) in submission order
@@ -888,30 +1044,50 @@ def tokenize_to_shards(streams, is_val, tok, out_dir, s, dtype, num_proc, total_
         if pool is not None:
             pool.terminate()
             pool.join()
-    if progress:
-        progress.update(0, final=True)
+    progress.done()
     if truncated:
         print(f"truncated {truncated:,} documents to --max_doc_tokens={s.max_doc_tokens}", file=sys.stderr)
     return stats
 
 
 # -----------------------------------------------------------------------------
-# 8. The whole build: reuse, write, meta.json
+# 9. The whole build: reuse, build beside, swap in, recover; disk full
 #
 # The build key is a hash of everything the output depends on: the source files'
 # paths, sizes and modification times (like make), the settings that change the
 # tokens, and the format version. A re-run with the same key finds meta.json and
 # reuses the directory. The tokenizer has its own, smaller key (it does not depend
 # on e.g. --shard_tokens), so changing only how shards are cut skips BPE training.
+#
+# Replacing a data directory without ever losing it. The new build is written into a
+# hidden folder beside it, on the same disk (data/.stdlib.build<pid>): tokenizer,
+# shards, meta.json last; then it is read back through load_split, which verifies
+# every shard (and leaves verified.json, so train.py's first start skips that pass).
+# Only then do two renames swap it in,
+#     data/stdlib -> data/.stdlib.old<pid>      data/.stdlib.build<pid> -> data/stdlib
+# and the old folder is retired: what prepare.py did not write there (your files) moves
+# into the new folder, a tokenizer that was replaced is kept as tokenizer-<fp>.bpe (fp:
+# the first 16 hex digits of its fingerprint), and the rest is deleted. A rename is
+# atomic, so a reader finds the old dataset or the new one (or, for the instant between
+# the two renames, none), never a mix; a training run that has the old shards mapped
+# keeps reading them. A failure before the swap (a full disk, Ctrl-C) deletes the build
+# folder: nothing was changed.
+# A process killed anywhere leaves hidden folders named with its pid, and the next run
+# finishes its work: a build folder is deleted; an old folder is put back if the data
+# directory is missing (killed between the two renames), else retired.
 
 OUTPUT_SETTINGS = ("doc_sep", "val_fraction", "vocab_size", "tokenizer", "tokenizer_max_mb",
                    "max_doc_tokens", "shard_tokens", "dtype")
 TOKENIZER_SETTINGS = ("doc_sep", "val_fraction", "vocab_size", "tokenizer", "tokenizer_max_mb")
-META_NAME = "meta.json"
-TOKENIZER_NAME = "tokenizer.bpe"
+SIDE_FOLDER = re.compile(r"\.(?P<name>.+)\.(?P<kind>build|old)(?P<pid>\d+)")  # .stdlib.build1234
+# The files prepare.py writes into a data directory (a retired one loses these, and keeps the rest).
+OWN_FILES = re.compile(r"meta\.json|verified\.json|tokenizer\.bpe|(train|val)_\d{4,}\.bin|\..+\.tmp\d+")
+WRITE_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}  # no permission, read-only file system
 
 
 def file_identity(paths):
+    """[[absolute path, size, mtime], ...] of source files: like make, a change of any of
+    them means the build is out of date."""
     out = []
     for p in paths:
         st = os.stat(p)
@@ -935,7 +1111,7 @@ def resolve_sources(s, log):
         train, val, doc_sep = resolve_globs(s.input), [], s.doc_sep
         desc = dict(kind="files", globs=s.input)
     else:
-        root, train = stdlib_files()
+        root, train = bpe.stdlib_files()
         val, doc_sep = [], s.doc_sep
         desc = dict(kind="python-stdlib", root=root, python=sys.version.split()[0])
     if s.val_input:
@@ -946,7 +1122,7 @@ def resolve_sources(s, log):
 
 
 def existing_is_current(out_dir, build_key):
-    """True when out_dir holds a finished build with this key whose shards open."""
+    """True when out_dir holds a finished build with this key whose shards open (and verify)."""
     try:
         meta = load_meta(out_dir)
         if meta.get("build_key") != build_key:
@@ -954,13 +1130,157 @@ def existing_is_current(out_dir, build_key):
         for split in ("train", "val"):
             load_split(out_dir, split)
         return True
-    except (bpe.UserError, KeyError, TypeError):
+    except bpe.UserError:
         return False
+
+
+def side_folder(target, kind, pid=None):
+    """The hidden folder beside target: kind 'build' (a build in progress) or 'old' (being retired)."""
+    parent, name = os.path.split(target)
+    return os.path.join(parent, f".{name}.{kind}{os.getpid() if pid is None else pid}")
+
+
+def tokenizer_backup_name(fingerprint):
+    return f"tokenizer-{fingerprint[:16]}.bpe"
+
+
+def _fingerprint_of(path):
+    """The fingerprint of the tokenizer file at path, or None if there is none or it is unreadable."""
+    try:
+        return bpe.Tokenizer.load(path).fingerprint if os.path.exists(path) else None
+    except bpe.UserError:
+        return None
+
+
+def retire(old, target, log):
+    """Empty a previous data directory (already renamed to `old`) into target, then delete
+    it: files prepare.py did not write move across, a tokenizer different from target's is
+    kept as tokenizer-<fp>.bpe, everything else of ours goes."""
+    current = _fingerprint_of(os.path.join(target, TOKENIZER_NAME))
+    for entry in sorted(os.listdir(old)):
+        dst = os.path.join(target, entry)
+        if entry == TOKENIZER_NAME:
+            fp = _fingerprint_of(os.path.join(old, entry))
+            dst = os.path.join(target, tokenizer_backup_name(fp)) if fp and fp != current else None
+        elif OWN_FILES.fullmatch(entry):
+            dst = None
+        # the new folder holds only our own files, so a name can only be taken by an
+        # identical copy (a tokenizer backup with this fingerprint): then ours is dropped
+        if dst and not os.path.lexists(dst):
+            os.rename(os.path.join(old, entry), dst)
+            if entry == TOKENIZER_NAME:
+                log(f"kept the replaced tokenizer as {dst}: checkpoints trained on it need it "
+                    f"(sample.py --tokenizer={dst})")
+    shutil.rmtree(old)
+
+
+def recover(target, log):
+    """Finish what a prepare.py that died (kill -9, power loss) left beside target."""
+    parent, name = os.path.split(target)
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:  # no parent folder yet: nothing was ever built here
+        return
+    for entry in entries:
+        m = SIDE_FOLDER.fullmatch(entry)
+        if not m or m["name"] != name or bpe.pid_alive(int(m["pid"])):
+            continue
+        path = os.path.join(parent, entry)
+        if m["kind"] == "build":
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}: the unfinished build of a process that is gone")
+        elif not os.path.exists(target):
+            os.rename(path, target)
+            log(f"restored {target} from {path}: a rebuild was stopped while it swapped folders")
+        else:
+            retire(path, target, log)
+    bpe.remove_stale_temp_files(target)  # e.g. a verified.json whose writer was killed
+
+
+def swap_in(work, target):
+    """Rename the finished build to target; an existing target is renamed aside first and
+    returned (to retire), or put back if the second rename fails."""
+    old = None
+    if os.path.lexists(target):
+        old = side_folder(target, "old")
+        os.rename(target, old)
+    try:
+        os.rename(work, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    bpe.fsync_folder(os.path.dirname(target))
+    return old
+
+
+def estimate_bytes(stats, text_bytes, n_docs, itemsize, old_meta):
+    """About how many bytes the new shards take: text bytes / bytes per token * itemsize, plus
+    the index (8 bytes a document). Bytes per token as measured so far in this build, else
+    the previous build's, else 1 (a byte-level BPE never makes more tokens than bytes)."""
+    done_bytes = sum(st["bytes"] for st in stats.values())
+    done_tokens = sum(st["tokens"] for st in stats.values())
+    bpt = (old_meta or {}).get("bytes_per_token")
+    bpt = done_bytes / done_tokens if done_tokens else bpt if isinstance(bpt, float) and bpt > 0 else 1.0
+    return text_bytes / bpt * itemsize + 8 * n_docs
+
+
+def load_meta_or_none(data_dir):
+    try:
+        return load_meta(data_dir)
+    except bpe.UserError:
+        return None
+
+
+def pick_tokenizer(s, out_dir, given_tok, tokenizer_key, train, log):
+    """The tokenizer of the new build: --tokenizer's, else the data directory's own when the
+    sources and tokenizer settings are unchanged, else train() trains one. A different
+    tokenizer than the directory's is refused unless --force=True (see the section comment)."""
+    old_meta, tok_file = load_meta_or_none(out_dir), os.path.join(out_dir, TOKENIZER_NAME)
+    try:
+        old_tok = bpe.Tokenizer.load(tok_file) if os.path.exists(tok_file) else None
+    except bpe.UserError:
+        old_tok = None  # unreadable: no checkpoint can use it either
+    if given_tok is not None:
+        tok = given_tok
+        log(f"using tokenizer {s.tokenizer} (vocab {tok.vocab_size})")
+    elif (not s.force and old_meta and old_tok and old_meta.get("tokenizer_key") == tokenizer_key
+          and old_tok.fingerprint == old_meta["fingerprint"]):
+        tok = old_tok
+        log(f"reusing {tok_file} (same sources and tokenizer settings)")
+    else:
+        tok = train()
+    check_tokenizer(tok, "tokenizer")
+    if old_tok and old_tok.fingerprint != tok.fingerprint and not s.force:
+        raise bpe.UserError(
+            f"{tok_file} (fingerprint {old_tok.fingerprint[:16]}) would be replaced by a different tokenizer "
+            f"({tok.fingerprint[:16]}), and checkpoints trained on {out_dir} need it (older ones look for it at "
+            f"that path); re-run with --force=True to replace it (it is then kept as "
+            f"{tokenizer_backup_name(old_tok.fingerprint)}), or choose another --out_dir")
+    return tok
+
+
+def write_failed(e, out_dir, target, need):
+    """The one line for a build that could not be written (full disk, no permission); the
+    build folder is already gone, and the previous dataset was never touched."""
+    parent, had_old = os.path.dirname(target), os.path.exists(target)
+    unchanged = f"nothing was changed: {out_dir} is as it was" if had_old else "nothing was written"
+    if bpe.is_disk_full(e):
+        return bpe.UserError(
+            f"disk full while writing the new {out_dir} (in {parent}): it needs about {need / MB:.1f} MB "
+            f"there, {bpe.free_bytes(target) / MB:.1f} MB are free"
+            + (" (the old dataset stays until the new one is complete)" if had_old else "")
+            + f"; free some space and re-run; {unchanged}")
+    return bpe.UserError(f"cannot write in {parent} ({e.strerror}); choose a writable --out_dir; {unchanged}")
 
 
 def build(s, log=print, quiet=False):
     """Prepare one data directory according to settings s. Returns meta (dict)."""
     out_dir = resolve_out_dir(s)
+    target = os.path.realpath(out_dir)  # the folder itself, also when out_dir is a symlink to it
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise bpe.UserError(f"--out_dir={out_dir} is a file; give a folder")
+    recover(target, log)
     train_paths, val_paths, doc_sep, source_desc = resolve_sources(s, log)
     num_proc = resolve_num_proc(s.num_proc)
     tok_ident = ""
@@ -976,7 +1296,7 @@ def build(s, log=print, quiet=False):
         log(f"{out_dir} is up to date (same sources and settings): reusing it; --force=True rebuilds")
         return load_meta(out_dir)
 
-    # Bad input fails here, before the directory is touched.
+    # Bad input fails here, before anything is written.
     t0 = time.time()
     scan = scan_corpus(train_paths, doc_sep, s.val_fraction, log)
     val_scan = scan_corpus(val_paths, doc_sep, 0.0, log) if val_paths else None
@@ -988,61 +1308,48 @@ def build(s, log=print, quiet=False):
     else:
         choose_dtype(s.vocab_size, s.dtype)
 
-    # Start of modification: remove the commit marker first, so a crash from here on
-    # leaves a directory that the reader refuses instead of a mix of old and new.
-    os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, META_NAME)
-    old_meta = None
-    if os.path.exists(meta_path):
-        try:
-            old_meta = load_meta(out_dir)
-        except bpe.UserError:
-            pass
-        os.remove(meta_path)
-    for name in os.listdir(out_dir):  # leftovers of an interrupted run
-        if name.startswith(".") and ".tmp" in name:
-            os.remove(os.path.join(out_dir, name))
-
-    tok_path = os.path.join(out_dir, TOKENIZER_NAME)
-    if given_tok is not None:
-        tok = given_tok
-        log(f"using tokenizer {s.tokenizer} (vocab {tok.vocab_size})")
-    elif (not s.force and old_meta and old_meta.get("tokenizer_key") == tokenizer_key
-          and os.path.exists(tok_path)
-          and (tok := bpe.Tokenizer.load(tok_path)).fingerprint == old_meta.get("fingerprint")):
-        log(f"reusing {tok_path} (same sources and tokenizer settings)")
-    else:
-        tok = train_tokenizer(train_paths, doc_sep, is_val, scan, s, num_proc, log, quiet)
-    check_tokenizer(tok, "tokenizer")
+    tok = pick_tokenizer(s, out_dir, given_tok, tokenizer_key,
+                         lambda: train_tokenizer(train_paths, doc_sep, is_val, scan, s, num_proc, log, quiet), log)
     dtype = choose_dtype(tok.vocab_size, s.dtype)
-    tok.save(tok_path)  # atomic (bpe.atomic_write): a crash never leaves half a tokenizer file
 
     streams = [(None, iter_documents(train_paths, doc_sep))]
     if val_paths:
         streams.append(("val", iter_documents(val_paths, doc_sep)))
     total_bytes = scan.bytes + (val_scan.bytes if val_scan else 0)
-    t1 = time.time()
-    stats = tokenize_to_shards(streams, is_val, tok, out_dir, s, dtype, num_proc, total_bytes, quiet)
-    t_tok = time.time() - t1
-
-    # Shards of an older, larger build would otherwise linger next to the new ones.
-    keep = set(stats["train"]["shards"] + stats["val"]["shards"])
-    for name in os.listdir(out_dir):
-        if name.endswith(".bin") and name.startswith(("train_", "val_")) and name not in keep:
-            os.remove(os.path.join(out_dir, name))
-
-    tr = stats["train"]
-    meta = dict(
-        format_version=SHARD_VERSION, tokenizer=TOKENIZER_NAME, fingerprint=tok.fingerprint,
-        vocab_size=tok.vocab_size, bos_id=tok.eot_id, dtype=dtype.name, splits=stats,
-        bytes_per_token=tr["bytes"] / max(1, tr["tokens"]),  # UTF-8 bytes per token, BOS counted as a token
-        sources=source_desc, replaced_chars=scan.replaced + (val_scan.replaced if val_scan else 0),
-        settings=dataclasses.asdict(s) | dict(out_dir=out_dir, doc_sep=doc_sep),
-        build_key=build_key, tokenizer_key=tokenizer_key,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        seconds=dict(total=round(time.time() - t0, 2), tokenize=round(t_tok, 2)),
-    )
-    bpe.atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    work, stats = side_folder(target, "build"), new_stats()
+    try:
+        os.makedirs(work)
+        tok.save(os.path.join(work, TOKENIZER_NAME))
+        t1 = time.time()
+        tokenize_to_shards(streams, is_val, tok, work, s, dtype, num_proc, total_bytes, quiet, stats)
+        t_tok = time.time() - t1
+        tr = stats["train"]
+        meta = dict(
+            format_version=SHARD_VERSION, tokenizer=TOKENIZER_NAME, fingerprint=tok.fingerprint,
+            vocab_size=tok.vocab_size, bos_id=tok.eot_id, dtype=dtype.name, splits=stats,
+            bytes_per_token=tr["bytes"] / max(1, tr["tokens"]),  # UTF-8 bytes per token, BOS counted as a token
+            sources=source_desc, replaced_chars=scan.replaced + (val_scan.replaced if val_scan else 0),
+            settings=dataclasses.asdict(s) | dict(out_dir=out_dir, doc_sep=doc_sep),
+            build_key=build_key, tokenizer_key=tokenizer_key,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            seconds=dict(total=round(time.time() - t0, 2), tokenize=round(t_tok, 2)),
+        )
+        bpe.atomic_write_bytes(os.path.join(work, META_NAME), (json.dumps(meta, indent=1) + "\n").encode())
+        for split in ("train", "val"):  # read back and verify: a bad build never replaces a good one
+            load_split(work, split)
+        old = swap_in(work, target)
+    except BaseException as e:  # a full disk, Ctrl-C, a bug: the build folder goes, the old dataset stays
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError) and (bpe.is_disk_full(e) or e.errno in WRITE_REFUSED):
+            n_docs = scan.docs + (val_scan.docs if val_scan else 0)
+            need = estimate_bytes(stats, total_bytes, n_docs, dtype.itemsize, load_meta_or_none(out_dir))
+            raise write_failed(e, out_dir, target, need) from None
+        raise
+    if old is not None:
+        try:
+            retire(old, target, log)
+        except OSError as e:  # the new dataset is in place; the next run finishes the cleanup
+            log(f"warning: could not finish removing {old} ({e}); the next run of prepare.py will")
     for sp in ("train", "val"):
         st = stats[sp]
         log(f"{sp}: {st['docs']:,} docs, {st['bytes'] / MB:.1f} MB, {st['tokens']:,} tokens "
@@ -1052,8 +1359,22 @@ def build(s, log=print, quiet=False):
     return meta
 
 
+def verify(out_dir, log):
+    """--verify=True: run the verification pass over every shard again, ignoring what
+    verified.json remembers (for damage that left a file's identity unchanged)."""
+    load_meta(out_dir)  # one line if there is no dataset here
+    remembered = os.path.join(out_dir, VERIFIED_NAME)
+    if os.path.exists(remembered):
+        os.remove(remembered)
+    t0 = time.time()
+    shards = [shard for split in ("train", "val") for shard in load_split(out_dir, split)]
+    n_bytes = sum(os.path.getsize(shard.path) for shard in shards)
+    log(f"{out_dir}: all {len(shards)} shards verified ({n_bytes / MB:.1f} MB: checksums and token ids) "
+        f"in {time.time() - t0:.2f} s")
+
+
 # -----------------------------------------------------------------------------
-# 9. Benchmark
+# 10. Benchmark
 #
 #   python prepare.py --bench=True
 # (a) end to end on the default corpus (scan + BPE + tokenize + write), bench_reps // 2
@@ -1113,10 +1434,12 @@ SYNTHETIC_FILE_MB = 100              # size of each synthetic file
 
 
 def write_synthetic_corpus(directory, target_mb):
-    """The default corpus repeated with variations until target_mb: copy k renames
-    every `def f` to `def f_k` and every `self` to `self_k`, so copies are not
-    byte-identical (the hash split and the BPE see distinct documents)."""
-    _, paths = stdlib_files()
+    """The default corpus repeated with variations until target_mb, as files of about
+    SYNTHETIC_FILE_MB with documents separated by SYNTHETIC_SEP. Copy k (k = 0, 1, ...)
+    turns every "def " into "def v<k>_" and every "self" into "self_<k mod 97>", so copies
+    are not byte-identical (the hash split and the BPE see distinct documents):
+    copy 3 of "def f(self):" is "def v3_f(self_3):". Returns the UTF-8 bytes written."""
+    _, paths = bpe.stdlib_files()
     docs = list(iter_documents(paths))
     written, k, n_file, f = 0, 0, 0, None
     while written < target_mb * MB:
@@ -1128,7 +1451,7 @@ def write_synthetic_corpus(directory, target_mb):
                 n_file += 1
             text = doc.replace("def ", f"def v{k}_").replace("self", f"self_{k % 97}")
             f.write(text + "\n" + SYNTHETIC_SEP + "\n")
-            written += len(text.encode("utf-8", errors="surrogatepass"))
+            written += utf8_size(text)
             if written >= target_mb * MB:
                 break
         k += 1
@@ -1138,7 +1461,6 @@ def write_synthetic_corpus(directory, target_mb):
 
 def run_bench_synthetic(s):
     """Peak memory on a corpus far larger than the default one: it must stay flat."""
-    import resource  # POSIX only
     with tempfile.TemporaryDirectory(prefix="nanostack_synth_") as tmp:
         t0 = time.time()
         mb = write_synthetic_corpus(tmp, s.bench_synthetic_mb) / MB
@@ -1154,22 +1476,24 @@ def run_bench_synthetic(s):
                                          tokenizer=tok_spec, out_dir=out, force=True, bench=False),
                      log=lambda *a: print(*a, file=sys.stderr, flush=True))
         wall, cpu = time.time() - t0, cpu_seconds() - c0
-        rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KB -> MB on Linux
-        rss_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # largest worker
+        rss_self, rss_child = bpe.peak_rss_mb(), bpe.peak_rss_mb(children=True)  # main, largest worker
     print(f"synthetic {mb:.0f} MB: {wall:.0f} s, tokenize+write {mb / meta['seconds']['tokenize']:.2f} MB/s "
           f"({mb / cpu:.2f} MB per CPU-s) with {resolve_num_proc(s.num_proc)} process(es); peak RSS main {rss_self:.0f} MB, largest worker "
           f"{rss_child:.0f} MB (sum {rss_self + resolve_num_proc(s.num_proc) * rss_child:.0f} MB upper bound)")
 
 
 # -----------------------------------------------------------------------------
-# 10. main
+# 11. main
 
 
 def main(argv=None):
     s = bpe.parse_settings(Settings, sys.argv[1:] if argv is None else argv, description=__doc__)
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     if s.bench:
         return run_bench_synthetic(s) if s.bench_synthetic_mb else run_bench(s)
-    build(s, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+    if s.verify:
+        return verify(resolve_out_dir(s), log)
+    build(s, log=log)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import base64
 import copy
 import ctypes
 import dataclasses
+import errno
 import functools
 import hashlib
 import http.server
@@ -22,12 +23,14 @@ import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import types
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +276,33 @@ def test_bpe_encode_iterable_equals_encode_for_any_line_split():
     assert list(tok.encode_iterable(iter(lines))) == tok.encode("".join(lines))
 
 
+def test_bpe_encode_iterable_streams_allowed_specials_like_encode():
+    # Guards: encode_iterable could only do encode_ordinary, so a stream with special tokens
+    # allowed was impossible. Now it must equal encode(joined text, allowed_special) for any cut,
+    # including a special token cut across pieces ("<|end" + "oftext|>") and a special that is
+    # the prefix of a longer one ("<|a|>" and "<|a|>x": only more text tells them apart).
+    tok = bpe.Tokenizer(bpe.GPT4_PATTERN, [(ord("<"), ord("|"), 256)],
+                        {bpe.EOT: 257, "<|a|>": 258, "<|a|>x": 259})
+    tok.STREAM_BLOCK = 8  # a pass every few characters: many cut points
+    rng = random.Random(3)
+    alphabet = [" ", "  ", "\n", "a", "Bc", "12", "!", "'ll", "é", "x", "<", "|", "<|", "|>", "a|",
+                "endoftext", bpe.EOT, "<|a|>", "<|a|>x"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 15))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        for allowed in ("none", "all", {"<|a|>"}):
+            assert list(tok.encode_iterable(pieces, allowed_special=allowed)) == \
+                tok.encode(text, allowed_special=allowed), (pieces, allowed)
+    # by hand: one character per piece, the special token arrives in 13 pieces
+    assert list(tok.encode_iterable(list("hi<|endoftext|>"), allowed_special="all")) == \
+        [ord("h"), ord("i"), 257]
+    assert list(tok.encode_iterable(["<|a|", ">", "x"], allowed_special="all")) == [259]
+    assert list(tok.encode_iterable(["<|a|", ">", "y"], allowed_special="all")) == [258, ord("y")]
+    with pytest.raises(bpe.UserError, match="unknown"):
+        list(tok.encode_iterable(["a"], allowed_special={"<|nope|>"}))
+
+
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_bpe_encode_batch_parallel_equals_serial(monkeypatch, start):
     """fork: workers inherit the texts from the parent; spawn (macOS, Windows): they are
@@ -342,7 +372,35 @@ def test_bpe_save_load_round_trip_and_fingerprint(tmp_path):
         assert back.encode(t, allowed_special="all") == tok.encode(t, allowed_special="all")
     other = _bpe_trained(vocab_size=401)
     assert other.fingerprint != tok.fingerprint
-    assert len(tok.fingerprint) == 64 and int(tok.fingerprint, 16) >= 0
+
+
+def test_bpe_fingerprint_is_sha256_of_the_text_and_sees_every_change(tmp_path):
+    # Replaces `int(fp, 16) >= 0`, which could not fail. The recipe (Tokenizer._serialize's
+    # comment): sha256 of the file's text without its '#' comment lines, worked out here by hand
+    # for one merge a+a -> 256 and <|endoftext|> = 257.
+    tok = bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {bpe.EOT: 257})
+    by_hand = ("nanostack-bpe 1\n"
+               f"pattern {json.dumps(bpe.GPT4_PATTERN)}\n"
+               "byte_ids identity\n"
+               "merges 1\n"
+               "256 97 97 a a\n"
+               "specials 1\n"
+               '257 "<|endoftext|>"\n')
+    assert tok.fingerprint == hashlib.sha256(by_hand.encode()).hexdigest()
+    tok.save(tmp_path / "t.bpe")
+    body = "".join(line for line in (tmp_path / "t.bpe").read_text().splitlines(True) if not line.startswith("#"))
+    assert body == by_hand and bpe.Tokenizer.load(tmp_path / "t.bpe").fingerprint == tok.fingerprint
+    # any change a model would notice changes it: a merge, a special's name or id, the pattern,
+    # the byte ids
+    variants = [bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 98, 256)], {bpe.EOT: 257}),
+                bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {"<|eot|>": 257}),
+                bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {bpe.EOT: 258}),
+                bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {}),
+                bpe.Tokenizer(bpe.GPT2_PATTERN, [(97, 97, 256)], {bpe.EOT: 257}),
+                bpe.Tokenizer(bpe.GPT4_PATTERN, [(97, 97, 256)], {bpe.EOT: 257},
+                              byte_ids=[255 - b for b in range(256)])]
+    fingerprints = {tok.fingerprint} | {v.fingerprint for v in variants}
+    assert len(fingerprints) == 1 + len(variants)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -373,7 +431,7 @@ def test_bpe_escape_token_round_trips_every_byte():
         bpe.unescape_token("a b")
 
 
-# --- GPT-2 and tiktoken files ---------------------------------------------------------------------
+# --- interop: (vocab, merges), GPT-2 and tiktoken files -------------------------------------------
 
 def _bpe_gpt2_files(tmp_path):
     """A miniature GPT-2 tokenizer: the 256 byte tokens in GPT-2's order, 3 merges, 1 special."""
@@ -452,6 +510,48 @@ def test_bpe_tiktoken_files_hand_made_and_round_trip(tmp_path):
         bpe.Tokenizer.from_tiktoken(tmp_path / "bad.tiktoken")
 
 
+def test_bpe_vocab_table_and_from_vocab_merges_round_trip(tmp_path):
+    # The (vocab: id -> bytes, merges: [(bytes, bytes)]) form of other tokenizer tools, both ways:
+    # a trained tokenizer, a GPT-2 one (byte ids shuffled) and a tiktoken one (ids with gaps).
+    trained = _bpe_trained()
+    gpt2 = bpe.Tokenizer.from_gpt2(*_bpe_gpt2_files(tmp_path))
+    for tok in (trained, gpt2):
+        vocab = dict(tok.vocab)
+        assert len(vocab) == tok.vocab_size and all(vocab[i] == tok.decode_bytes([i]) for i in vocab)
+        merges = [(tok.vocab[a], tok.vocab[b]) for a, b, _ in tok.merges]
+        back = bpe.Tokenizer.from_vocab_merges(vocab, merges, tok.special_tokens, pattern=tok.pattern)
+        assert back.fingerprint == tok.fingerprint
+        for text in _bpe_texts():
+            assert back.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    with pytest.raises(TypeError):
+        trained.vocab[0] = b"x"  # read-only: it is the tokenizer's own table
+    # by hand: the 256 bytes at ids 0..255, "ab" = 256, "abc" = 257, a special at 300 (a gap)
+    vocab = {b: bytes([b]) for b in range(256)} | {256: b"ab", 257: b"abc", 300: b"<|endoftext|>"}
+    tok = bpe.Tokenizer.from_vocab_merges(vocab, [(b"a", b"b"), (b"ab", b"c")], {bpe.EOT: 300})
+    assert tok.encode("abcab<|endoftext|>", allowed_special="all") == [257, 256, 300]
+    assert tok.vocab_size == 301 and tok.eot_id == 300
+
+
+@pytest.mark.parametrize("vocab_edit, merges, specials, message", [
+    (lambda v: v.pop(ord("z")), [(b"a", b"b")], {}, "no token for byte 0x7a"),
+    (lambda v: None, [(b"a", b"q")], {}, r"result b'aq' is not in vocab"),
+    (lambda v: None, [(b"ab", b"c"), (b"a", b"b")], {}, "not a token made before it"),
+    (lambda v: None, [(b"a", b"b"), (b"a", b"b")], {}, "already made"),
+    (lambda v: None, [(b"a", b"b")], {}, r"vocab id 257 \(b'abc'\) is neither a byte"),
+    (lambda v: v.update({258: b"ab"}), [(b"a", b"b"), (b"ab", b"c")], {}, "both b'ab'"),
+    (lambda v: v.update({258: b"<|x|>"}), [(b"a", b"b"), (b"ab", b"c")], {"<|y|>": 258}, "special token"),
+    (lambda v: v.update({"259": b"q"}), [(b"a", b"b"), (b"ab", b"c")], {}, "bad vocab entry"),
+    (lambda v: None, [(b"a", b"b", b"c")], {}, "merge 0 is"),
+], ids=["missing-byte", "result-missing", "order", "twice", "unmade-id", "duplicate", "special-bytes",
+        "str-id", "triple"])
+def test_bpe_from_vocab_merges_rejects_bad_input_with_one_line(vocab_edit, merges, specials, message):
+    vocab = {b: bytes([b]) for b in range(256)} | {256: b"ab", 257: b"abc"}
+    vocab_edit(vocab)
+    with pytest.raises(bpe.UserError, match=message) as e:
+        bpe.Tokenizer.from_vocab_merges(vocab, merges, specials)
+    assert "\n" not in str(e.value)
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def _bpe_run(*args, cwd):
@@ -501,6 +601,89 @@ def test_bpe_encode_iterable_is_lazy_and_decode_takes_arrays(capsys):
     bpe.Tokenizer.train(_bpe_corpus(), 300, quiet=False)  # progress goes to stderr, not stdout
     out = capsys.readouterr()
     assert out.out == "" and "bpe: merges 43/43" in out.err and "distinct" in out.err
+
+
+
+# --- shared helpers, and the file read as a text -------------------------------------------------
+
+def test_bpe_parse_settings_docstring_example_is_true():
+    # Guards: the example named --lr_rate -> --lr, a setting no script has. The example quoted
+    # in parse_settings' docstring must be what the parser really says, for one of the scripts.
+    example = re.search(r'(--\w+=\S+) -> "([^"]+)"', bpe.parse_settings.__doc__)
+    assert example, bpe.parse_settings.__doc__
+    arg, message = example.groups()
+    said = []
+    for cls in (bpe.Settings, prepare.Settings, train.TrainConfig):
+        with pytest.raises(bpe.SettingsError) as e:
+            bpe.parse_settings(cls, [arg])
+        said.append(str(e.value))
+    assert message in said, said
+
+
+def _names_used_before_definition(path):
+    """Module-level names of a script that code above their definition refers to (the style
+    guide's "define before use": a reader never has to jump ahead)."""
+    import ast
+    tree = ast.parse(Path(path).read_text())
+    defined = {}  # name -> line of the statement that first defines it
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        else:  # assignments: NAME = ..., NAME: type = ..., A, B = ...
+            targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+            names = [n.id for t in targets if t is not None for n in ast.walk(t) if isinstance(n, ast.Name)]
+        for name in names:
+            defined.setdefault(name, node.lineno)
+    return sorted({(n.id, n.lineno) for node in tree.body for n in ast.walk(node)
+                   if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+                   and defined.get(n.id, 0) > node.lineno})
+
+
+def test_bpe_defines_every_name_before_use():
+    # Guards: UserError was raised ~1,200 lines above its definition.
+    assert _names_used_before_definition(bpe.__file__) == []
+
+
+def test_bpe_remove_stale_temp_files_spares_live_writers(tmp_path):
+    # atomic_write's temp files of a process that died mid-write (kill -9) go; a live one stays
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name in (f".last.pt.tmp{dead}", f".meta.json.tmp{os.getpid()}", "keep.tmp1", "tmp"):
+        (tmp_path / name).write_text("x")
+    assert bpe.remove_stale_temp_files(tmp_path) == [f".last.pt.tmp{dead}"]
+    assert sorted(os.listdir(tmp_path)) == sorted([f".meta.json.tmp{os.getpid()}", "keep.tmp1", "tmp"])
+    assert bpe.remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_bpe_progress_and_peak_memory(capsys, monkeypatch):
+    monkeypatch.setattr(bpe, "PROGRESS_LOG_SECONDS", 0.0)  # stderr is not a terminal here
+    p = bpe.Progress("tokenizing", total=4_000_000, scale=1e6, unit=" MB")
+    p.add(1_000_000)
+    p.add(1_000_000, note="2 docs")
+    p.done()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" |")[0] for line in lines] == ["tokenizing 1.0/4.0 MB", "tokenizing 2.0/4.0 MB",
+                                                        "tokenizing 2.0/4.0 MB"]
+    assert "ETA" in lines[0] and lines[1].endswith("| 2 docs")
+    bpe.Progress("quiet", quiet=True).done()
+    assert capsys.readouterr().err == ""
+    before = bpe.peak_rss_mb()
+    block = bytearray(64 << 20)  # 64 MiB, touched so that it is resident
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    assert bpe.peak_rss_mb() - before > 50 and bpe.peak_rss_mb(children=True) >= 0
+
+
+def test_bpe_default_corpus_is_stdlib_without_tests():
+    # the one home of the corpus walk that bpe.py's benchmark and prepare.py's default share
+    root, paths = bpe.stdlib_files()
+    rel = [os.path.relpath(p, root) for p in paths]
+    assert len(paths) > 100 and all(p.endswith(".py") for p in paths)
+    assert rel == sorted(rel) and "os.py" in rel                      # same order on every machine
+    for r in rel:
+        assert not {"test", "tests", "site-packages"} & set(r.split(os.sep)[:-1]), r
+    first = next(bpe.stdlib_documents())
+    assert first == Path(paths[0]).read_text(encoding="utf-8", errors="replace")
 
 # =============================================================================
 # 2. prepare.py: corpus to token shards
@@ -568,8 +751,11 @@ def test_prepare_shard_header_round_trip(tmp_path):
         w.add(docs[2], [5])
     assert w.names == ["train_0000.bin", "train_0001.bin", "train_0002.bin"]  # 11 tokens, 5 per shard
     shards = [prepare.open_shard(str(tmp_path / n), fp) for n in w.names]
-    assert shards[0].header == dict(version=1, dtype="uint16", n_tokens=5, n_docs=2, vocab_size=300,
-                                    bos_id=7, fingerprint=fp)
+    # the checksum by hand: CRC-32 of the body, the 5 uint16 tokens then the 2 int64 index entries
+    body = np.array([7, 1, 2, 3, 7], "<u2").tobytes() + np.array([0, 4], "<i8").tobytes()
+    assert shards[0].header == dict(version=2, dtype="uint16", n_tokens=5, n_docs=2, vocab_size=300,
+                                    bos_id=7, fingerprint=fp, checksum=zlib.crc32(body))
+    assert open(shards[0].path, "rb").read()[prepare.SHARD_HEADER_BYTES:] == body
     assert shards[0].tokens.dtype == np.uint16
     assert np.concatenate([s.tokens for s in shards]).tolist() == np.concatenate(docs).tolist()
     # Worked by hand: starts 0, 4, 6 in the stream -> shard0 [0, 4], shard1 [1] (6 - 5), shard2 none.
@@ -615,18 +801,65 @@ def test_prepare_truncated_foreign_and_wrong_fingerprint_refused(tmp_path):
     assert prepare.open_shard(str(good), fp).tokens.tolist() == [9, 1, 2, 9, 3]
 
 
+def _prepare_shard(tmp_path, tokens, starts, vocab_size=300, bos=9, name="train"):
+    with prepare.ShardWriter(str(tmp_path), name, np.dtype("<u2"), 100, vocab_size, bos, "c" * 64) as w:
+        w.add(np.array(tokens), np.diff([*starts, len(tokens)]))
+    return str(tmp_path / f"{name}_0000.bin")
+
+
+def test_prepare_token_id_out_of_range_refused_on_open(tmp_path):
+    # Guards (issue 15, finding 6): ids >= vocab in a shard body crashed training far away with an
+    # IndexError. Opening the shard must refuse it in one line naming the file.
+    path = _prepare_shard(tmp_path, [9, 1, 300, 9, 2], [0, 3])
+    with pytest.raises(prepare.ShardError, match=r"train_0000\.bin: holds token id 300, but the vocabulary "
+                                                 r"has 300 ids") as e:
+        prepare.open_shard(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(prepare.ShardError, match="header says vocab_size 500, the data directory 300"):
+        prepare.open_shard(_prepare_shard(tmp_path, [9, 1, 2], [0], vocab_size=500, name="val"),
+                           vocab_size=300)  # the header's vocab must be meta.json's (load_split passes it)
+    ok = _prepare_shard(tmp_path, [9, 1, 299, 9, 2], [0, 3], name="ok")
+    assert prepare.open_shard(ok).tokens.max() == 299        # the largest id that fits
+
+
+def test_prepare_changed_token_caught_by_checksum_and_verified_once(tmp_path, monkeypatch):
+    # Guards (issue 15, finding 10): a changed token id in a shard trained silently. The body's
+    # CRC-32 is verified once per file identity (verified.json), so later starts skip the pass.
+    path = _prepare_shard(tmp_path, [9, 1, 2, 9, 3, 4], [0, 3])
+    passes = []
+    real = prepare.scan_body
+    monkeypatch.setattr(prepare, "scan_body", lambda *a: passes.append(1) or real(*a))
+    prepare.open_shard(path)
+    prepare.open_shard(path)
+    assert len(passes) == 1 and "train_0000.bin" in json.loads((tmp_path / "verified.json").read_text())["shards"]
+    time.sleep(0.05)  # the change gets a new timestamp even on a coarse file-system clock
+    with open(path, "r+b") as f:   # token 1 (id 1) becomes id 5: in range, same size, same index
+        f.seek(prepare.SHARD_HEADER_BYTES + 2)
+        f.write(np.array([5], "<u2").tobytes())
+    with pytest.raises(prepare.ShardError, match=r"train_0000\.bin: its bytes do not match the checksum") as e:
+        prepare.open_shard(path)
+    assert len(passes) == 2 and "\n" not in str(e.value) and "re-run prepare.py" in str(e.value)
+    # a damaged cache file only costs a new pass
+    (tmp_path / "verified.json").write_text("{not json")
+    good = _prepare_shard(tmp_path, [9, 7], [0], name="val")
+    assert prepare.open_shard(good).tokens.tolist() == [9, 7] and len(passes) == 3
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_prepare_unknown_shard_version_refused(tmp_path, version):
+    # Version 2 added the checksum: version 1 shards (no checksum) and future ones are refused
+    # in one line that says what to do.
+    path = _prepare_shard(tmp_path, [9, 1, 2], [0])
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(struct.pack("<I", version))
+    with pytest.raises(prepare.ShardError, match=f"format version {version} .*re-run prepare.py") as e:
+        prepare.open_shard(path)
+    assert "\n" not in str(e.value)
+
+
 # -----------------------------------------------------------------------------
 # the pipeline
-
-
-def test_prepare_default_corpus_is_stdlib_without_tests():
-    root, paths = prepare.stdlib_files()
-    rel = [os.path.relpath(p, root) for p in paths]
-    assert len(paths) > 100 and all(p.endswith(".py") for p in paths)
-    assert rel == sorted(rel) and "os.py" in rel                      # same order on every machine
-    for r in rel:
-        parts = r.split(os.sep)[:-1]
-        assert not {"test", "tests", "site-packages"} & set(parts), r
 
 
 def test_prepare_oversized_document_is_refused(tmp_path, monkeypatch):
@@ -637,6 +870,21 @@ def test_prepare_oversized_document_is_refused(tmp_path, monkeypatch):
         list(prepare.iter_documents([str(tmp_path / "big.txt")]))
     with pytest.raises(bpe.UserError, match="--doc_sep"):
         list(prepare.iter_documents([str(tmp_path / "big.txt")], "SEP"))
+
+
+def test_prepare_max_doc_bytes_counts_bytes_not_characters(tmp_path, monkeypatch):
+    # Guards: MAX_DOC_BYTES was compared with a count of characters, so 40 "é" (80 bytes of
+    # UTF-8) passed a 50-byte limit. Both ways of cutting documents must count bytes.
+    monkeypatch.setattr(prepare, "MAX_DOC_BYTES", 50)
+    monkeypatch.setattr(prepare, "READ_BLOCK_CHARS", 16)   # the tail grows over several blocks
+    (tmp_path / "e.txt").write_text("é" * 40, encoding="utf-8")
+    for sep in ("", "SEP"):
+        with pytest.raises(bpe.UserError, match="--doc_sep"):
+            list(prepare.iter_documents([str(tmp_path / "e.txt")], sep))
+    (tmp_path / "ok.txt").write_text("é" * 25 + "SEP" + "é" * 25, encoding="utf-8")   # 50 bytes each side
+    assert list(prepare.iter_documents([str(tmp_path / "ok.txt")], "SEP")) == ["é" * 25] * 2
+    (tmp_path / "ok2.txt").write_text("é" * 25, encoding="utf-8")
+    assert list(prepare.iter_documents([str(tmp_path / "ok2.txt")])) == ["é" * 25]
 
 
 def test_prepare_round_trip_bos_and_exact_decode(tmp_path):
@@ -704,18 +952,33 @@ def test_prepare_rerun_reuses_and_force_rebuilds(tmp_path):
     lines = []
     prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=500, force=True), log=lines.append, quiet=True)
     assert not any("reusing" in line for line in lines)
-    # Editing a source file invalidates the build.
+    # Editing a source file invalidates the build; here it also changes the trained tokenizer,
+    # which only --force=True may replace (see the refusal test below).
     (tmp_path / "src" / "doc00.txt").write_text("something else entirely, " * 50)
+    with pytest.raises(bpe.UserError, match="would be replaced"):
+        prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=500), log=_prepare_quiet, quiet=True)
     lines = []
-    prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=500), log=lines.append, quiet=True)
+    meta = prepare.build(_prepare_settings(tmp_path, pattern, force=True), log=lines.append, quiet=True)
     assert not any("reusing" in line for line in lines)
+    # shards of the older, larger build do not linger beside the new one
+    assert sorted(n for n in os.listdir(s.out_dir) if n.endswith(".bin")) == \
+        sorted(meta["splits"]["train"]["shards"] + meta["splits"]["val"]["shards"])
+
+
+def _prepare_files(folder):
+    """{name: bytes} of every file in a folder (to show that nothing changed)."""
+    return {n: (Path(folder) / n).read_bytes() for n in sorted(os.listdir(folder))}
+
+
+def _prepare_side_folders(tmp_path):
+    return [n for n in os.listdir(tmp_path) if ".build" in n or ".old" in n]
 
 
 def test_prepare_interrupted_write_leaves_no_valid_looking_shard(tmp_path, monkeypatch):
-    # Guards: a crash mid-shard leaving train_0000.bin (or meta.json) that the loader accepts.
+    # Guards: a crash mid-shard leaving train_0000.bin (or meta.json) that the loader accepts,
+    # and (issue 15, finding 4) a crash mid-rebuild making the previous, good dataset unusable.
     pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
     s = _prepare_settings(tmp_path, pattern, shard_tokens=400)
-    prepare.build(s, log=_prepare_quiet, quiet=True)           # a complete old build is present...
     calls = []
     real = prepare.ShardWriter._write_tokens
 
@@ -726,18 +989,142 @@ def test_prepare_interrupted_write_leaves_no_valid_looking_shard(tmp_path, monke
         real(self, tokens)
 
     monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", failing)
+    with pytest.raises(KeyboardInterrupt):   # a first build, interrupted: nothing is left
+        prepare.build(s, log=_prepare_quiet, quiet=True)
+    assert not os.path.exists(s.out_dir) and _prepare_side_folders(tmp_path) == []
+    with pytest.raises(prepare.ShardError, match="meta.json"):
+        prepare.load_split(s.out_dir, "train")
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", real)
+    prepare.build(s, log=_prepare_quiet, quiet=True)           # a complete build is present...
+    before = _prepare_files(s.out_dir)
+    calls.clear()
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=400, force=True), log=_prepare_quiet,
                       quiet=True)
-    left = os.listdir(s.out_dir)
-    assert "meta.json" not in left and not any(".tmp" in n for n in left)
-    with pytest.raises(prepare.ShardError, match="meta.json"):   # ...and is not trusted any more
-        prepare.load_split(s.out_dir, "train")
+    assert _prepare_files(s.out_dir) == before and _prepare_side_folders(tmp_path) == []
+    assert prepare.load_split(s.out_dir, "train")              # ...and stays whole and usable
     monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", real)
     lines = []
-    prepare.build(s, log=lines.append, quiet=True)              # a plain re-run repairs it
-    assert not any("up to date" in line for line in lines)
-    assert prepare.load_split(s.out_dir, "train")
+    prepare.build(s, log=lines.append, quiet=True)              # a plain re-run finds it up to date
+    assert any("up to date" in line for line in lines)
+
+
+def test_prepare_disk_full_mid_rebuild_keeps_the_old_dataset(tmp_path, monkeypatch):
+    # Guards (issue 15, findings 4 and 7): prepare.py deleted meta.json before rebuilding, so a
+    # full disk left the good dataset unusable, with an OSError traceback. Now: one line that
+    # names the folder and the space needed, and the old dataset exactly as it was.
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern, shard_tokens=400)
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    before = _prepare_files(s.out_dir)
+    real = prepare.ShardWriter._write_tokens
+    calls = []
+
+    def disk_full(self, tokens):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, tokens)
+
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", disk_full)
+    with pytest.raises(bpe.UserError) as e:
+        prepare.build(_prepare_settings(tmp_path, pattern, shard_tokens=400, force=True), log=_prepare_quiet,
+                      quiet=True)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("disk full while writing")
+    assert str(tmp_path) in message and re.search(r"needs about \d+\.\d MB there", message)
+    assert "nothing was changed" in message
+    assert _prepare_files(s.out_dir) == before and _prepare_side_folders(tmp_path) == []
+    assert prepare.load_tokenizer(s.out_dir) and prepare.load_split(s.out_dir, "val")
+    # the same at the very last write (meta.json), and on a first build: nothing written at all
+    monkeypatch.setattr(prepare.ShardWriter, "_write_tokens", real)
+    real_write = bpe.atomic_write_bytes
+
+    def meta_disk_full(path, data):
+        if os.path.basename(path) == "meta.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(bpe, "atomic_write_bytes", meta_disk_full)
+    with pytest.raises(bpe.UserError, match="disk full.*nothing was changed"):
+        prepare.build(_prepare_settings(tmp_path, pattern, force=True), log=_prepare_quiet, quiet=True)
+    assert _prepare_files(s.out_dir) == before
+    with pytest.raises(bpe.UserError, match="disk full.*nothing was written"):
+        prepare.build(_prepare_settings(tmp_path, pattern, out_dir=str(tmp_path / "new")), log=_prepare_quiet,
+                      quiet=True)
+    assert not os.path.exists(tmp_path / "new") and _prepare_side_folders(tmp_path) == []
+
+
+def test_prepare_refuses_to_replace_the_tokenizer_without_force(tmp_path):
+    # Guards (issue 15, finding 4): a rebuild with another vocab_size silently replaced
+    # tokenizer.bpe, and checkpoints trained on the directory could no longer be sampled.
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern)
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    old_fp = prepare.load_tokenizer(s.out_dir).fingerprint
+    (tmp_path / "out" / "notes.txt").write_text("mine")          # a file the user keeps there
+    before = _prepare_files(s.out_dir)
+    with pytest.raises(bpe.UserError) as e:
+        prepare.build(_prepare_settings(tmp_path, pattern, vocab_size=310), log=_prepare_quiet, quiet=True)
+    message = str(e.value)
+    assert "\n" not in message and os.path.join(s.out_dir, "tokenizer.bpe") in message
+    assert old_fp[:16] in message and "checkpoints" in message and "--force=True" in message
+    assert _prepare_files(s.out_dir) == before and _prepare_side_folders(tmp_path) == []
+    # --force=True replaces it, keeps the old tokenizer beside the new one, and the user's file
+    lines = []
+    meta = prepare.build(_prepare_settings(tmp_path, pattern, vocab_size=310, force=True), log=lines.append,
+                         quiet=True)
+    assert meta["vocab_size"] == 310 and prepare.load_tokenizer(s.out_dir).vocab_size == 310
+    kept = tmp_path / "out" / f"tokenizer-{old_fp[:16]}.bpe"
+    assert bpe.Tokenizer.load(kept).fingerprint == old_fp and any(str(kept) in line for line in lines)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and _prepare_side_folders(tmp_path) == []
+    # a rebuild with the same tokenizer needs no --force (only the shards change)
+    meta = prepare.build(_prepare_settings(tmp_path, pattern, vocab_size=310, shard_tokens=500), log=_prepare_quiet,
+                         quiet=True)
+    assert len(meta["splits"]["train"]["shards"]) > 1 and kept.exists()
+
+
+def test_prepare_rebuild_through_a_symlinked_out_dir(tmp_path):
+    # data on another disk, reached through a link: the rebuild replaces the folder the link
+    # points to, and the link stays a link
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    (tmp_path / "big").mkdir()
+    os.symlink(tmp_path / "big" / "data", tmp_path / "link")
+    s = _prepare_settings(tmp_path, pattern, out_dir=str(tmp_path / "link"))
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    prepare.build(dataclasses.replace(s, shard_tokens=500), log=_prepare_quiet, quiet=True)
+    assert os.path.islink(tmp_path / "link") and (tmp_path / "big" / "data" / "meta.json").exists()
+    assert len(prepare.load_split(str(tmp_path / "link"), "train")) > 1
+
+
+def test_prepare_recovers_what_a_killed_build_left(tmp_path):
+    # kill -9 at any moment: the next run finishes the dead process's work (its pid is gone)
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern)
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    before = _prepare_files(s.out_dir)
+    # killed mid-build: a half build folder; and a temp file of a killed verified.json writer
+    (tmp_path / f".out.build{dead}").mkdir()
+    (tmp_path / f".out.build{dead}" / "train_0000.bin").write_bytes(b"half")
+    (tmp_path / "out" / f".verified.json.tmp{dead}").write_text("{")
+    lines = []
+    prepare.build(s, log=lines.append, quiet=True)
+    assert any("up to date" in line for line in lines) and _prepare_side_folders(tmp_path) == []
+    assert _prepare_files(s.out_dir).keys() == before.keys()
+    # killed between the two renames of the swap: the data directory is missing
+    os.rename(tmp_path / "out", tmp_path / f".out.old{dead}")
+    prepare.build(s, log=lines.append, quiet=True)
+    assert _prepare_files(s.out_dir) == before and any("restored" in line for line in lines)
+    # killed after the swap, before the old folder was retired: the user's file moves across
+    (tmp_path / f".out.old{dead}").mkdir()
+    (tmp_path / f".out.old{dead}" / "meta.json").write_text("{}")
+    (tmp_path / f".out.old{dead}" / "notes.txt").write_text("mine")
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine" and _prepare_side_folders(tmp_path) == []
+    assert prepare.load_meta(s.out_dir)["fingerprint"] == prepare.load_tokenizer(s.out_dir).fingerprint
 
 
 def test_prepare_parallel_equals_serial_and_max_doc_tokens(tmp_path):
@@ -837,6 +1224,71 @@ def test_prepare_one_line_errors(tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
 
 
+def test_prepare_defines_every_name_before_use():
+    # Guards: Settings checked --dataset against DATASETS, defined ~200 lines further down.
+    assert _names_used_before_definition(prepare.__file__) == []
+
+
+def test_prepare_tokenizer_without_eot_gets_its_message(tmp_path):
+    # Guards: check_tokenizer's message could never print (getattr(tok, "eot_id", None) meets
+    # bpe's UserError, not AttributeError), so the user saw bpe's generic line instead.
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    bpe.Tokenizer(bpe.GPT4_PATTERN, [], {}).save(tmp_path / "noeot.bpe")
+    with pytest.raises(bpe.UserError, match=r"--tokenizer=.*noeot\.bpe: the tokenizer has no <\|endoftext\|> "
+                                            r"token, which marks document starts"):
+        prepare.build(_prepare_settings(tmp_path, pattern, tokenizer=str(tmp_path / "noeot.bpe")),
+                      log=_prepare_quiet, quiet=True)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage, what", [
+    ("{}", "'format_version' is missing"),
+    ('{"format_version": 2, "tokenizer": "tokenizer.bpe", "fingerprint": "ab", "vocab_size": 300, '
+     '"bos_id": 299, "splits": {"train": {"shards": ["../../etc/passwd"]}, "val": {"shards": []}}}',
+     "'splits.train.shards' is missing or not a list of file names"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"tokenizer"', "cannot be read"),
+], ids=["empty", "path-in-shards", "list", "truncated"])
+def test_prepare_damaged_meta_json_is_one_line(tmp_path, damage, what):
+    # Guards (issue 15, finding 7): meta.json = {} gave KeyError 'tokenizer' with a traceback.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "meta.json").write_text(damage)
+    for read in (prepare.load_meta, prepare.load_tokenizer, lambda d: prepare.load_split(d, "train")):
+        with pytest.raises(prepare.ShardError) as e:
+            read(str(tmp_path / "d"))
+        assert what in str(e.value) and "re-run prepare.py" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_prepare_verify_rechecks_every_shard(tmp_path, capsys):
+    # --verify=True ignores verified.json: damage that kept a file's identity is found too
+    pattern = _prepare_write_corpus(tmp_path / "src", _prepare_docs())
+    s = _prepare_settings(tmp_path, pattern, shard_tokens=500)
+    prepare.build(s, log=_prepare_quiet, quiet=True)
+    remembered = json.loads((tmp_path / "out" / "verified.json").read_text())["shards"]
+    assert sorted(remembered) == sorted(n for n in os.listdir(s.out_dir) if n.endswith(".bin"))
+    prepare.main([f"--out_dir={s.out_dir}", "--verify=True"])
+    assert re.search(r"all \d+ shards verified", capsys.readouterr().err)
+    shard = tmp_path / "out" / "train_0000.bin"
+    st = os.stat(shard)
+    data = bytearray(shard.read_bytes())
+    data[prepare.SHARD_HEADER_BYTES + 4] ^= 1          # a flipped bit...
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...with the old mtime restored
+    with pytest.raises(prepare.ShardError, match="train_0000.bin: its bytes do not match"):
+        prepare.main([f"--out_dir={s.out_dir}", "--verify=True"])
+
+
+def test_prepare_synthetic_corpus_varies_copies_as_documented(tmp_path, monkeypatch):
+    # the docstring's example: copy 3 of "def f(self):" is "def v3_f(self_3):"
+    (tmp_path / "m.py").write_text("def f(self):\n    return self\n")
+    monkeypatch.setattr(bpe, "stdlib_files", lambda: (str(tmp_path), [str(tmp_path / "m.py")]))
+    (tmp_path / "out").mkdir()
+    written = prepare.write_synthetic_corpus(str(tmp_path / "out"), 120 / prepare.MB)
+    docs = (tmp_path / "out" / "synthetic_000.txt").read_text().split("\n" + prepare.SYNTHETIC_SEP + "\n")
+    assert docs[:4] == [f"def v{k}_f(self_{k}):\n    return self_{k}\n" for k in range(4)]
+    assert written == sum(len(d.encode()) for d in docs if d) >= 120
+
+
 # -----------------------------------------------------------------------------
 # downloads against a local http.server
 
@@ -926,6 +1378,50 @@ def test_prepare_download_sha_mismatch_404_and_offline(tmp_path, _prepare_server
         prepare.download(prepare.Remote(f"http://127.0.0.1:{port}/x", "x.txt"), str(tmp_path), retries=2,
                          backoff=0, log=_prepare_quiet)
     assert "\n" not in str(e.value)
+
+
+def test_prepare_cached_download_is_checked_by_sha256(tmp_path, _prepare_server):
+    # Guards (issue 15, finding 8): a cached file was checked by size only, so a same-size
+    # damaged file was used. Now it is downloaded again, with a message.
+    srv = _prepare_server
+    data = bytes(range(256)) * 40
+    remote = _prepare_remote(srv, "c.txt", data)
+    prepare.download(remote, str(tmp_path), backoff=0, log=_prepare_quiet)
+    damaged = bytearray(data)
+    damaged[100] ^= 0xFF
+    (tmp_path / "c.txt").write_bytes(bytes(damaged))            # same size, one byte changed
+    lines = []
+    path = prepare.download(remote, str(tmp_path), backoff=0, log=lines.append)
+    assert open(path, "rb").read() == data and len(srv.requests) == 2
+    assert any("does not match its pinned sha256" in line for line in lines)
+    lines = []
+    prepare.download(remote, str(tmp_path), backoff=0, log=lines.append)   # intact: used as is
+    assert len(srv.requests) == 2 and lines == [f"using cached {path}"]
+
+
+def test_prepare_disk_full_during_download_is_one_line(tmp_path, _prepare_server, monkeypatch):
+    # Guards (issue 15, finding 7): ENOSPC while downloading was retried as a network error
+    # and ended with "are you offline?". Now one line that says the disk is full, and the
+    # .part keeps what arrived, for the next run to resume.
+    srv = _prepare_server
+    data = b"x" * (3 * prepare.DOWNLOAD_BLOCK)
+    remote = _prepare_remote(srv, "big.txt", data)
+    real_open = open
+
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            if self.tell() >= prepare.DOWNLOAD_BLOCK:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    monkeypatch.setattr(prepare, "open", lambda p, mode="r", *a, **k: FullDisk(p, mode.replace("b", ""))
+                        if str(p).endswith(".part") else real_open(p, mode, *a, **k), raising=False)
+    with pytest.raises(bpe.UserError) as e:
+        prepare.download(remote, str(tmp_path), backoff=0, log=_prepare_quiet)
+    message = str(e.value)
+    assert message.startswith("disk full while downloading") and str(tmp_path) in message
+    assert "MB more are needed" in message and "\n" not in message and len(srv.requests) == 1
+    assert os.path.getsize(tmp_path / "big.txt.part") == prepare.DOWNLOAD_BLOCK
 
 
 def test_prepare_dataset_download_end_to_end(tmp_path, _prepare_server, monkeypatch):
@@ -2579,13 +3075,17 @@ def test_train_checkpoint_loads_weights_only_without_prefixes(_train_data, tmp_p
     for name in ("last.pt", "best.pt"):
         ck = torch.load(tmp_path / name, map_location="cpu", weights_only=True)
         for key in ("model", "model_config", "runtime", "train_config", "optimizers", "step",
-                    "rng", "tokenizer_path", "tokenizer_fingerprint", "best_val_loss", "val_bpb",
-                    "bos_id", "checksum"):
+                    "rng", "tokenizer", "tokenizer_path", "tokenizer_fingerprint", "best_val_loss",
+                    "val_bpb", "bos_id", "checksum"):
             assert key in ck, key
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])
         m = M.GPT(M.GPTConfig(**ck["model_config"]))
         m.load_state_dict(ck["model"])  # strict: every key matches a bare GPT
     assert os.path.isfile(ck["tokenizer_path"])
+    # the checkpoint carries its own tokenizer: a rebuilt or deleted data directory cannot orphan it
+    gone = dict(ck, tokenizer_path=str(tmp_path / "deleted" / "tokenizer.bpe"))
+    tok = M.checkpoint_tokenizer(gone, str(tmp_path / name))
+    assert tok.fingerprint == ck["tokenizer_fingerprint"] == prepare.load_tokenizer(_train_data).fingerprint
     # metrics.jsonl has train and val records, loss.svg is valid SVG with both curves
     records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]

@@ -1285,8 +1285,9 @@ def save(run, name):
         "model": clean_state_dict(run.raw_model), "model_config": dataclasses.asdict(run.model_cfg),
         "runtime": run.rt.settings(), "train_config": dataclasses.asdict(run.cfg),
         "optimizers": [opt.state_dict() for opt in run.optimizers], "step": run.step,
-        "rng": rng_state(), "tokenizer_path": run.tokenizer_path,
-        "tokenizer_fingerprint": run.tokenizer.fingerprint, "bos_id": run.bos_id,
+        "rng": rng_state(), "tokenizer": run.tokenizer.as_vocab_merges(),
+        "tokenizer_path": run.tokenizer_path, "tokenizer_fingerprint": run.tokenizer.fingerprint,
+        "bos_id": run.bos_id,
         "best_val_loss": run.best_val_loss, "val_bpb": run.val_bpb}
     save_checkpoint(os.path.join(run.cfg.out_dir, name), checkpoint)
 
