@@ -44,7 +44,8 @@ Sections:
   2. RMSNorm
   3. Rotary position embeddings (RoPE, linear interpolation, YaRN)
   4. Attention masks (causal, sliding window, global prefix, documents)
-  5. Attention (merged QKV, GQA, QK-norm, softcap, SDPA and hand-written paths)
+  5. Attention (merged QKV, GQA, QK-norm, softcap, SDPA and hand-written paths,
+     recording the attention probabilities)
   6. MLP (ReLU^2, SwiGLU, GELU)
   7. Mixture of experts (routing, capacity, balancing, statistics)
   8. Transformer block
@@ -340,20 +341,30 @@ def tanh_softcap(x, cap):
     return cap * torch.tanh(x / cap)
 
 
-def manual_attention(q, k, v, mask=None, softcap=0.0):
-    """The hand-written path. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); mask: bool, broadcastable
-    to (B, H, Tq, Tk), True = visible (None = all visible). Returns (B, H, Tq, D)."""
+def attention_probs(q, k, mask=None, softcap=0.0):
+    """softmax(q k^T / sqrt(D)) over the visible keys, in float32. q: (B, H, Tq, D); k: (B, Hkv,
+    Tk, D); mask: bool, broadcastable to (B, H, Tq, Tk), True = visible (None = all visible).
+    Returns (B, H, Tq, Tk): row i holds how much query i reads from each key (the row sums to 1)."""
     group = q.size(1) // k.size(1)
     k = k.repeat_interleave(group, dim=1)                     # (B, H, Tk, D): head h -> kv h//group
-    v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, Tq, Tk)
     if softcap > 0:
         # Gemma 2's softcap: scores stay in (-cap, cap), smoothly, so no single logit can blow up.
         scores = tanh_softcap(scores, softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = F.softmax(scores.float(), dim=-1).type_as(v)
-    return probs @ v                                          # (B, H, Tq, D)
+    return F.softmax(scores.float(), dim=-1)
+
+
+def manual_attention(q, k, v, mask=None, softcap=0.0, record=None):
+    """The hand-written path: attention_probs, then the probability-weighted sum of the values.
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). Returns (B, H, Tq, D). record: a list that receives
+    the (B, H, Tq, Tk) probabilities (see record_attention)."""
+    probs = attention_probs(q, k, mask, softcap)
+    if record is not None:
+        record.append(probs.detach())
+    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)    # (B, H, Tk, D)
+    return probs.type_as(v) @ v                               # (B, H, Tq, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -371,6 +382,7 @@ class CausalSelfAttention(nn.Module):
         # SDPA cannot express a softcap (it is applied between q k^T and softmax), so softcapped
         # attention always takes the hand-written path.
         self.manual = config.attn_impl == "manual" or config.attn_softcap > 0
+        self.record = None   # a list while record_attention is on (the probabilities go there)
 
     def forward(self, x, layout, cache=None, layer=0):
         B, T, _ = x.shape
@@ -385,11 +397,11 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             # keys and values are stored after RoPE, so cached ones never need rotating again
             k, v = cache.update(layer, k, v, layout.pos, layout.k_start)  # (B, Hkv, Tk, D)
-        if self.manual:
+        if self.manual or self.record is not None:
             mask = layout.mask
             if layout.is_causal:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            y = manual_attention(q, k, v, mask, self.softcap)
+            y = manual_attention(q, k, v, mask, self.softcap, self.record)
         else:
             gqa = H != Hkv
             if gqa and layout.mask is not None:
@@ -411,6 +423,25 @@ class CausalSelfAttention(nn.Module):
                     is_causal=layout.is_causal, enable_gqa=gqa).to(dtype)
         y = y.transpose(1, 2).reshape(B, T, H * D)            # (B, T, C) heads side by side
         return self.c_proj(y)
+
+
+@contextlib.contextmanager
+def record_attention(model):
+    """Inside `with record_attention(model) as probs:` every attention layer takes the
+    hand-written path and appends its probabilities, (B, n_head, Tq, Tk) float32, to the list
+    `probs`: one entry per layer per forward call, in the order the layers ran. It is how
+    sample.py draws attention maps. SDPA never materialises the probabilities (that is why it is
+    fast), so recording needs the manual path; outside the context nothing changes."""
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    probs = []
+    for layer in layers:
+        layer.record = probs
+    try:
+        yield probs
+    finally:
+        for layer in layers:
+            layer.record = None
+
 
 # -----------------------------------------------------------------------------
 # 6. MLP

@@ -1071,9 +1071,9 @@ def test_model_sliding_window_equals_explicit_mask_attention():
     captured = {}
     original = M.manual_attention
 
-    def spy(q, k, v, mask=None, softcap=0.0):
+    def spy(q, k, v, mask=None, softcap=0.0, record=None):
         captured["mask"] = mask
-        return original(q, k, v, explicit, softcap)
+        return original(q, k, v, explicit, softcap, record)
     manual = _model_twin(m, attn_impl="manual")
     M.manual_attention = spy
     try:
@@ -1159,6 +1159,44 @@ def test_model_softcap_bounds_logits(monkeypatch):
     torch.testing.assert_close(y_sig, y_tanh, rtol=0, atol=1e-12)
     torch.testing.assert_close(g_sig, g_tanh, rtol=0, atol=1e-12)
     torch.testing.assert_close(m(_model_tokens(1, 8)), eager, rtol=0, atol=1e-5)
+
+@_model_one_thread
+def test_model_record_attention_equals_hand_softmax():
+    """record_attention (sample.py's attention maps) hands out what each layer really attends
+    with. Layer 0's recorded probabilities equal softmax(q k^T / sqrt(D)) under the causal mask,
+    with q and k computed here by hand (c_attn columns, RMSNorm, RoPE angles p * theta^(-2i/D),
+    kv heads shared by groups of query heads); the logits are the default path's; and outside the
+    context nothing is recorded."""
+    m = _model_make(n_kv_head=2)
+    B, T, H, Hkv, D = 2, 12, 4, 2, 8
+    idx = _model_tokens(B, T)
+    with M.record_attention(m) as probs:
+        logits = m(idx)
+    assert len(probs) == m.config.n_layer and probs[0].shape == (B, H, T, T)
+    torch.testing.assert_close(logits, m(idx), atol=_MODEL_ATOL, rtol=0)
+    attn = m.transformer.h[0].attn
+    assert attn.record is None
+    with torch.no_grad():
+        x = m.transformer.wte(idx)
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)            # ln_1, no gain
+        qkv = x @ attn.c_attn.weight.T                                          # (B, T, (H + 2 Hkv) D)
+        q = qkv[..., :H * D].view(B, T, H, D).transpose(1, 2)
+        k = qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)             # QK-norm
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6)
+        angle = torch.tensor([[p * 10000.0 ** (-2 * i / D) for i in range(D // 2)] for p in range(T)])
+
+        def rope(t):
+            a, b = t[..., :D // 2], t[..., D // 2:]
+            return torch.cat([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1)
+        q, k = rope(q), rope(k).repeat_interleave(H // Hkv, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        hand = scores.softmax(-1)
+    torch.testing.assert_close(probs[0], hand, atol=1e-5, rtol=0)
+    assert probs[0].triu(1).abs().max() == 0 and torch.allclose(probs[0].sum(-1), torch.ones(B, H, T))
+    assert hand[0, 0, 5].min() < 0.5 * hand[0, 0, 5, :6].max()     # not uniform: the check has teeth
+
 
 # ---------------------------------------------------------------------------- RoPE
 
