@@ -455,7 +455,8 @@ def heal_prompt(tokenizer, ids, vocab_size):
 class Healer:
     """Token healing during generation, for a batch of rows. rest[r] holds the removed bytes that
     row r has not re-spelled yet (b"" once healed: no constraint from then on). Rows can heal at
-    different steps: one may draw ":\\n" at once, another ":" and then "\\n"."""
+    different steps: with "本" removed (3 bytes), one row may draw the token "本語" at once, another
+    a token holding the first byte of 本 and then one that starts with the other two."""
 
     def __init__(self, healing, n_rows, device):
         self.table, self.device = healing.table, device
@@ -469,7 +470,7 @@ class Healer:
     def _allowed(self, rest):
         if rest not in self._masks:
             ok = [b is not None and len(b) > 0 and (b.startswith(rest) or rest.startswith(b)) for b in self.table]
-            self._masks[rest] = torch.tensor(ok, device=self.device) if rest else None
+            self._masks[rest] = torch.tensor(ok, device=self.device)
         return self._masks[rest]
 
     def mask(self):
@@ -877,11 +878,12 @@ def rows_per_batch(model, n_prompt, max_new_tokens, cache_dtype=torch.float32, b
     return max(1, budget // per_row)
 
 
-def print_completions(model, tokenizer, prompt_text, prompt_ids, cfg, rt, seed, out=sys.stdout):
+def print_completions(model, tokenizer, prompt_text, prompt_ids, cfg, rt, seed, out=None):
     """The CLI's way of showing samples. One sample streams: the prompt, then text as it comes.
     Several samples run as batches, so no single stream reads naturally; each sample is printed
     whole, under a header, the moment it ends (in the order they end). With --token_healing the
     prompt is healed first (section 5); the printed text is the prompt exactly, then the new text."""
+    out = sys.stdout if out is None else out   # looked up at call time: sys.stdout may be replaced
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     healing = None
     if cfg.token_healing:
@@ -929,7 +931,8 @@ def print_completions(model, tokenizer, prompt_text, prompt_ids, cfg, rt, seed, 
 # An empty line starts from BOS, like an empty --prompt; escapes work as in --prompt ("a\\nb").
 # The n-th prompt samples with seed --seed + n, so two prompts do not share random numbers.
 
-def interactive(model, tokenizer, cfg, rt, read=input, out=sys.stdout):
+def interactive(model, tokenizer, cfg, rt, read=input, out=None):
+    out = sys.stdout if out is None else out
     context_len = context_length(model.config)
     print("interactive: type a prompt and press Enter. Ctrl-C stops a generation, Ctrl-D exits.", file=sys.stderr)
     for n in itertools.count():
@@ -977,7 +980,8 @@ def interactive(model, tokenizer, cfg, rt, read=input, out=sys.stdout):
 # End-of-text is not a stop here: every run decodes exactly bench_tokens tokens. What the figures
 # were on our machines, and against nanoGPT's generate, is in the README's performance notes.
 
-def bench(model, rt, cfg, bos_id=0, out=sys.stdout):
+def bench(model, rt, cfg, bos_id=0, out=None):
+    out = sys.stdout if out is None else out
     context_len = context_length(model.config)
     V, T, N = model.config.vocab_size, cfg.bench_tokens, cfg.bench_samples
     sampling = Sampling(temperature=1.0)
@@ -1444,6 +1448,7 @@ def eval_report(results):
         lo_n, hi_n = wilson_interval(r.correct_norm, r.n)
         lines.append(f"{name:<16}{r.n:>9}  {r.acc:.3f} [{lo:.3f}, {hi:.3f}]  {r.acc_norm:.3f} [{lo_n:.3f}, {hi_n:.3f}]  "
                      f"{r.baseline:.3f}")
+    lines.append("[lo, hi]: 95% Wilson interval; random: the accuracy of guessing (mean of 1 / choices)")
     return "\n".join(lines) + "\n"
 
 
@@ -1553,9 +1558,10 @@ def twice_the_context(model):
     return models
 
 
-def stress_tests(model, tokenizer, cfg, rt, out=sys.stdout):
+def stress_tests(model, tokenizer, cfg, rt, out=None):
     """Run the checks of the table above; print them and return {check: numbers}. A check that
     raises is reported as FAILED with its error (and counted in results["failed"])."""
+    out = sys.stdout if out is None else out
     ctx, V, eot = context_length(model.config), model.config.vocab_size, tokenizer.eot_id
     L = model.config.block_size
     keep = keep_length(ctx, cfg.slide_keep)
@@ -1738,9 +1744,9 @@ def principal_components(x, k=2):
     return u[:, :k] * s[:k], vt[:k], s[:k] ** 2 / (s ** 2).sum()
 
 
-def embeddings_svg(coords, labels, explained, title):
+def embeddings_svg(coords, labels, explained, title, caption=""):
     """coords (N, 2): one <circle class="token"> each; labels {row: text}: one <text class="label">
-    each, next to its (red) dot."""
+    each, next to its (red) dot. caption: a second, smaller title line."""
     W = Hpx = 640
     m = 50
     lo, hi = coords.min(axis=0), coords.max(axis=0)
@@ -1748,6 +1754,7 @@ def embeddings_svg(coords, labels, explained, title):
     px = lambda v: m + (v[0] - lo[0]) / span[0] * (W - 2 * m)
     py = lambda v: Hpx - m - (v[1] - lo[1]) / span[1] * (Hpx - 2 * m)     # SVG's y axis points down
     out = svg_open(W, Hpx, title)
+    out.append(f'<text x="{W / 2}" y="34" text-anchor="middle" font-size="10">{xml_text(caption)}</text>')
     out.append(f'<text x="{W / 2}" y="{Hpx - 12}" text-anchor="middle">PC1 ({100 * explained[0]:.1f}% of the variance)</text>')
     out.append(f'<text transform="translate(16,{Hpx / 2}) rotate(-90)" text-anchor="middle">'
                f'PC2 ({100 * explained[1]:.1f}%)</text>')
@@ -1830,8 +1837,8 @@ def draw_pictures(model, tokenizer, cfg, rt, folder, prompt, log=None):
         labels = {int(r): tokenizer.decode([rows[r]]) for r in order[:EMBED_LABELS]}
         paths.append(os.path.join(folder, "embeddings.svg"))
         bpe.atomic_write_bytes(paths[-1], embeddings_svg(
-            coords, labels, explained, f"token embeddings (wte) on their top 2 principal components; "
-                                       f"labelled: {how}").encode("utf-8"))
+            coords, labels, explained, "token embeddings (wte) on their top two principal components",
+            f"red and labelled: {how}").encode("utf-8"))
     if "surprise" in kinds:
         with rt.autocast():
             logits = model(torch.tensor([ids], device=rt.device))[0].float()  # (T, V)

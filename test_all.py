@@ -2745,6 +2745,15 @@ def sample_run(tmp_path_factory):
     return tmp, tok, model, ckpt
 
 
+def _sample_main(monkeypatch, capsys, *args):
+    """sample.main() in this process, as `python sample.py ARGS` would run it (no interpreter
+    start-up: the command line's own tests are the _sample_cli ones). Returns (stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    capsys.readouterr()
+    sample.main()
+    return capsys.readouterr()
+
+
 def _sample_cli(*args, stdin=None):
     return subprocess.run([sys.executable, os.path.join(SAMPLE_REPO, "sample.py"), *args],
                           input=stdin, capture_output=True, text=True, timeout=120, cwd=SAMPLE_REPO,
@@ -3293,31 +3302,33 @@ def test_sample_num_samples_in_bounded_batches_same_text(sample_run, monkeypatch
     assert sample.rows_per_batch(big, 5, 500, budget=2 ** 30) == 13578 < 100000     # the docstring's example
 
 
-def test_sample_interactive_closed_stdin_is_one_line(sample_run):
+def test_sample_interactive_closed_stdin_is_one_line(sample_run, monkeypatch, capsys):
     """Regression: --interactive=True with stdin closed (0<&-) died with 'RuntimeError: input():
     lost sys.stdin'. Now one line and exit code 2; an empty stdin (< /dev/null) ends cleanly
-    (exit 0) with a line saying so."""
-    _, _, _, ckpt = sample_run
+    with a line saying so."""
+    _, tok, model, ckpt = sample_run
     cmd = [sys.executable, os.path.join(SAMPLE_REPO, "sample.py"), f"--ckpt={ckpt}", "--interactive=True",
            "--max_new_tokens=4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, preexec_fn=lambda: os.close(0))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: os.close(0))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: --interactive=True reads prompts from stdin, "
                                                         "but stdin is closed")
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 0 and r.stderr.strip().splitlines()[-1] == "interactive: end of input, bye"
+    cfg, rt = sample.SampleConfig(max_new_tokens=4), sample.setup_runtime("cpu")
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))                  # < /dev/null: EOF at once
+    out = io.StringIO()
+    sample.interactive(model, tok, cfg, rt, out=out)
+    assert out.getvalue() == "\n" and capsys.readouterr().err.splitlines()[-1] == "interactive: end of input, bye"
 
 
 @_model_one_thread
-def test_sample_cli_bfloat16_and_random_checkpoint(sample_run):
+def test_sample_cli_bfloat16_and_random_checkpoint(sample_run, monkeypatch, capsys):
     """--dtype=bfloat16 on CPU runs under bf16 autocast (a bf16 KV cache) and prints text after
     the prompt; --ckpt=random serves --bench only: anything else is one line that says so."""
     _, tok, model, ckpt = sample_run
-    r = _sample_cli(f"--ckpt={ckpt}", "--device=cpu", "--dtype=bfloat16", "--prompt=ROMEO", "--temperature=0",
-                    "--max_new_tokens=12", "--token_healing=False")
-    assert r.returncode == 0, r.stderr
-    assert "cpu bfloat16" in r.stderr and r.stdout.startswith("ROMEO") and len(r.stdout) > len("ROMEO\n")
+    out, err = _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--device=cpu", "--dtype=bfloat16",
+                            "--prompt=ROMEO", "--temperature=0", "--max_new_tokens=12", "--token_healing=False")
+    assert "cpu bfloat16" in err and out.startswith("ROMEO") and len(out) > len("ROMEO\n")
     rt = sample.setup_runtime("cpu", "bfloat16")
     ids = sample.encode_prompt(tok, "ROMEO", 32)
     with rt.autocast():
@@ -3325,11 +3336,12 @@ def test_sample_cli_bfloat16_and_random_checkpoint(sample_run):
         cache = model.make_cache(1, 32, dtype=rt.dtype)
         model(torch.tensor([ids]), cache=cache)
     assert cache.k.dtype == torch.bfloat16 and cache.k[:, :, :, :len(ids)].abs().sum() > 0
-    for mode in ("--prompt=hi", "--eval=builtin"):
-        r = _sample_cli("--ckpt=random", mode)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bench=True" in r.stderr, r.stderr
-    r = _sample_cli("--ckpt=random", "--bench=True", "--bench_tokens=4", "--bench_samples=2", "--bench_repeats=1")
-    assert r.returncode == 0 and "KV cache speed-up" in r.stdout and "4 new tokens per run" in r.stdout, r.stderr
+    for mode in ("--prompt=hi", "--eval=builtin", "--stress=True"):
+        with pytest.raises(bpe.UserError, match="only serves --bench=True"):
+            _sample_main(monkeypatch, capsys, "--ckpt=random", mode)
+    out, _ = _sample_main(monkeypatch, capsys, "--ckpt=random", "--bench=True", "--bench_tokens=4",
+                          "--bench_samples=2", "--bench_repeats=1")
+    assert "KV cache speed-up" in out and "4 new tokens per run" in out and "context 256" in out
 
 
 # --- evaluation: scoring, the built-in suite, loaders, the interval ------------------------------------
@@ -3485,7 +3497,7 @@ def test_sample_wilson_interval_known_cases():
 
 
 @_model_one_thread
-def test_sample_eval_suite_counts_and_cli(sample_data, tmp_path):
+def test_sample_eval_suite_counts_and_cli(sample_data, tmp_path, monkeypatch, capsys):
     """evaluate_suite counts an example right when the right candidate has the highest score
     (summed, and per byte), exactly as the one-at-a-time reference scores say; run_eval_suite is
     {task: acc_norm} and leaves the model's train/eval mode as it was; `--eval=builtin,FILE`
@@ -3515,9 +3527,9 @@ def test_sample_eval_suite_counts_and_cli(sample_data, tmp_path):
     assert r.returncode == 0, r.stderr
     want = sample.evaluate_suite(model, tok, {**suite, "mine": suite["brackets"][:5]}, rt)
     assert r.stdout == sample.eval_report(want)
-    assert r.stdout.splitlines()[-1].startswith("mine") and r.stdout.splitlines()[-1].endswith("0.333")
-    r = _sample_cli(f"--ckpt={ckpt}", "--eval=builtin", f"--data_dir={tmp_path / 'nothing'}")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "--data_dir" in r.stderr.splitlines()[-1], r.stderr
+    assert r.stdout.splitlines()[-2].startswith("mine") and r.stdout.splitlines()[-2].endswith("0.333")
+    with pytest.raises(bpe.UserError, match="--data_dir"):
+        _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--eval=builtin", f"--data_dir={tmp_path / 'nothing'}")
 
 
 # --- stress tests -------------------------------------------------------------------------------------
@@ -3542,7 +3554,7 @@ def test_sample_stress_metrics_by_hand():
 
 
 @_model_one_thread
-def test_sample_stress_runs_and_reports(sample_data):
+def test_sample_stress_runs_and_reports(sample_data, monkeypatch, capsys):
     """--stress's function on the tiny model and data: nothing fails; past the context the cached
     generator equals the recompute; the length check covers the three RoPE variants; hotter
     samples are more surprising to the model; the odd prompts all generate. The CLI prints one
@@ -3560,11 +3572,7 @@ def test_sample_stress_runs_and_reports(sample_data):
     text = out.getvalue()
     for tag in ("[overflow]", "[length]", "[repetition]", "[drift]", "[prompts]"):
         assert tag in text
-    r = _sample_cli(f"--ckpt={ckpt}", "--stress=True", f"--data_dir={data}")
-    assert r.returncode == 0, r.stderr
-    cli = {line.split("]")[0]: line for line in r.stdout.splitlines() if line.startswith("[")}
-    here = {line.split("]")[0]: line for line in text.splitlines() if line.startswith("[")}
-    assert cli.keys() == here.keys() and cli["[overflow"] == here["[overflow"] and cli["[prompts"] == here["[prompts"]
+    assert _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--stress=True", f"--data_dir={data}")[0] == text
 
 
 # --- pictures ------------------------------------------------------------------------------------------
@@ -3585,17 +3593,17 @@ def test_sample_pca_recovers_known_axes():
 
 
 @_model_one_thread
-def test_sample_pictures_parse_with_expected_cells_and_labels(sample_data, tmp_path):
+def test_sample_pictures_parse_with_expected_cells_and_labels(sample_data, monkeypatch, capsys):
     """--show draws three files next to the checkpoint. attention.svg: one cell per visible
     (query, key) pair of every layer and head, and T labels per layer row and per head column;
     embeddings.svg: one dot per non-special token, EMBED_LABELS labels; surprise.html: one span
     per token whose texts join back to the prompt."""
     data, tok, model, ckpt = sample_data
     prompt = "def f(x, y=[1, 2]):\n    return {'a': x}"
-    r = _sample_cli(f"--ckpt={ckpt}", "--show=attention,embeddings,surprise", f"--prompt={prompt}",
-                    f"--data_dir={data}")
-    assert r.returncode == 0, r.stderr
+    out, _ = _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--show=attention,embeddings,surprise",
+                          f"--prompt={prompt}", f"--data_dir={data}")
     folder = Path(ckpt).parent
+    assert out.count(f"wrote {folder}") == 3
     assert sorted(p.name for p in folder.glob("*.svg")) + sorted(p.name for p in folder.glob("*.html")) == \
         ["attention.svg", "embeddings.svg", "surprise.html"]
     T = len(sample.encode_prompt(tok, sample.read_prompt(prompt), 32))
@@ -3613,8 +3621,8 @@ def test_sample_pictures_parse_with_expected_cells_and_labels(sample_data, tmp_p
     # the attention cells are the recorded probabilities: the first query row of layer 0 head 0 is 1
     first = [e for e in ET.parse(folder / "attention.svg").getroot().iter(f"{svg}rect") if e.get("class") == "cell"][0]
     assert first.get("fill") == sample.blue(1.0)
-    r = _sample_cli(f"--ckpt={ckpt}", "--show=attention")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "--prompt" in r.stderr.splitlines()[-1]
+    with pytest.raises(bpe.UserError, match="--prompt=TEXT"):
+        _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--show=attention")
 
 
 @_model_one_thread
