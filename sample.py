@@ -1052,7 +1052,8 @@ def bench(model, rt, cfg, bos_id=0, out=None):
 # A long candidate collects more negative terms than a short one, so the sum favours short
 # answers; the length-normalised score divides by the candidate's length in UTF-8 bytes,
 # logL(c) / bytes(c) (bytes, not tokens, so that models with different tokenizers are scored
-# alike; HellaSwag's "acc_norm" normalises by length the same way). Both are reported.
+# alike; HellaSwag's usual "acc_norm" divides by the length in characters, the same for ASCII
+# text). Both are reported.
 #
 # Batching: the candidates share the context, so the context is run once (batch 1) into a KV
 # cache, the cache is branched into n rows (KVCache.branch, as for --num_samples), and ONE forward

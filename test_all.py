@@ -3432,6 +3432,9 @@ def test_sample_builtin_suite_deterministic_never_the_true_line(sample_data, tmp
         truth = ex.choices[ex.answer].strip()
         assert len(ex.choices) == sample.EVAL_CHOICES
         assert all(c.strip() != truth for i, c in enumerate(ex.choices) if i != ex.answer)
+        own = int(ex.where.split("val document ")[1].split(",")[0])
+        for i, c in enumerate(ex.choices):       # each distractor is a line of another document
+            assert i == ex.answer or any(c[:-1] in doc.split("\n") for k, doc in enumerate(docs) if k != own)
     assert {ex.answer for ex in suite["continuation"]} == {0, 1, 2, 3}        # the answer moves
     assert all(ex.choices[ex.answer][0] in ")]}" for ex in suite["brackets"])
     assert suite == sample.builtin_suite(str(data), tok, n_examples=25, seed=3)
