@@ -94,6 +94,13 @@ class UserError(Exception):
     a bug and keeps its traceback."""
 
 
+def first_line(err):
+    """The first line of an exception's message (or its type's name): what a one-line error
+    quotes of a library's longer complaint."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 class SettingsError(UserError):
     """A bad --key=value."""
 

@@ -46,7 +46,8 @@ Sections:
   2. RMSNorm
   3. Rotary position embeddings (RoPE, linear interpolation, YaRN)
   4. Attention masks (causal, sliding window, global prefix, documents)
-  5. Attention (merged QKV, GQA, QK-norm, softcap, SDPA and hand-written paths)
+  5. Attention (merged QKV, GQA, QK-norm, softcap, SDPA and hand-written paths,
+     recording the attention probabilities)
   6. MLP (ReLU^2, SwiGLU, GELU)
   7. Mixture of experts (routing, capacity, balancing, statistics)
   8. Transformer block
@@ -362,20 +363,30 @@ def tanh_softcap(x, cap, sigmoid=False):
     return cap * torch.tanh(x / cap)
 
 
-def manual_attention(q, k, v, mask=None, softcap=0.0, softcap_sigmoid=False):
-    """The hand-written path. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); mask: bool, broadcastable
-    to (B, H, Tq, Tk), True = visible (None = all visible). Returns (B, H, Tq, D)."""
+def attention_probs(q, k, mask=None, softcap=0.0, softcap_sigmoid=False):
+    """softmax(q k^T / sqrt(D)) over the visible keys, in float32. q: (B, H, Tq, D); k: (B, Hkv,
+    Tk, D); mask: bool, broadcastable to (B, H, Tq, Tk), True = visible (None = all visible).
+    Returns (B, H, Tq, Tk): row i holds how much query i reads from each key (the row sums to 1)."""
     group = q.size(1) // k.size(1)
     k = k.repeat_interleave(group, dim=1)                     # (B, H, Tk, D): head h -> kv h//group
-    v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, Tq, Tk)
     if softcap > 0:
         # Gemma 2's softcap: scores stay in (-cap, cap), smoothly, so no single logit can blow up.
         scores = tanh_softcap(scores, softcap, softcap_sigmoid)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = F.softmax(scores.float(), dim=-1).type_as(v)
-    return probs @ v                                          # (B, H, Tq, D)
+    return F.softmax(scores.float(), dim=-1)
+
+
+def manual_attention(q, k, v, mask=None, softcap=0.0, record=None, softcap_sigmoid=False):
+    """The hand-written path: attention_probs, then the probability-weighted sum of the values.
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). Returns (B, H, Tq, D). record: a list that receives
+    the (B, H, Tq, Tk) probabilities (see record_attention)."""
+    probs = attention_probs(q, k, mask, softcap, softcap_sigmoid)
+    if record is not None:
+        record.append(probs.detach())
+    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)    # (B, H, Tk, D)
+    return probs.type_as(v) @ v                               # (B, H, Tq, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -394,6 +405,7 @@ class CausalSelfAttention(nn.Module):
         # SDPA cannot express a softcap (it is applied between q k^T and softmax), so softcapped
         # attention always takes the hand-written path.
         self.manual = config.attn_impl == "manual" or config.attn_softcap > 0
+        self.record = None   # a list while record_attention is on (the probabilities go there)
 
     def forward(self, x, layout, cache=None, layer=0):
         B, T, _ = x.shape
@@ -408,11 +420,11 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             # keys and values are stored after RoPE, so cached ones never need rotating again
             k, v = cache.update(layer, k, v, layout.pos, layout.k_start)  # (B, Hkv, Tk, D)
-        if self.manual:
+        if self.manual or self.record is not None:
             mask = layout.mask
             if layout.is_causal:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            y = manual_attention(q, k, v, mask, self.softcap, self.kernels.softcap_sigmoid)
+            y = manual_attention(q, k, v, mask, self.softcap, self.record, self.kernels.softcap_sigmoid)
         else:
             gqa = H != Hkv
             if gqa and layout.mask is not None:
@@ -434,6 +446,25 @@ class CausalSelfAttention(nn.Module):
                     is_causal=layout.is_causal, enable_gqa=gqa).to(dtype)
         y = y.transpose(1, 2).reshape(B, T, H * D)            # (B, T, C) heads side by side
         return self.c_proj(y)
+
+
+@contextlib.contextmanager
+def record_attention(model):
+    """Inside `with record_attention(model) as probs:` every attention layer takes the
+    hand-written path and appends its probabilities, (B, n_head, Tq, Tk) float32, to the list
+    `probs`: one entry per layer per forward call, in the order the layers ran. It is how
+    sample.py draws attention maps. SDPA never materialises the probabilities (that is why it is
+    fast), so recording needs the manual path; outside the context nothing changes."""
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    probs = []
+    for layer in layers:
+        layer.record = probs
+    try:
+        yield probs
+    finally:
+        for layer in layers:
+            layer.record = None
+
 
 # -----------------------------------------------------------------------------
 # 6. MLP
@@ -1470,11 +1501,6 @@ def setup_runtime(device="auto", dtype="auto", compile="auto", threads=0, determ
 CHECKPOINT_KEYS = ("model", "model_config")
 
 
-def _first_line(err):
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def tensor_checksum(checkpoint):
     """sha256 over every tensor of a (nested) checkpoint dict, in a fixed order: for each, its key
     path, dtype, shape and raw bytes. Plain values (ints, strings) are not covered: a damaged
@@ -1532,7 +1558,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects beyond plain data
-        raise bpe.UserError(f"cannot read checkpoint {path} ({_first_line(e)}); it is truncated or "
+        raise bpe.UserError(f"cannot read checkpoint {path} ({bpe.first_line(e)}); it is truncated or "
                             f"not a checkpoint: use another one (last.pt, best.pt)") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -1558,13 +1584,13 @@ def model_from_checkpoint(ckpt, path, kernels=Kernels(), overrides=None):
             config = dataclasses.replace(config, **overrides)
     except (TypeError, ValueError) as e:
         raise bpe.UserError(f"checkpoint {path}: its model_config cannot be built by this model.py "
-                            f"({_first_line(e)}); use the model.py it was trained with") from None
+                            f"({bpe.first_line(e)}); use the model.py it was trained with") from None
     model = GPT(config, kernels)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise bpe.UserError(f"checkpoint {path}: weights do not match its model_config "
-                            f"({_first_line(e)})") from None
+                            f"({bpe.first_line(e)})") from None
     return model
 
 

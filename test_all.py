@@ -1630,9 +1630,9 @@ def test_model_sliding_window_equals_explicit_mask_attention():
     captured = {}
     original = M.manual_attention
 
-    def spy(q, k, v, mask=None, softcap=0.0, softcap_sigmoid=False):
+    def spy(q, k, v, mask=None, softcap=0.0, record=None, softcap_sigmoid=False):
         captured["mask"] = mask
-        return original(q, k, v, explicit, softcap, softcap_sigmoid)
+        return original(q, k, v, explicit, softcap, record, softcap_sigmoid)
     manual = _model_twin(m, attn_impl="manual")
     M.manual_attention = spy
     try:
@@ -1718,6 +1718,44 @@ def test_model_softcap_bounds_logits(monkeypatch):
     torch.testing.assert_close(y_sig, y_tanh, rtol=0, atol=1e-12)
     torch.testing.assert_close(g_sig, g_tanh, rtol=0, atol=1e-12)
     torch.testing.assert_close(m(_model_tokens(1, 8)), eager, rtol=0, atol=1e-5)
+
+@_model_one_thread
+def test_model_record_attention_equals_hand_softmax():
+    """record_attention (sample.py's attention maps) hands out what each layer really attends
+    with. Layer 0's recorded probabilities equal softmax(q k^T / sqrt(D)) under the causal mask,
+    with q and k computed here by hand (c_attn columns, RMSNorm, RoPE angles p * theta^(-2i/D),
+    kv heads shared by groups of query heads); the logits are the default path's; and outside the
+    context nothing is recorded."""
+    m = _model_make(n_kv_head=2)
+    B, T, H, Hkv, D = 2, 12, 4, 2, 8
+    idx = _model_tokens(B, T)
+    with M.record_attention(m) as probs:
+        logits = m(idx)
+    assert len(probs) == m.config.n_layer and probs[0].shape == (B, H, T, T)
+    torch.testing.assert_close(logits, m(idx), atol=_MODEL_ATOL, rtol=0)
+    attn = m.transformer.h[0].attn
+    assert attn.record is None
+    with torch.no_grad():
+        x = m.transformer.wte(idx)
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)            # ln_1, no gain
+        qkv = x @ attn.c_attn.weight.T                                          # (B, T, (H + 2 Hkv) D)
+        q = qkv[..., :H * D].view(B, T, H, D).transpose(1, 2)
+        k = qkv[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)             # QK-norm
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6)
+        angle = torch.tensor([[p * 10000.0 ** (-2 * i / D) for i in range(D // 2)] for p in range(T)])
+
+        def rope(t):
+            a, b = t[..., :D // 2], t[..., D // 2:]
+            return torch.cat([a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()], -1)
+        q, k = rope(q), rope(k).repeat_interleave(H // Hkv, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        hand = scores.softmax(-1)
+    torch.testing.assert_close(probs[0], hand, atol=1e-5, rtol=0)
+    assert probs[0].triu(1).abs().max() == 0 and torch.allclose(probs[0].sum(-1), torch.ones(B, H, T))
+    assert hand[0, 0, 5].min() < 0.5 * hand[0, 0, 5, :6].max()     # not uniform: the check has teeth
+
 
 # ---------------------------------------------------------------------------- RoPE
 
@@ -3514,6 +3552,15 @@ def sample_run(tmp_path_factory):
     return tmp, tok, model, ckpt
 
 
+def _sample_main(monkeypatch, capsys, *args):
+    """sample.main() in this process, as `python sample.py ARGS` would run it (no interpreter
+    start-up: the command line's own tests are the _sample_cli ones). Returns (stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    capsys.readouterr()
+    sample.main()
+    return capsys.readouterr()
+
+
 def _sample_cli(*args, stdin=None):
     return subprocess.run([sys.executable, os.path.join(SAMPLE_REPO, "sample.py"), *args],
                           input=stdin, capture_output=True, text=True, timeout=120, cwd=SAMPLE_REPO,
@@ -3551,14 +3598,12 @@ def test_sample_seeded_sampling_reproducible_and_matches_reference(sample_run):
     s = sample.Sampling(temperature=1.2, top_k=50, top_p=0.95, repetition_penalty=1.3)
 
     def draw(seed):
-        g = torch.Generator().manual_seed(seed)
-        return [c.ids for c in sample.generate_text(model, tok, prompt, 30, s, num_samples=2, generator=g)]
+        return [c.ids for c in sample.generate_text(model, tok, prompt, 30, s, num_samples=2, seed=seed)]
 
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    ref = sample.generate_uncached(model, prompt, 45, s, g1)
-    assert [int(t) for t in sample.generate(model, prompt, 45, s, g2)] == ref
+    ref = sample.generate_uncached(model, prompt, 45, s, seed=3)
+    assert [int(t) for t in sample.generate(model, prompt, 45, s, seed=3)] == ref
 
 
 def test_sample_overflow_and_long_prompt(sample_run):
@@ -3671,10 +3716,10 @@ def test_sample_top_k_top_p_never_pick_filtered_tokens():
     perm = torch.tensor([3, 7, 0, 9, 1, 5, 8, 2, 6, 4])
     logits = probs[perm].log().expand(3000, -1).contiguous()        # (3000, 10): 3000 draws per call
     rank = perm.tolist()                                             # vocab id -> rank (0 = best)
-    g = torch.Generator().manual_seed(0)
+    u = torch.rand(3000, generator=torch.Generator().manual_seed(0))
 
     def ranks(s):
-        return {rank[t] for t in sample.pick_next(logits, s, g).tolist()}
+        return {rank[t] for t in sample.pick_next(logits, s, u).tolist()}
 
     assert ranks(sample.Sampling(1.0, top_k=3)) == {0, 1, 2}
     assert ranks(sample.Sampling(1.0, top_p=0.6)) == {0, 1, 2}      # mass above rank 3 is 0.65
@@ -3710,8 +3755,7 @@ def test_sample_streaming_equals_decode_without_broken_chars(sample_run):
     # and for whatever a random model emits (possibly invalid UTF-8): streamed == decode
     got = {}
     prompt = sample.encode_prompt(tok, "日本", model.config.max_context)
-    done = sample.generate_text(model, tok, prompt, 60, sample.Sampling(1.0), num_samples=2,
-                                generator=torch.Generator().manual_seed(0),
+    done = sample.generate_text(model, tok, prompt, 60, sample.Sampling(1.0), num_samples=2, seed=0,
                                 on_text=lambda row, piece: got.setdefault(row, []).append(piece))
     for row, c in enumerate(done):
         assert "".join(got.get(row, [])) == c.text == tok.decode(c.ids)
@@ -3871,7 +3915,7 @@ def test_sample_interactive_ctrl_c_stops_generation_only(sample_run):
 
     out = Out()
     cfg = sample.SampleConfig(max_new_tokens=20, temperature=0.0)
-    sample.interactive(model, tok, cfg, sample.setup_runtime("cpu"), torch.Generator(), read=read, out=out)
+    sample.interactive(model, tok, cfg, sample.setup_runtime("cpu"), read=read, out=out)
     text = out.getvalue()
     assert text.startswith("ROMEO\n[stopped]\nJULIET") and len(text) > len("ROMEO\n[stopped]\nJULIET\n")
 
@@ -3893,6 +3937,503 @@ def test_sample_settings_validation():
     cfg = bpe.parse_settings(sample.SampleConfig, ["--stop=['a', 'b\\\\n']", "--temperature=0"])
     assert cfg.stop == ["a", "b\n"] and cfg.temperature == 0.0
     assert bpe.parse_settings(sample.SampleConfig, ["--stop=END"]).stop == ["END"]
+
+
+# --- token healing ---------------------------------------------------------------------------------
+
+class _SampleBigramModel(torch.nn.Module):
+    """A stand-in whose next-token logits depend on the last token only: logits = table[token].
+    It has the KV-cache interface (make_cache, branch, reset), so the cached generator, branching
+    and the batched scorer run on it, and every number it gives can be checked on paper."""
+
+    def __init__(self, table, context=64):
+        super().__init__()
+        self.table = table                                                        # (V, V)
+        self.config = type("Config", (), {"max_context": context, "vocab_size": table.size(0)})()
+        self.lm_head = torch.nn.Linear(1, 1)
+
+    def make_cache(self, batch_size, max_len, device=None, dtype=None):
+        return _SampleHashCache(torch.zeros(batch_size, 0, dtype=torch.long), max_len)
+
+    def forward(self, idx, cache=None):
+        if cache is not None:
+            assert cache.pos + idx.size(1) <= cache.max_len
+            cache.tokens = torch.cat([cache.tokens[:, :cache.pos], idx], dim=1)
+            cache.pos += idx.size(1)
+        return self.table[idx]                                                    # (B, T, V)
+
+
+def _sample_colon_world():
+    """The worked example of sample.py's section 5: bytes + one merge ':' '\\n' -> 256 (":\\n"),
+    <|endoftext|> = 257. The bigram model: after 'O' it prefers ":\\n" (5) to ":" (1), and likes
+    'x' (10) and end-of-text (20) even more, which healing must not allow; after ':' it says
+    ' ' (8), then 'x', then end-of-text. ":\\n" is followed by 'B', 'u', 't', end-of-text."""
+    tok = bpe.Tokenizer("gpt4", [(ord(":"), ord("\n"), 256)], {bpe.EOT: 257})
+    V, eot = 258, 257
+    table = torch.zeros(V, V)
+    table[ord("O"), 256], table[ord("O"), ord(":")], table[ord("O"), ord("x")], table[ord("O"), eot] = 5, 1, 10, 20
+    table[ord(":"), ord(" ")] = 8
+    for a, b in ((ord(" "), ord("x")), (ord("x"), eot), (256, ord("B")), (ord("B"), ord("u")),
+                 (ord("u"), ord("t")), (ord("t"), eot)):
+        table[a, b] = 9
+    return tok, _SampleBigramModel(table)
+
+
+@_model_one_thread
+def test_sample_token_healing_picks_the_longer_token():
+    """Section 5's worked example, on a hand-made tokenizer and model. 'ROMEO:' ends in the lone
+    ':' token; healing backs it up and the constrained first token becomes ':\\n' (never 'x' or
+    end-of-text, though the model likes them more); the text does not repeat the colon. Without
+    healing the model continues after ':' with ' x'."""
+    tok, model = _sample_colon_world()
+    ids = sample.encode_prompt(tok, "ROMEO:", 64)
+    assert tok.decode([ids[-1]]) == ":"
+    kept, healing = sample.heal_prompt(tok, ids, 258)
+    assert kept == ids[:-1] and healing.removed == b":" and healing.text == ":"
+    streamed = []
+    healed = sample.generate_text(model, tok, kept, 10, healing=healing,
+                                  on_text=lambda row, piece: streamed.append(piece))[0]
+    assert healed.ids[0] == 256 and healed.text == "\nBut" and healed.finish == "eot"
+    assert "".join(streamed) == healed.text
+    assert "ROMEO:" + healed.text == tok.decode(kept[1:] + healed.ids)      # the colon once, not twice
+    plain = sample.generate_text(model, tok, ids, 10)[0]
+    assert plain.text == " x"
+    # nothing to heal: a prompt ending in a token no longer token starts with, or in a special token
+    assert sample.heal_prompt(tok, sample.encode_prompt(tok, "ROMEO", 64), 258)[1] is None
+    assert sample.heal_prompt(tok, [257, ord("O"), 257], 258) == ([257, ord("O"), 257], None)
+
+
+@_model_one_thread
+def test_sample_token_healing_sampling_branching_and_cli(capsys):
+    """Healing under sampling, with 6 branched rows: every row's first token starts with ':'
+    (some rows draw ':' then carry on, others ':\\n'), each row equals the uncached reference run
+    with its own random numbers, and decoding prompt + row gives the prompt once. Through
+    print_completions (the CLI's path) the printed text is exactly prompt + continuation; the off
+    switch --token_healing=False prints the unhealed ' x'."""
+    tok, model = _sample_colon_world()
+    model.table[ord("O"), ord(":")] = 4.5                      # ':' and ':\\n' about equally likely
+    ids = sample.encode_prompt(tok, "ROMEO:", 64)
+    kept, healing = sample.heal_prompt(tok, ids, 258)
+    s = sample.Sampling(temperature=1.0)
+    rows = torch.stack(list(sample.generate(model, kept, 6, s, seed=4, num_samples=6, healing=healing)), 1)
+    firsts = {tok.decode([int(r[0])]) for r in rows}
+    assert firsts == {":", ":\n"}
+    for r in range(6):
+        assert rows[r].tolist() == sample.generate_uncached(model, kept, 6, s, seed=4, row=r, healing=healing)
+    done = sample.generate_text(model, tok, kept, 6, s, num_samples=6, seed=4, healing=healing)
+    for c in done:
+        assert "ROMEO:" + c.text == tok.decode(kept[1:] + c.ids)
+    for healing_on, want in ((True, "ROMEO:\nBut\n"), (False, "ROMEO: x\n")):
+        out = io.StringIO()
+        cfg = sample.SampleConfig(temperature=0.0, max_new_tokens=10, token_healing=healing_on, sample_batch=1)
+        sample.print_completions(model, tok, "ROMEO:", ids, cfg, sample.setup_runtime("cpu"), 0, out=out)
+        assert out.getvalue() == want
+    assert "healed ':'" in capsys.readouterr().err
+
+
+@_model_one_thread
+def test_sample_token_healing_real_model_cached_equals_reference(sample_run):
+    """On the trained test tokenizer and a random GPT: a prompt whose last token can grow is
+    healed; cached, branched generation with healing equals the uncached reference row by row,
+    and prompt + streamed text == decode(prompt tokens kept + generated tokens)."""
+    _, tok, model, _ = sample_run
+    # " " grows into " b", " a", ...; "本" into "本語のテキスト" (3 bytes, whole character); "🙂" into "🙂🚀"
+    for prompt, removed in (("ROMEO: But ", b" "), ("日本", "本".encode()), ("emoji 🙂", "🙂".encode())):
+        kept, healing = sample.heal_prompt(tok, sample.encode_prompt(tok, prompt, 32), tok.vocab_size)
+        assert healing.removed == removed
+        _sample_check_healed_generation(tok, model, prompt, kept, healing)
+
+
+def _sample_check_healed_generation(tok, model, prompt, kept, healing):
+    for s in (sample.GREEDY, sample.Sampling(1.0, top_k=20)):
+        rows = torch.stack(list(sample.generate(model, kept, 40, s, seed=1, num_samples=3, healing=healing)), 1)
+        for r in range(3):
+            assert rows[r].tolist() == sample.generate_uncached(model, kept, 40, s, seed=1, row=r, healing=healing)
+            assert tok.decode_bytes(rows[r, :1].tolist()).startswith(healing.removed) or \
+                healing.removed.startswith(tok.decode_bytes(rows[r, :1].tolist()))
+        got = {}
+        done = sample.generate_text(model, tok, kept, 40, s, num_samples=3, seed=1, healing=healing,
+                                    on_text=lambda row, piece: got.setdefault(row, []).append(piece))
+        for r, c in enumerate(done):
+            assert "".join(got.get(r, [])) == c.text
+            if c.finish == "length":
+                assert prompt + c.text == tok.decode(kept[1:] + c.ids)
+
+
+# --- many samples, closed stdin, bf16, --ckpt=random --------------------------------------------------
+
+@_model_one_thread
+def test_sample_num_samples_in_bounded_batches_same_text(sample_run, monkeypatch):
+    """Regression (--num_samples=100000 allocated 7.5 GB in one batch): samples are drawn in
+    batches of at most --sample_batch rows (or what SAMPLE_MEMORY_BYTES holds), no cache ever
+    has more rows, and sample i is the same text whatever the batch size (each row has its own
+    random numbers). rows_per_batch's worked example is checked by hand."""
+    _, tok, model, _ = sample_run
+    rows_seen = []
+    real_branch = M.KVCache.branch
+    monkeypatch.setattr(M.KVCache, "branch", lambda self, n: rows_seen.append(n) or real_branch(self, n))
+    ids = sample.encode_prompt(tok, "def", 32)
+    rt = sample.setup_runtime("cpu")
+
+    def texts(**kw):
+        cfg = sample.SampleConfig(num_samples=7, max_new_tokens=12, temperature=1.0, **kw)
+        return [c.text for c in sample.print_completions(model, tok, "def", ids, cfg, rt, 5, out=io.StringIO())]
+
+    one_batch = texts(sample_batch=7)
+    assert rows_seen == [7]
+    rows_seen.clear()
+    assert texts(sample_batch=3) == one_batch and rows_seen == [3, 3]      # and a last batch of 1
+    rows_seen.clear()
+    per_row = 2 * 2 * 1 * 16 * 4 * 32 + 8 * (len(ids) + 12) + 4 * 12 + 6 * 4 * model.config.vocab_size \
+        + model.config.vocab_size          # the docstring's formula, for this model (2 layers, 1 kv head of 16)
+    assert sample.rows_per_batch(model, len(ids), 12) == 2 ** 30 // per_row
+    monkeypatch.setattr(sample, "SAMPLE_MEMORY_BYTES", 2 * per_row)
+    assert texts() == one_batch and max(rows_seen) <= 2 and len(one_batch) == 7
+    assert len(set(one_batch)) > 3                      # the samples differ: the check has teeth
+    big = GPT(GPTConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    assert sample.rows_per_batch(big, 5, 500, budget=2 ** 30) == 13578 < 100000     # the docstring's example
+
+
+def test_sample_interactive_closed_stdin_is_one_line(sample_run, monkeypatch, capsys):
+    """Regression: --interactive=True with stdin closed (0<&-) died with 'RuntimeError: input():
+    lost sys.stdin'. Now one line and exit code 2; an empty stdin (< /dev/null) ends cleanly
+    with a line saying so."""
+    _, tok, model, ckpt = sample_run
+    cmd = [sys.executable, os.path.join(SAMPLE_REPO, "sample.py"), f"--ckpt={ckpt}", "--interactive=True",
+           "--max_new_tokens=4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       preexec_fn=lambda: os.close(0))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --interactive=True reads prompts from stdin, "
+                                                        "but stdin is closed")
+    cfg, rt = sample.SampleConfig(max_new_tokens=4), sample.setup_runtime("cpu")
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))                  # < /dev/null: EOF at once
+    out = io.StringIO()
+    sample.interactive(model, tok, cfg, rt, out=out)
+    assert out.getvalue() == "\n" and capsys.readouterr().err.splitlines()[-1] == "interactive: end of input, bye"
+
+
+@_model_one_thread
+def test_sample_cli_bfloat16_and_random_checkpoint(sample_run, monkeypatch, capsys):
+    """--dtype=bfloat16 on CPU runs under bf16 autocast (a bf16 KV cache) and prints text after
+    the prompt; --ckpt=random serves --bench only: anything else is one line that says so."""
+    _, tok, model, ckpt = sample_run
+    out, err = _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--device=cpu", "--dtype=bfloat16",
+                            "--prompt=ROMEO", "--temperature=0", "--max_new_tokens=12", "--token_healing=False")
+    assert "cpu bfloat16" in err and out.startswith("ROMEO") and len(out) > len("ROMEO\n")
+    rt = sample.setup_runtime("cpu", "bfloat16")
+    ids = sample.encode_prompt(tok, "ROMEO", 32)
+    with rt.autocast():
+        assert model(torch.tensor([ids])).dtype == torch.float32       # logits come out float32
+        cache = model.make_cache(1, 32, dtype=rt.dtype)
+        model(torch.tensor([ids]), cache=cache)
+    assert cache.k.dtype == torch.bfloat16 and cache.k[:, :, :, :len(ids)].abs().sum() > 0
+    for mode in ("--prompt=hi", "--eval=builtin", "--stress=True"):
+        with pytest.raises(bpe.UserError, match="only serves --bench=True"):
+            _sample_main(monkeypatch, capsys, "--ckpt=random", mode)
+    out, _ = _sample_main(monkeypatch, capsys, "--ckpt=random", "--bench=True", "--bench_tokens=4",
+                          "--bench_samples=2", "--bench_repeats=1")
+    assert "KV cache speed-up" in out and "4 new tokens per run" in out and "context 256" in out
+
+
+# --- evaluation: scoring, the built-in suite, loaders, the interval ------------------------------------
+
+def _sample_code_doc(i):
+    """A small Python module: brackets of three kinds and indented blocks, different per i."""
+    lines = [f'"""Module {i}: helpers for case {i}."""', "import os", ""]
+    for j in range(5):
+        lines += [f"def f{i}_{j}(x, y=[{j}, {i}]):", f"    if x > {j + i}:",
+                  f"        return {{'a{j}': (x + y[{j % 2}]) * {i}}}", f"    return [x, {j}, {i * j}]", ""]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory):
+    """(data dir, tokenizer, model, checkpoint): 30 code documents through prepare.build (vocab
+    300, 30% held out for val), a random GPT on that vocabulary, saved like train.py does."""
+    tmp = tmp_path_factory.mktemp("sample_data")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"m{i:02d}.txt").write_text(_sample_code_doc(i), encoding="utf-8")
+    data = tmp / "data"
+    prepare.build(prepare.Settings(input=str(corpus / "*.txt"), out_dir=str(data), vocab_size=300,
+                                   val_fraction=0.3, num_proc=1), log=lambda *a: None, quiet=True)
+    tok = prepare.load_tokenizer(str(data))
+    model = _sample_model(tok.vocab_size)
+    (tmp / "run").mkdir()
+    ckpt = _sample_save_checkpoint(tmp / "run" / "best.pt", model, data / "tokenizer.bpe", tok)
+    return data, tok, model, ckpt
+
+
+@_model_one_thread
+def test_sample_score_choices_hand_computation():
+    """Log-likelihood scoring on a bigram stand-in whose probabilities are written below:
+    context [0, 1]; candidates [2, 3], [3], [3, 0]:
+        [2, 3]: ln p(2|1) + ln p(3|2) = ln 0.3 + ln 0.25 = ln 0.075
+        [3]:    ln p(3|1)             = ln 0.4
+        [3, 0]: ln p(3|1) + ln p(0|3) = ln 0.4 + ln 0.7 = ln 0.28
+    The batched scorer (one forward over the padded candidates) and the reference agree with it."""
+    probs = torch.full((4, 4), 0.25)
+    probs[1] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    probs[3] = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    model = _SampleBigramModel(probs.log(), context=16)
+    choices = [[2, 3], [3], [3, 0]]
+    want = torch.tensor([math.log(0.075), math.log(0.4), math.log(0.28)], dtype=torch.float64)
+    torch.testing.assert_close(sample.score_choices(model, [0, 1], choices), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sample.score_choices_reference(model, [0, 1], choices), want, atol=1e-6, rtol=0)
+    with pytest.raises(bpe.UserError, match="candidate"):
+        sample.score_choices(model, [0, 1], [[1] * 16])
+
+
+@_model_one_thread
+def test_sample_score_choices_batched_equals_one_at_a_time(sample_run):
+    """On a random GPT: the shared-prefix, one-forward scores equal one full forward per candidate,
+    for candidates of different lengths, a context that must be cropped to fit, and in any order."""
+    _, tok, model, _ = sample_run
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    choices = [torch.randint(V, (n,), generator=g).tolist() for n in (1, 5, 3, 9)]
+    for ctx_len in (4, 40):                                   # 40 + 9 > 32: the context is cropped
+        context = [tok.eot_id] + torch.randint(V, (ctx_len,), generator=g).tolist()
+        batched = sample.score_choices(model, context, choices)
+        torch.testing.assert_close(batched, sample.score_choices_reference(model, context, choices), atol=1e-4, rtol=0)
+        flipped = sample.score_choices(model, context, choices[::-1])
+        torch.testing.assert_close(flipped, batched.flip(0), atol=1e-5, rtol=0)
+        assert batched.std() > 0.5                            # the candidates really differ
+
+
+@_model_one_thread
+def test_sample_builtin_suite_deterministic_never_the_true_line(sample_data, tmp_path):
+    """The built-in suite is cut from the val split: every example's context + right answer is
+    real text of one val document; a continuation's distractors never have the true line's
+    text; the same seed gives the same suite (also in another process, with another string-hash
+    seed), another seed another suite."""
+    data, tok, _, _ = sample_data
+    suite = sample.builtin_suite(str(data), tok, n_examples=25, seed=3)
+    assert set(suite) == {"continuation", "brackets", "indentation"}
+    docs = sample.val_documents(str(data), tok)
+    assert len(docs) >= 4 and all(d.startswith('"""Module') for d in docs)
+    for name, examples in suite.items():
+        assert len(examples) == 25
+        for ex in examples:
+            truth = ex.choices[ex.answer]
+            assert any((ex.context + truth).rstrip("\n") in doc for doc in docs), (name, ex.where)
+            assert len(set(ex.choices)) == len(ex.choices)
+    for ex in suite["continuation"]:
+        truth = ex.choices[ex.answer].strip()
+        assert len(ex.choices) == sample.EVAL_CHOICES
+        assert all(c.strip() != truth for i, c in enumerate(ex.choices) if i != ex.answer)
+        own = int(ex.where.split("val document ")[1].split(",")[0])
+        for i, c in enumerate(ex.choices):       # each distractor is a line of another document
+            assert i == ex.answer or any(c[:-1] in doc.split("\n") for k, doc in enumerate(docs) if k != own)
+    assert {ex.answer for ex in suite["continuation"]} == {0, 1, 2, 3}        # the answer moves
+    assert all(ex.choices[ex.answer][0] in ")]}" for ex in suite["brackets"])
+    assert suite == sample.builtin_suite(str(data), tok, n_examples=25, seed=3)
+    assert suite != sample.builtin_suite(str(data), tok, n_examples=25, seed=4)
+    digest = lambda s: hashlib.sha256(repr(sorted((k, [dataclasses.astuple(e) for e in v]) for k, v in s.items()))
+                                      .encode()).hexdigest()
+    code = (f"import sys, hashlib, dataclasses; sys.path.insert(0, {SAMPLE_REPO!r}); import sample, prepare; "
+            f"tok = prepare.load_tokenizer({str(data)!r}); s = sample.builtin_suite({str(data)!r}, tok, 25, 3); "
+            "print(hashlib.sha256(repr(sorted((k, [dataclasses.astuple(e) for e in v]) for k, v in s.items()))"
+            ".encode()).hexdigest())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONHASHSEED": "123", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == digest(suite), r.stderr
+
+
+def test_sample_jsonl_loaders_and_errors_carry_file_and_line(tmp_path):
+    """HellaSwag lines and generic {"context"|"question", "choices", "answer"} lines load into
+    Examples; every bad line is a one-line UserError naming the file and the line number."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join([
+        json.dumps({"ctx": "A man is sitting on a roof. He", "endings": ["is", "was", "eats", "flies"], "label": 2}),
+        "",
+        json.dumps({"context": "2 + 2 =", "choices": [" 4", " 5"], "answer": 0}),
+        json.dumps({"question": "Which is a colour?", "choices": ["red", "dog", "cat"], "answer": "0"}),
+    ]) + "\n", encoding="utf-8")
+    ex = sample.load_jsonl_task(str(good))
+    assert [e.where for e in ex] == [f"{good}:1", f"{good}:3", f"{good}:4"]
+    assert ex[0].context == "A man is sitting on a roof. He" and ex[0].choices[2] == " eats" and ex[0].answer == 2
+    assert ex[1].choices == [" 4", " 5"] and ex[1].answer == 0
+    assert ex[2].context == "Question: Which is a colour?\nAnswer:" and ex[2].choices[0] == " red"
+    assert len(sample.load_jsonl_task(str(good), n_examples=2)) == 2
+    line1 = json.dumps({"context": "a", "choices": ["b", "c"], "answer": 1})
+    bad_lines = {
+        "{not json": "not valid JSON",
+        "[1, 2]": "expected a JSON object",
+        json.dumps({"context": "a", "choices": ["b"], "answer": 0}): "at least 2",
+        json.dumps({"context": "a", "choices": ["b", "c"], "answer": 2}): "index into the 2 choices",
+        json.dumps({"ctx": "a", "endings": ["b", "c"]}): '"label"',
+        json.dumps({"choices": ["b", "c"], "answer": 0}): '"context" or "question"',
+        json.dumps({"text": "a"}): "expected HellaSwag",
+    }
+    for k, (line, message) in enumerate(bad_lines.items()):
+        path = tmp_path / f"bad{k}.jsonl"
+        path.write_text(f"{line1}\n\n{line}\n", encoding="utf-8")
+        with pytest.raises(bpe.UserError) as e:
+            sample.load_jsonl_task(str(path))
+        assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value), str(e.value)
+    raw = tmp_path / "latin1.jsonl"
+    raw.write_bytes(line1.encode() + b"\n" + b'{"context": "caf\xe9"}\n')
+    with pytest.raises(bpe.UserError, match=f"{re.escape(str(raw))}:2: not UTF-8"):
+        sample.load_jsonl_task(str(raw))
+    with pytest.raises(bpe.UserError, match="cannot read"):
+        sample.load_jsonl_task(str(tmp_path / "missing.jsonl"))
+
+
+def test_sample_wilson_interval_known_cases():
+    """Textbook values of the 95% Wilson interval: 5/10 -> (0.2366, 0.7634), 0/10 -> (0, 0.2775),
+    10/10 -> (0.7225, 1), 50/100 -> (0.4038, 0.5962)."""
+    for (k, n), (lo, hi) in {(5, 10): (0.2366, 0.7634), (0, 10): (0.0, 0.2775), (10, 10): (0.7225, 1.0),
+                             (50, 100): (0.4038, 0.5962)}.items():
+        got = sample.wilson_interval(k, n)
+        assert abs(got[0] - lo) < 1e-4 and abs(got[1] - hi) < 1e-4, (k, n, got)
+
+
+@_model_one_thread
+def test_sample_eval_suite_counts_and_cli(sample_data, tmp_path, monkeypatch, capsys):
+    """evaluate_suite counts an example right when the right candidate has the highest score
+    (summed, and per byte), exactly as the one-at-a-time reference scores say; run_eval_suite is
+    {task: acc_norm} and leaves the model's train/eval mode as it was; `--eval=builtin,FILE`
+    prints the same table as the functions."""
+    data, tok, model, ckpt = sample_data
+    rt = sample.setup_runtime("cpu")
+    suite = sample.builtin_suite(str(data), tok, n_examples=12, seed=1337)
+    results = sample.evaluate_suite(model, tok, suite, rt)
+    for name, examples in suite.items():
+        right = right_norm = 0
+        for ex in examples:
+            ref = sample.score_choices_reference(model, [tok.eot_id] + tok.encode(ex.context),
+                                                 [tok.encode(c) for c in ex.choices])
+            right += int(ref.argmax()) == ex.answer
+            right_norm += int((ref / torch.tensor([len(c.encode()) for c in ex.choices])).argmax()) == ex.answer
+        r = results[name]
+        assert (r.n, r.correct, r.correct_norm) == (len(examples), right, right_norm), name
+        assert abs(r.baseline - sum(1 / len(e.choices) for e in examples) / len(examples)) < 1e-12
+    model.train()
+    accs = sample.run_eval_suite(model, tok, suite, rt)
+    assert model.training and accs == {k: r.acc_norm for k, r in results.items()}
+    model.eval()
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"context": ex.context, "choices": ex.choices, "answer": ex.answer})
+                               for ex in suite["brackets"][:5]) + "\n", encoding="utf-8")
+    r = _sample_cli(f"--ckpt={ckpt}", f"--eval=builtin,{jsonl}", f"--data_dir={data}", "--eval_examples=12")
+    assert r.returncode == 0, r.stderr
+    want = sample.evaluate_suite(model, tok, {**suite, "mine": suite["brackets"][:5]}, rt)
+    assert r.stdout == sample.eval_report(want)
+    assert r.stdout.splitlines()[-2].startswith("mine") and r.stdout.splitlines()[-2].endswith("0.333")
+    with pytest.raises(bpe.UserError, match="--data_dir"):
+        _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--eval=builtin", f"--data_dir={tmp_path / 'nothing'}")
+
+
+# --- stress tests -------------------------------------------------------------------------------------
+
+@_model_one_thread
+def test_sample_stress_metrics_by_hand():
+    """distinct-n, the longest repeated run and the re-prefill count, on examples done on paper."""
+    assert sample.distinct_n([1, 2, 1, 2], 2) == 2 / 3 and sample.distinct_n([1, 2, 3], 1) == 1.0
+    assert sample.longest_repeat([5, 1, 2, 3, 1, 2, 3, 1]) == 4
+    assert sample.longest_repeat([7, 7, 7, 7]) == 3 and sample.longest_repeat([1, 2, 3]) == 0
+    # context 32, keep 16, a 1-token prompt and 80 new tokens: the window jumps when the text
+    # reaches 33 (-> start 17), 50 (-> 34) and 67 (-> 51) tokens
+    assert sample.window_jumps(1, 80, 32, 16) == 3
+    resets = []
+    real_reset = _SampleHashCache.reset
+    _SampleHashCache.reset = lambda self: resets.append(self.pos) or real_reset(self)
+    try:
+        list(sample.generate(_SampleHashModel(context=32), [1], 80, slide_keep=0.5))
+    finally:
+        _SampleHashCache.reset = real_reset
+    assert len(resets) == 3                                # the generator re-prefilled three times
+
+
+@_model_one_thread
+def test_sample_stress_runs_and_reports(sample_data, monkeypatch, capsys):
+    """--stress's function on the tiny model and data: nothing fails; past the context the cached
+    generator equals the recompute; the length check covers the three RoPE variants; hotter
+    samples are more surprising to the model; the odd prompts all generate. The CLI prints one
+    line per check."""
+    data, tok, model, ckpt = sample_data
+    cfg = sample.SampleConfig(data_dir=str(data), stress=True)
+    out = io.StringIO()
+    res = sample.stress_tests(model, tok, cfg, sample.setup_runtime("cpu"), out=out)
+    assert res["failed"] == 0 and res["overflow"]["same"] and res["overflow"]["jumps"] == 3   # 80 tokens, as above
+    assert set(res["length"]) == {"plain RoPE", "linear x2", "yarn x2"}
+    assert all(math.isfinite(a) and math.isfinite(b) for a, b in res["length"].values())
+    assert res["drift"][0.5] < res["drift"][1.5]
+    assert all(v.startswith("ok") for v in res["prompts"].values()) and len(res["prompts"]) == 4
+    assert res["repetition"][sample.STRESS_PENALTY]["distinct"][0] >= res["repetition"][1.0]["distinct"][0]
+    text = out.getvalue()
+    for tag in ("[overflow]", "[length]", "[repetition]", "[drift]", "[prompts]"):
+        assert tag in text
+    assert _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--stress=True", f"--data_dir={data}")[0] == text
+
+
+# --- pictures ------------------------------------------------------------------------------------------
+
+def test_sample_pca_recovers_known_axes():
+    """Rows built as 5 a u1 + 2 b u2 + tiny noise (u1, u2 orthonormal in 16 dimensions, a and b
+    standard normal): the top two principal axes are u1 and u2 (up to sign), the coordinates are
+    5a and 2b (up to sign and centring), and they explain about 25/29 and 4/29 of the variance."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    u1, u2 = q[:, 0], q[:, 1]
+    a, b = rng.normal(size=(2000, 1)), rng.normal(size=(2000, 1))
+    x = 5 * a * u1 + 2 * b * u2 + 0.01 * rng.normal(size=(2000, 16)) + 3.0     # + an offset: centring matters
+    coords, axes, explained = sample.principal_components(x)
+    assert abs(axes[0] @ u1) > 0.999 and abs(axes[1] @ u2) > 0.999
+    assert abs(np.corrcoef(coords[:, 0], a[:, 0])[0, 1]) > 0.999 and abs(np.corrcoef(coords[:, 1], b[:, 0])[0, 1]) > 0.999
+    assert abs(explained[0] - 25 / 29) < 0.02 and abs(explained[1] - 4 / 29) < 0.02
+
+
+@_model_one_thread
+def test_sample_pictures_parse_with_expected_cells_and_labels(sample_data, monkeypatch, capsys):
+    """--show draws three files next to the checkpoint. attention.svg: one cell per visible
+    (query, key) pair of every layer and head, and T labels per layer row and per head column;
+    embeddings.svg: one dot per non-special token, EMBED_LABELS labels; surprise.html: one span
+    per token whose texts join back to the prompt."""
+    data, tok, model, ckpt = sample_data
+    prompt = "def f(x, y=[1, 2]):\n    return {'a': x}"
+    out, _ = _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--show=attention,embeddings,surprise",
+                          f"--prompt={prompt}", f"--data_dir={data}")
+    folder = Path(ckpt).parent
+    assert out.count(f"wrote {folder}") == 3
+    assert sorted(p.name for p in folder.glob("*.svg")) + sorted(p.name for p in folder.glob("*.html")) == \
+        ["attention.svg", "embeddings.svg", "surprise.html"]
+    T = len(sample.encode_prompt(tok, sample.read_prompt(prompt), 32))
+    L, H = model.config.n_layer, model.config.n_head
+    svg = "{http://www.w3.org/2000/svg}"
+    root = ET.parse(folder / "attention.svg").getroot()
+    assert len([e for e in root.iter(f"{svg}rect") if e.get("class") == "cell"]) == L * H * T * (T + 1) // 2
+    assert len([e for e in root.iter(f"{svg}text") if e.get("class") == "label"]) == L * T + H * T
+    root = ET.parse(folder / "embeddings.svg").getroot()
+    assert len([e for e in root.iter(f"{svg}circle") if e.get("class") == "token"]) == tok.vocab_size - 1
+    assert len([e for e in root.iter(f"{svg}text") if e.get("class") == "label"]) == sample.EMBED_LABELS
+    root = ET.parse(folder / "surprise.html").getroot()
+    spans = list(root.iter("{http://www.w3.org/1999/xhtml}span"))
+    assert len(spans) == T - 1 and "".join(s.text or "" for s in spans) == sample.read_prompt(prompt)
+    # the attention cells are the recorded probabilities: the first query row of layer 0 head 0 is 1
+    first = [e for e in ET.parse(folder / "attention.svg").getroot().iter(f"{svg}rect") if e.get("class") == "cell"][0]
+    assert first.get("fill") == sample.blue(1.0)
+    with pytest.raises(bpe.UserError, match="--prompt=TEXT"):
+        _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--show=attention")
+
+
+@_model_one_thread
+def test_sample_surprise_page_escapes_html(sample_data):
+    """The prompt's text is shown as text: markup in it is escaped (no live <script>), control
+    characters (not allowed in XML) are written as \\xNN, and the page still parses."""
+    data, tok, model, _ = sample_data
+    nasty = "<script>alert('x')</script> & \"q\" <b>"
+    pieces = sample.token_pieces(tok, tok.encode(nasty + "\x01"))
+    page = sample.surprise_html(pieces, [1.0] * len(pieces), math.log(300), "t<i>tle")
+    assert "<script" not in page and "<b>" not in page and "t&lt;i&gt;tle" in page
+    assert page.count("&lt;") == 3 + 2             # the text's three, the title in <title> and <h1>
+    root = ET.fromstring(page)
+    spans = list(root.iter("{http://www.w3.org/1999/xhtml}span"))
+    assert "".join(s.text or "" for s in spans) == nasty + "\\x01"
+    assert spans[0].get("title") == "1.00 nats"
 
 # =============================================================================
 # 8. end to end: the quick start through the real command lines
