@@ -3239,6 +3239,28 @@ def test_train_torn_metrics_line_is_dropped_on_resume(_train_data, tmp_path, cap
     assert train.read_metrics(tmp_path / "metrics.jsonl")[1] == 0
 
 
+def test_train_eval_tasks_logged_and_drawn(_train_data, tmp_path):
+    """--eval_tasks (issue 19): sample.py's multiple-choice suite runs at every eval; its accuracy
+    goes into metrics.jsonl and onto loss.svg (a dashed curve against a right-hand axis), and the
+    logged number is exactly what sample.run_eval_suite gives for the final model."""
+    task = tmp_path / "pick.jsonl"
+    task.write_text("".join(json.dumps({"context": f"x = {i} +", "choices": [" 1", " abc", " ("],
+                                        "answer": i % 3}) + "\n" for i in range(12)))
+    cfg = _train_cfg(_train_data, tmp_path / "out", max_steps=4, eval_interval=2,
+                     eval_tasks=str(task), eval_examples=10)
+    res = train.train(cfg)
+    evals = [json.loads(l) for l in open(tmp_path / "out" / "metrics.jsonl") if '"val_loss"' in l]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(0.0 <= r["acc_pick"] <= 1.0 for r in evals)
+    tok = prepare.load_tokenizer(_train_data)
+    suite = sample.load_suite(str(task), tok, n_examples=10)
+    rt = M.setup_runtime("cpu", "float32", compile="false", deterministic="false")
+    assert sample.run_eval_suite(res.model, tok, suite, rt)["pick"] == evals[-1]["acc_pick"]
+    svg = ET.parse(tmp_path / "out" / "loss.svg").getroot()
+    acc = [p for p in svg.iter("{http://www.w3.org/2000/svg}polyline") if p.get("id") == "acc_pick"]
+    assert len(acc) == 1 and len(acc[0].get("points").split()) == 3
+
+
 def test_train_mfu_is_never_above_100_percent():
     """MFU is a fraction of a peak; a CPU peak timed while the machine was busy comes out too low
     (seen: "mfu 259.9%"). Impossible values are reported as n/a, never printed."""

@@ -123,6 +123,8 @@ class TrainConfig(GPTConfig):
     # --- evaluation and logging ---
     eval_interval: int = 200               # steps between validation evals (and at the end)
     eval_tokens: int = 32768               # val tokens per eval (a fixed, deterministic set)
+    eval_tasks: str = ""                   # also score multiple-choice tasks at each eval: "builtin" and/or JSONL files (sample.py --eval)
+    eval_examples: int = 200               # examples per task of eval_tasks
     sample_interval: int = 400             # steps between greedy samples (0 = only at the end)
     sample_prompt: str = "    def __init__(self"  # prompt of the greedy sample (after a BOS)
     sample_tokens: int = 64                # tokens per greedy sample
@@ -147,7 +149,7 @@ class TrainConfig(GPTConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}={getattr(self, name)} must be one of {allowed}")
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval",
-                    "eval_tokens", "log_interval", "ckpt_interval", "bench_steps", "max_skips")
+                    "eval_tokens", "eval_examples", "log_interval", "ckpt_interval", "bench_steps", "max_skips")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -1096,6 +1098,9 @@ def read_metrics(path):
     return records, dropped
 
 
+ACC_PREFIX = "acc_"   # metrics.jsonl keys of the task accuracies (--eval_tasks): acc_<task>
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line; train and eval records share 'step'. Each
     write appends one whole line in one call, so an interruption can only tear the last line."""
@@ -1106,6 +1111,7 @@ class MetricsLog:
         torn last line."""
         self.path = path
         self.train, self.val = [], []   # (step, loss) for the plots
+        self.accuracy = {}              # task -> [(step, accuracy)] (--eval_tasks)
         kept = []
         if resume_step is not None and os.path.exists(path):
             records, dropped = read_metrics(path)
@@ -1122,6 +1128,9 @@ class MetricsLog:
             self.train.append((rec["step"], rec["loss"]))
         if "val_loss" in rec:
             self.val.append((rec["step"], rec["val_loss"]))
+        for key, value in rec.items():
+            if key.startswith(ACC_PREFIX):
+                self.accuracy.setdefault(key[len(ACC_PREFIX):], []).append((rec["step"], value))
 
     def write(self, rec):
         self._remember(rec)
@@ -1140,13 +1149,19 @@ def _nice_ticks(lo, hi, n=5):
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
-def loss_svg(train, val, title="loss"):
+ACC_COLORS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")  # task accuracy curves
+
+
+def loss_svg(train, val, title="loss", accuracy=None):
     """An SVG line plot of train and val loss vs step, drawn by hand: map data to
     pixels with x_px = left + (step - s0) / (s1 - s0) * width (y likewise, flipped
-    because SVG's y axis points down), then one <polyline> per curve."""
-    W, H, left, right, top, bottom = 640, 400, 60, 20, 30, 40
+    because SVG's y axis points down), then one <polyline> per curve.
+    accuracy: {task: [(step, acc)]} (--eval_tasks), drawn dashed against a right-hand
+    axis from 0 to 1."""
+    accuracy = accuracy or {}
+    W, H, left, right, top, bottom = 640, 400, 60, 50 if accuracy else 20, 30, 40
     points = train + val
-    s0, s1 = 0, max([s for s, _ in points] + [1])
+    s0, s1 = 0, max([s for s, _ in points + [p for c in accuracy.values() for p in c]] + [1])
     losses = [v for _, v in points if math.isfinite(v)] or [0.0, 1.0]
     y0, y1 = min(losses), max(losses)
     if y1 - y0 < 1e-9:
@@ -1171,6 +1186,20 @@ def loss_svg(train, val, title="loss"):
         out.append(f'<polyline id="{name}" fill="none" stroke="{color}" stroke-width="1.5" '
                    f'points="{pts}"/>')
         out.append(f'<text x="{W - right - 60}" y="{y_legend}" fill="{color}">{name} loss</text>')
+    if accuracy:
+        pa = lambda a: top + (1.0 - a) * (H - top - bottom)    # accuracy 0..1, right axis
+        out.append(f'<line x1="{W - right}" y1="{top}" x2="{W - right}" y2="{H - bottom}" stroke="black"/>')
+        for a in (0.0, 0.25, 0.5, 0.75, 1.0):
+            out.append(f'<text x="{W - right + 6}" y="{pa(a) + 4:.1f}">{a:g}</text>')
+        out.append(f'<text x="{W - 12}" y="{top + (H - top - bottom) / 2}" text-anchor="middle" '
+                   f'transform="rotate(90 {W - 12} {top + (H - top - bottom) / 2})">accuracy</text>')
+        for i, (task, curve) in enumerate(sorted(accuracy.items())):
+            color, y_legend = ACC_COLORS[i % len(ACC_COLORS)], 72 + 16 * i
+            pts = " ".join(f"{px(s):.1f},{pa(a):.1f}" for s, a in curve if math.isfinite(a))
+            out.append(f'<polyline id="acc_{xml.sax.saxutils.escape(task)}" fill="none" stroke="{color}" '
+                       f'stroke-dasharray="4 3" stroke-width="1.5" points="{pts}"/>')
+            out.append(f'<text x="{W - right - 60}" y="{y_legend}" fill="{color}">'
+                       f'{xml.sax.saxutils.escape(task)} acc</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -1442,6 +1471,7 @@ class Run:
     step_times: list = dataclasses.field(default_factory=list)  # seconds per step after the first
     moe: Optional[MoEStats] = None
     timer: Optional[PhaseTimer] = None
+    suite: Optional[dict] = None  # --eval_tasks: sample.py's multiple-choice tasks (rank 0)
     t_start: float = dataclasses.field(default_factory=time.time)
 
     @property
@@ -1513,6 +1543,9 @@ def start_run(cfg, rt=None):
         rt.print(f"initialised weights from {cfg.init_from} (step 0, fresh optimizer)")
     if rt.is_main and not cfg.bench:
         run.log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), step if cfg.resume else None)
+        if cfg.eval_tasks:
+            run.suite = sample.load_suite(cfg.eval_tasks, tokenizer, cfg.data_dir, cfg.eval_examples,
+                                          cfg.seed, rt.print)
     peak = f"{run.peak / 1e12:.2f} TFLOP/s" if run.peak else "unknown"
     rt.print(f"device {rt.device} x {rt.world_size} | precision {str(rt.dtype)[6:]} ({rt.dtype_reason}) "
              f"| compile {rt.compile} | deterministic {rt.deterministic} | threads {rt.threads} | "
@@ -1631,8 +1664,13 @@ def evaluate_and_keep_best(run):
                                          run.cfg.batch_size, run.token_bytes, run.doc_mask, run.bos_id)
     run.rt.print(f"step {run.step} | val loss {run.val_loss:.4f} | val bpb {run.val_bpb:.4f}")
     if run.rt.is_main:
-        run.log.write({"step": run.step, "val_loss": run.val_loss, "val_bpb": run.val_bpb,
-                       "elapsed": time.time() - run.t_start})
+        record = {"step": run.step, "val_loss": run.val_loss, "val_bpb": run.val_bpb}
+        if run.suite:  # --eval_tasks: multiple choice by log-likelihood (sample.py section 13)
+            accuracy = sample.run_eval_suite(run.raw_model, run.tokenizer, run.suite, run.rt)
+            record.update({ACC_PREFIX + task: acc for task, acc in accuracy.items()})
+            run.rt.print(f"step {run.step} | " + " | ".join(f"{task} acc {acc:.3f}"
+                                                             for task, acc in accuracy.items()))
+        run.log.write({**record, "elapsed": time.time() - run.t_start})
         write_plots(run)
         if run.val_loss < run.best_val_loss and run.step > 0:
             run.best_val_loss = run.val_loss
@@ -1640,7 +1678,8 @@ def evaluate_and_keep_best(run):
 
 
 def write_plots(run):
-    write_text_atomic(os.path.join(run.cfg.out_dir, "loss.svg"), loss_svg(run.log.train, run.log.val))
+    write_text_atomic(os.path.join(run.cfg.out_dir, "loss.svg"),
+                      loss_svg(run.log.train, run.log.val, accuracy=run.log.accuracy))
 
 
 def log_step(run, plan, loss, grad_norm, moe_stats, seconds):
