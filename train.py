@@ -96,7 +96,7 @@ class TrainConfig:
     window: int = 0                        # sliding attention window in tokens (0 = full causal)
     n_global: int = 0                      # leading "sink" tokens every window also sees
     mtp: bool = False                      # multi-token prediction head (predict token t+2 too)
-    attn_impl: str = "sdpa"                # attention path: "sdpa" (fast) | "manual" (readable)
+    attn_impl: str = "sdpa"                # attention path: "sdpa" (fast) | "manual" (readable) | "triton" (model.py 5b, GPU)
     n_experts: int = 0                     # MoE: routed experts per MoE layer (0 = dense MLPs)
     moe_every: int = 1                     # MoE: every k-th block uses experts
     top_k: int = 2                         # MoE: experts chosen per token
