@@ -1809,11 +1809,14 @@ def bench_attention(device=None, lengths=None, head_dims=None, tokens=None, widt
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
               f"triton {triton.__version__}")
-        flash_only = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
     else:
         print("device: CPU, Triton interpreter: a check that the benchmark runs; the times are "
               "not the kernel's speed")
-        flash_only = contextlib.nullcontext()
+
+    def flash_only():  # a fresh context each call: sdpa_kernel is a one-shot generator
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     header = (f"{'T':>5} {'D':>4} {'B':>3} {'H':>3} | {'triton ms':>9} {'sdpa ms':>9} {'manual ms':>9} | "
               f"{'triton TF/s':>11} {'sdpa TF/s':>9} {'manual TF/s':>11} | rel. diff out, grads")
@@ -1828,7 +1831,7 @@ def bench_attention(device=None, lengths=None, head_dims=None, tokens=None, widt
             causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
             def sdpa(q, k, v):
-                with flash_only:
+                with flash_only():
                     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
             impls = {"triton": lambda q, k, v: flash_attention(q, k, v), "sdpa": sdpa,
                      "manual": lambda q, k, v: manual_attention(q, k, v, causal)}

@@ -1667,6 +1667,10 @@ def test_model_triton_cached_decode_equals_full_forward(kw):
     torch.testing.assert_close(full, _model_twin(m, attn_impl="manual")(idx), atol=_MODEL_ATOL, rtol=0)
     torch.testing.assert_close(_model_decode(m, idx, 9), full, atol=_MODEL_ATOL, rtol=0)
     torch.testing.assert_close(_model_decode(m, idx, 2, chunk=7), full, atol=_MODEL_ATOL, rtol=0)
+    idx[0, [0, 6, 11]] = 0                             # packed documents: cached doc ids too
+    docs = M.doc_ids_from_bos(idx, 0)
+    torch.testing.assert_close(_model_decode(m, idx, 8, doc_ids=docs), m(idx, doc_ids=docs),
+                               atol=_MODEL_ATOL, rtol=0)
 
 
 @_model_one_thread
