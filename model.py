@@ -10,8 +10,10 @@ Every modern choice is a switch in GPTConfig, so a reader can turn it off and se
     by linear position interpolation or YaRN (rope_scaling, rope_factor)
   - attention with one merged QKV projection, grouped-query attention (n_kv_head: 1 = multi-query,
     n_head = multi-head), QK-norm, an attention-logit softcap
-  - two attention paths with the same result: F.scaled_dot_product_attention (fast) and a
-    hand-written one (scores, mask, softmax, weighted sum) that you can read line by line
+  - three attention paths with the same result: F.scaled_dot_product_attention (fast), a
+    hand-written one (scores, mask, softmax, weighted sum) that you can read line by line, and a
+    flash-attention kernel written in Triton (FlashAttention-2: tiles, online softmax, the
+    recomputing backward; optional, needs triton)
   - masks: causal, sliding window (changeable at run time), global prefix tokens that are always
     visible, document masking for packed sequences
   - MLP: ReLU^2, SwiGLU or GELU, hidden size configurable
@@ -32,6 +34,9 @@ Run it:
   python model.py --n_layer=12 --n_embd=768 --n_head=6 --n_kv_head=2 --block_size=1024
   python model.py --n_experts=8 --top_k=2 --moe_hidden=256      # MoE: total vs active params
   python model.py --bench=True                     # time SDPA vs hand-written attention
+  python model.py --bench_attention=True           # Triton kernel vs SDPA vs hand-written, fwd+bwd,
+                                                   # bf16, T = 512..4096 (a GPU; on CPU it needs
+                                                   # TRITON_INTERPRET=1 and runs tiny sizes)
   python model.py --help                           # every GPTConfig field with its meaning
 
 Use it (train.py and sample.py do this):
@@ -48,6 +53,7 @@ Sections:
   4. Attention masks (causal, sliding window, global prefix, documents)
   5. Attention (merged QKV, GQA, QK-norm, softcap, SDPA and hand-written paths,
      recording the attention probabilities)
+  5b. A flash-attention kernel in Triton (FlashAttention-2 forward and backward, attn_impl=triton)
   6. MLP (ReLU^2, SwiGLU, GELU)
   7. Mixture of experts (routing, capacity, balancing, statistics)
   8. Transformer block
@@ -56,7 +62,7 @@ Sections:
  11. Accounting (parameters, FLOPs, KV bytes) and optimizer groups
  12. Runtime: device, precision, compile, threads, determinism (decided once)
  13. Checkpoints: the file format, atomic save with a checksum, verified load
- 14. main: print the architecture, run a forward/backward, optional benchmark
+ 14. main: print the architecture, run a forward/backward, optional benchmarks
 """
 import contextlib
 import ctypes
@@ -86,8 +92,9 @@ import bpe
 
 MLP_KINDS = ("relu2", "swiglu", "gelu")
 ROPE_SCALINGS = ("none", "linear", "yarn")
-ATTN_IMPLS = ("sdpa", "manual")
+ATTN_IMPLS = ("sdpa", "manual", "triton")
 SWIGLU_ROUND = 64  # hidden sizes that are multiples of 64 map well onto matmul tiles
+FLASH_MAX_HEAD_DIM = 128  # largest head_dim the Triton kernel's tiles are sized for (section 5b)
 
 
 def dense_hidden(config):
@@ -123,7 +130,7 @@ class GPTConfig:
     window: int = 0                 # sliding attention window in tokens; 0 = full causal attention
     n_global: int = 0               # first n_global positions stay visible to every query (with a window)
     mtp: bool = False               # multi-token prediction head: extra loss predicting token t+2
-    attn_impl: str = "sdpa"         # sdpa = F.scaled_dot_product_attention where it applies | manual
+    attn_impl: str = "sdpa"         # sdpa = F.scaled_dot_product_attention where it applies | manual | triton (5b)
     # Mixture of experts (section 7); n_experts = 0 keeps every MLP dense.
     n_experts: int = 0              # routed experts per MoE layer; 0 = dense model
     moe_every: int = 1              # every k-th block uses MoE (blocks with index % k == k-1)
@@ -154,6 +161,13 @@ class GPTConfig:
             raise ValueError(f"rope_scaling={self.rope_scaling!r}: choose one of {', '.join(ROPE_SCALINGS)}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r}: choose one of {', '.join(ATTN_IMPLS)}")
+        if self.attn_impl == "triton" and self.attn_softcap != 0:
+            raise ValueError(f"attn_impl=triton has no attention softcap (attn_softcap="
+                             f"{self.attn_softcap}); use attn_impl=manual, or attn_softcap=0")
+        if self.attn_impl == "triton" and self.n_embd // self.n_head > FLASH_MAX_HEAD_DIM:
+            raise ValueError(f"attn_impl=triton supports head_dim = n_embd/n_head up to "
+                             f"{FLASH_MAX_HEAD_DIM}, not {self.n_embd // self.n_head}; use attn_impl=sdpa, "
+                             "or more heads")
         if not self.rope_factor >= 1.0:
             raise ValueError(f"rope_factor={self.rope_factor} must be >= 1 (it stretches the context)")
         if self.rope_scaling == "none" and self.rope_factor != 1.0:
@@ -339,6 +353,9 @@ class AttnLayout(NamedTuple):
     k_start: int                 # first cached position the new tokens can see (sliding window)
     mask: Optional[torch.Tensor]  # bool (1|B, 1, T, Tk); None = every key visible
     is_causal: bool              # mask is exactly the square causal mask: SDPA's is_causal flag
+    # the Triton kernel (section 5b) builds its mask from pos, k_start, n_global and these two:
+    window: int = 0              # sliding window of this call (0 = none, also when it spans everything)
+    docs: Optional[tuple] = None  # (q_doc (B, T), k_doc (B, Tk)) document ids; None = no documents
 
 # -----------------------------------------------------------------------------
 # 5. Attention
@@ -406,6 +423,14 @@ class CausalSelfAttention(nn.Module):
         # attention always takes the hand-written path.
         self.manual = config.attn_impl == "manual" or config.attn_softcap > 0
         self.record = None   # a list while record_attention is on (the probabilities go there)
+        self.triton = config.attn_impl == "triton"   # GPTConfig rejects triton with a softcap
+        self.n_global = config.n_global
+        if self.triton:
+            # Under torch.compile (train.py compiles the model) the kernel call is a graph break
+            # and runs as it is: its kernels are fused already, and Dynamo cannot trace a launch
+            # run by Triton's CPU interpreter. Wrapped here, only for this impl, because
+            # torch.compiler.disable imports torch._dynamo, which takes seconds.
+            self.flash_attention = torch.compiler.disable(flash_attention)
 
     def forward(self, x, layout, cache=None, layer=0):
         B, T, _ = x.shape
@@ -420,7 +445,13 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             # keys and values are stored after RoPE, so cached ones never need rotating again
             k, v = cache.update(layer, k, v, layout.pos, layout.k_start)  # (B, Hkv, Tk, D)
-        if self.manual or self.record is not None:
+        if self.triton and self.record is None:
+            # the kernel of section 5b builds the mask itself from positions (and skips the key
+            # blocks it hides entirely), so it reads the layout's parts, not layout.mask
+            q_doc, k_doc = layout.docs if layout.docs is not None else (None, None)
+            y = self.flash_attention(q, k, v, layout.pos, layout.k_start, layout.window,
+                                     self.n_global, q_doc, k_doc)
+        elif self.manual or self.record is not None:
             mask = layout.mask
             if layout.is_causal:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -465,6 +496,506 @@ def record_attention(model):
         for layer in layers:
             layer.record = None
 
+
+# -----------------------------------------------------------------------------
+# 5b. A flash-attention kernel in Triton (FlashAttention-2, forward and backward)
+#
+# Why a kernel. manual_attention materialises the (T, T) score matrix of every head: q k^T writes
+# it to memory, the mask and the softmax read and write it again, probs @ v reads it once more,
+# and the backward stores and re-reads it too. At T = 4096 that is 4096^2 = 16.8M scores per head
+# (64 MiB in float32), against 4 T D = 1M numbers for q, k, v and the output at D = 64. A GPU
+# does far more arithmetic per second than it moves bytes, so this path is limited by memory
+# traffic, not by FLOPs. FlashAttention (Dao et al., 2022; FlashAttention-2, Dao, 2023) never
+# writes the scores: it computes the output tile by tile in on-chip memory, reading each block of
+# queries once and k, v once per block of queries. SDPA's flash backend does the same; this kernel
+# is written out so that a reader can see how.
+#
+# The forward, for one block of BLOCK_M query rows (one program of the kernel). Per row it keeps
+#     m   the largest score seen so far,
+#     l   the sum of exp(score - m) over the keys seen so far,
+#     acc the sum of exp(score - m) * v over the keys seen so far            (BLOCK_M, D)
+# and for each block j of BLOCK_N keys that the mask does not hide entirely:
+#     S   = Q_i K_j^T / sqrt(D)                 (BLOCK_M, BLOCK_N), lives on chip only
+#     m'  = max(m, rowmax(S))
+#     P   = exp(S - m')                         (masked scores are -inf, so P = 0 there)
+#     l   = l * exp(m - m') + rowsum(P)
+#     acc = acc * exp(m - m') + P V_j
+#     m   = m'
+# and at the end O_i = acc / l and LSE_i = m + log(l), the log of the softmax denominator, which
+# is all the backward needs to rebuild P (below).
+#
+# Why the rescaling is exact (the online softmax, Milakov & Gimelshein, 2018). Softmax does not
+# change when a constant c is subtracted from a row, softmax(s)_j = exp(s_j - c) / sum_k exp(s_k - c),
+# and c = the row maximum keeps every exp <= 1 (no overflow). When a new block raises the maximum
+# from m to m', each term summed so far was exp(s - m) and should be exp(s - m'); since
+# exp(s - m') = exp(s - m) * exp(m - m'), multiplying l and acc by alpha = exp(m - m') corrects all
+# of them at once. After the last block, acc / l = sum_j exp(s_j - m) v_j / sum_j exp(s_j - m)
+# = softmax(s) V: the same numbers as manual_attention, up to rounding.
+# Worked example (one row, D = 1, two blocks of two keys): scores [1, 2 | 4, 3], values [1, 1 | 0, 0].
+#   block 1: m = 2, l = e^-1 + e^0 = 1.3679, acc = 1.3679 * 1 = 1.3679
+#   block 2: m' = 4, alpha = e^(2-4) = 0.1353; l = 1.3679 * 0.1353 + e^0 + e^-1 = 1.5530,
+#            acc = 1.3679 * 0.1353 + 0 = 0.1851
+#   O = acc / l = 0.1192 = (e^1 + e^2) / (e^1 + e^2 + e^4 + e^3), the direct softmax average.
+#
+# exp as exp2. exp(x) = 2^(x log2(e)), and 2^x is the GPU's native exponential, so log2(e) is
+# folded into the score scale once (scale2 = log2(e) / sqrt(D)) and the kernel works in base 2:
+# m and the saved LSE2 are base-2 logarithms (LSE = LSE2 * ln 2).
+#
+# Skipping blocks. Under the causal mask, a key block that starts after the block's last query is
+# entirely in the future: all its scores are -inf and P = 0, so loading it would only cost time.
+# The loop stops at the diagonal, which halves the work of a long sequence (T^2/2 scores instead
+# of T^2). A sliding window also hides every key block that ends before the window of the block's
+# first query begins; the loop starts there. With n_global the first keys stay visible to every
+# query, so the loop first visits those blocks, then the window's. Blocks that an edge crosses
+# (the diagonal, the window's start, the ragged end of a sequence that is not a multiple of the
+# block size) are loaded and masked element by element. Document masks are only applied element
+# by element (no blocks are skipped for them).
+#
+# The backward (FlashAttention-2). With S = Q K^T / sqrt(D), P = softmax(S), O = P V and dO the
+# gradient of the loss with respect to O:
+#     dV = P^T dO
+#     dP = dO V^T
+#     dS = P * (dP - Delta),   Delta_i = sum_j P_ij dP_ij = dO_i . O_i
+#     dQ = dS K / sqrt(D),     dK = dS^T Q / sqrt(D)
+# The softmax's Jacobian for one row is diag(p) - p p^T, so dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik);
+# that sum is Delta_i, and since sum_k P_ik (dO_i . V_k) = dO_i . (sum_k P_ik V_k) = dO_i . O_i it
+# costs one dot product per row, computed before the main loops (T numbers per head).
+# P itself is never stored. The forward saved only LSE (one number per row), and the backward
+# recomputes P_ij = exp(S_ij - LSE_i) tile by tile from Q and K: one more Q K^T product, but
+# storing P would take T^2 numbers per head and layer (64 MiB per head at T = 4096 in float32)
+# where LSE and Delta take 2 T (32 KiB), and reading a stored P back from memory is the very
+# traffic the forward avoided (the FlashAttention paper finds the recomputing backward faster for
+# that reason, despite its extra FLOPs).
+# Two kernels share the work so that every gradient is written by exactly one program, without
+# atomic additions:
+#     dK, dV: one program per block of keys of one kv head. It loops over the query blocks that
+#             can see those keys (from the diagonal to the end of the window) and, with GQA, over
+#             every query head of the group, summing their contributions on chip.
+#     dQ:     one program per block of queries; it loops over the same key blocks as the forward.
+#
+# Triton. A @triton.jit function is one program of a grid; it loads tiles with tl.load (pointer
+# arithmetic plus a mask for the ragged edges), multiplies them with tl.dot and stores the result.
+# Triton compiles it for the GPU; with TRITON_INTERPRET=1 it runs the same code on CPU tensors in
+# numpy, which is how test_all.py checks it without a GPU (correct, but far too slow to train).
+# The kernels are defined on first use, in _flash_define_kernels: importing model.py never imports
+# triton (it is optional). Triton reads TRITON_INTERPRET when it is imported and when a kernel is
+# defined, so the variable must be set before the process starts (test_all.py sets it first thing).
+
+# 64 x 64 tiles fit in a GPU's shared memory up to head_dim 128 (checked by compiling for sm_80 and
+# sm_90). Not tuned on a GPU yet: python model.py --bench_attention=True is where to try others.
+FLASH_BLOCK_M = 64       # query rows per tile (one program of the forward and of the dQ kernel)
+FLASH_BLOCK_N = 64       # key rows per tile (one program of the dK, dV kernel)
+FLASH_MIN_DOT = 16       # tl.dot needs every tile side >= 16, so small head dims are padded to it
+FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: gradcheck
+LOG2E = math.log2(math.e)
+
+_flash_defined_for = None  # the TRITON_INTERPRET setting the kernels were defined under, if any
+
+
+def _flash_define_kernels():
+    """Import triton and define the kernels as module globals (Triton resolves the names a
+    kernel uses, tl and the helper kernels, through the module's globals, not closures)."""
+    global triton, tl, _flash_dot, _flash_visible, _flash_fwd_tile, _flash_fwd_kernel
+    global _flash_dkdv_tile, _flash_bwd_dkdv_kernel, _flash_dq_tile, _flash_bwd_dq_kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _flash_dot(a, b, ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr):
+        """a @ b accumulated in ACC. WIDEN (set only under the interpreter, for bfloat16): Triton's
+        interpreter multiplies bfloat16 tiles as if their bits were integers, so they are widened
+        to float32 first; a product of two bfloat16 numbers is exact in float32, so the result is
+        what a GPU's bfloat16 tl.dot with float32 accumulation computes."""
+        if WIDEN:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, out_dtype=ACC, input_precision=PREC)
+
+    @triton.jit
+    def _flash_visible(q_idx, k_idx, Tq, Tk, q_off, k_off, window, n_global, q_doc, k_doc,
+                       HAS_DOC: tl.constexpr):
+        """The mask of section 4 for a tile, from indices into q and k (any broadcastable
+        shapes): absolute positions are q_off + q_idx and k_off + k_idx. Indices past the end
+        of q or k (the ragged last block) are never visible."""
+        q_pos = q_off + q_idx
+        k_pos = k_off + k_idx
+        ok = (k_pos <= q_pos) & (q_idx < Tq) & (k_idx < Tk)
+        ok = ok & ((window == 0) | (q_pos - k_pos < window) | (k_pos < n_global))
+        if HAS_DOC:
+            ok = ok & (q_doc == k_doc)
+        return ok
+
+    @triton.jit
+    def _flash_fwd_tile(acc, m_i, l_i, q, K, V, KDOC, q_doc, offs_m, start_n, skt, svt, Tq, Tk, D,
+                        q_off, k_off, window, n_global, scale2, HAS_DOC: tl.constexpr,
+                        ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One step of the online softmax: fold the key block at start_n into (acc, m, l)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BN, BD)
+        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_doc = tl.full([BLOCK_N], 0, tl.int32)
+        if HAS_DOC:
+            k_doc = tl.load(KDOC + offs_n, mask=offs_n < Tk, other=-1)
+        s = _flash_dot(q, tl.trans(k), ACC, PREC, WIDEN) * scale2        # (BM, BN)
+        visible = _flash_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, q_off, k_off, window,
+                                 n_global, q_doc[:, None], k_doc[None, :], HAS_DOC)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row can have no visible key in this block yet (m_new = -inf, e.g. the first block of
+        # a window that only its earlier rows reach): subtract 0 instead, so exp2(-inf) = 0
+        # rather than exp2(-inf - -inf) = NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)                                     # rescales the old sums
+        p = tl.exp2(s - m_sub[:, None])                                  # (BM, BN)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _flash_dot(p.to(v.dtype), v, ACC, PREC, WIDEN)
+        return acc, m_new, l_i
+
+    @triton.jit(do_not_specialize=["Tq", "Tk", "q_off", "k_off", "window", "n_global"])
+    def _flash_fwd_kernel(Q, K, V, O, LSE2, QDOC, KDOC,
+                          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                          H, group, Tq, Tk, D, q_off, k_off, window, n_global, scale2,
+                          HAS_DOC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Grid (cdiv(Tq, BLOCK_M), B * H): one program per block of queries of one head."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kvh = h // group                                          # GQA: the kv head it reads
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        q_base = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        q = tl.load(Q + q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+        K += b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+        V += b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+        q_doc = tl.full([BLOCK_M], 0, tl.int32)
+        if HAS_DOC:
+            q_doc = tl.load(QDOC + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
+            KDOC += b.to(tl.int64) * Tk
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+        l_i = tl.full([BLOCK_M], 0.0, ACC)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
+
+        # Which key blocks can be visible (in indices into K): causal stops at the last query's
+        # position; a window starts at the first query's window start, rounded down to a block;
+        # the global prefix [0, n_global) is visited first, up to where the window loop starts.
+        q_first = q_off + pid_m * BLOCK_M
+        q_last = q_off + tl.minimum((pid_m + 1) * BLOCK_M, Tq) - 1
+        hi = tl.minimum(Tk, q_last - k_off + 1)
+        lo = tl.where(window > 0, tl.maximum(q_first - window + 1 - k_off, 0) // BLOCK_N * BLOCK_N, 0)
+        n_glob = tl.maximum(n_global - k_off, 0)
+        glob_end = tl.minimum((n_glob + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
+        for start_n in range(0, glob_end, BLOCK_N):
+            acc, m_i, l_i = _flash_fwd_tile(acc, m_i, l_i, q, K, V, KDOC, q_doc, offs_m, start_n,
+                                            skt, svt, Tq, Tk, D, q_off, k_off, window, n_global,
+                                            scale2, HAS_DOC, ACC, PREC, WIDEN, BLOCK_N, BLOCK_D)
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _flash_fwd_tile(acc, m_i, l_i, q, K, V, KDOC, q_doc, offs_m, start_n,
+                                            skt, svt, Tq, Tk, D, q_off, k_off, window, n_global,
+                                            scale2, HAS_DOC, ACC, PREC, WIDEN, BLOCK_N, BLOCK_D)
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)      # only rows past Tq (never stored) have l = 0
+        o = acc / l_safe[:, None]
+        o_base = b.to(tl.int64) * sob + h.to(tl.int64) * soh
+        tl.store(O + o_base + offs_m[:, None] * sot + offs_d[None, :], o.to(O.dtype.element_ty),
+                 mask=q_mask)
+        tl.store(LSE2 + bh.to(tl.int64) * Tq + offs_m, m_i + tl.log2(l_safe), mask=offs_m < Tq)
+
+    @triton.jit
+    def _flash_dkdv_tile(dk, dv, k, v, k_doc, Q, DO, LSE2, DELTA, QDOC, offs_n, start_m, sqt, sdot,
+                         Tq, Tk, D, q_off, k_off, window, n_global, scale2, HAS_DOC: tl.constexpr,
+                         ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        """Add one query block's contribution to dK and dV of a key block. Works with the
+        transposed tile S^T (keys along rows), so that dV += P^T dO and dK += dS^T Q need no
+        transpose of a computed tile."""
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)     # (BM, BD)
+        do = tl.load(DO + offs_m[:, None] * sdot + offs_d[None, :], mask=q_mask, other=0.0)  # (BM, BD)
+        lse2 = tl.load(LSE2 + offs_m, mask=offs_m < Tq, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=offs_m < Tq, other=0.0)
+        q_doc = tl.full([BLOCK_M], 0, tl.int32)
+        if HAS_DOC:
+            q_doc = tl.load(QDOC + offs_m, mask=offs_m < Tq, other=-1)
+        s_t = _flash_dot(k, tl.trans(q), ACC, PREC, WIDEN) * scale2          # (BN, BM)
+        visible = _flash_visible(offs_m[None, :], offs_n[:, None], Tq, Tk, q_off, k_off, window,
+                                 n_global, q_doc[None, :], k_doc[:, None], HAS_DOC)
+        p_t = tl.exp2(tl.where(visible, s_t, float("-inf")) - lse2[None, :])  # P^T, recomputed
+        dv += _flash_dot(p_t.to(do.dtype), do, ACC, PREC, WIDEN)              # (BN, BD)
+        dp_t = _flash_dot(v, tl.trans(do), ACC, PREC, WIDEN)                  # (BN, BM)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _flash_dot(ds_t.to(q.dtype), q, ACC, PREC, WIDEN)               # (BN, BD)
+        return dk, dv
+
+    @triton.jit(do_not_specialize=["Tq", "Tk", "q_off", "k_off", "window", "n_global"])
+    def _flash_bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, QDOC, KDOC,
+                               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+                               H, Hkv, group, Tq, Tk, D, q_off, k_off, window, n_global, scale2,
+                               sm_scale, HAS_DOC: tl.constexpr, ACC: tl.constexpr,
+                               PREC: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Grid (cdiv(Tk, BLOCK_N), B * Hkv): one program per block of keys of one kv head.
+        DK and DV are contiguous (B, Hkv, Tk, D)."""
+        pid_n = tl.program_id(0)
+        bkv = tl.program_id(1)
+        b = bkv // Hkv
+        kvh = bkv % Hkv
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+        k = tl.load(K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh + offs_n[:, None] * skt
+                    + offs_d[None, :], mask=kv_mask, other=0.0)                              # (BN, BD)
+        v = tl.load(V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh + offs_n[:, None] * svt
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_doc = tl.full([BLOCK_N], 0, tl.int32)
+        if HAS_DOC:
+            k_doc = tl.load(KDOC + b.to(tl.int64) * Tk + offs_n, mask=offs_n < Tk, other=-1)
+            QDOC += b.to(tl.int64) * Tq
+        dk = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
+        dv = tl.full([BLOCK_N, BLOCK_D], 0.0, ACC)
+
+        # Which query blocks can see these keys: causal starts at the first key's position; a
+        # window ends window - 1 positions after the last key, unless the block holds a global key.
+        k_first = k_off + pid_n * BLOCK_N
+        k_last = k_off + tl.minimum((pid_n + 1) * BLOCK_N, Tk) - 1
+        lo = tl.maximum(k_first - q_off, 0) // BLOCK_M * BLOCK_M
+        bounded = (window > 0) & (k_first >= n_global)
+        hi = tl.where(bounded, tl.minimum(Tq, k_last + window - q_off), Tq)
+        for g in range(0, group):                         # the query heads that share this kv head
+            h = kvh * group + g
+            bh = b.to(tl.int64) * H + h
+            Qh = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+            DOh = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+            for start_m in range(lo, hi, BLOCK_M):
+                dk, dv = _flash_dkdv_tile(dk, dv, k, v, k_doc, Qh, DOh, LSE2 + bh * Tq,
+                                          DELTA + bh * Tq, QDOC, offs_n, start_m, sqt, sdot, Tq, Tk,
+                                          D, q_off, k_off, window, n_global, scale2, HAS_DOC, ACC,
+                                          PREC, WIDEN, BLOCK_M, BLOCK_D)
+        out = bkv.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
+        tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _flash_dq_tile(dq, q, do, lse2, delta, q_doc, K, V, KDOC, offs_m, start_n, skt, svt, Tq, Tk,
+                       D, q_off, k_off, window, n_global, scale2, HAS_DOC: tl.constexpr,
+                       ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """Add one key block's contribution to dQ of a query block."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_doc = tl.full([BLOCK_N], 0, tl.int32)
+        if HAS_DOC:
+            k_doc = tl.load(KDOC + offs_n, mask=offs_n < Tk, other=-1)
+        s = _flash_dot(q, tl.trans(k), ACC, PREC, WIDEN) * scale2            # (BM, BN)
+        visible = _flash_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, q_off, k_off, window,
+                                 n_global, q_doc[:, None], k_doc[None, :], HAS_DOC)
+        p = tl.exp2(tl.where(visible, s, float("-inf")) - lse2[:, None])       # P, recomputed
+        dp = _flash_dot(do, tl.trans(v), ACC, PREC, WIDEN)                   # (BM, BN)
+        ds = p * (dp - delta[:, None])
+        dq += _flash_dot(ds.to(k.dtype), k, ACC, PREC, WIDEN)                # (BM, BD)
+        return dq
+
+    @triton.jit(do_not_specialize=["Tq", "Tk", "q_off", "k_off", "window", "n_global"])
+    def _flash_bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, QDOC, KDOC,
+                             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+                             H, group, Tq, Tk, D, q_off, k_off, window, n_global, scale2, sm_scale,
+                             HAS_DOC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                             WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+        """Grid (cdiv(Tq, BLOCK_M), B * H): one program per block of queries of one head.
+        DQ is contiguous (B, H, Tq, D)."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kvh = h // group
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt
+                    + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdot
+                     + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE2 + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+        K += b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+        V += b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+        q_doc = tl.full([BLOCK_M], 0, tl.int32)
+        if HAS_DOC:
+            q_doc = tl.load(QDOC + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
+            KDOC += b.to(tl.int64) * Tk
+        dq = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
+        # the same key blocks as the forward visits (see _flash_fwd_kernel)
+        q_first = q_off + pid_m * BLOCK_M
+        q_last = q_off + tl.minimum((pid_m + 1) * BLOCK_M, Tq) - 1
+        hi = tl.minimum(Tk, q_last - k_off + 1)
+        lo = tl.where(window > 0, tl.maximum(q_first - window + 1 - k_off, 0) // BLOCK_N * BLOCK_N, 0)
+        n_glob = tl.maximum(n_global - k_off, 0)
+        glob_end = tl.minimum((n_glob + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
+        for start_n in range(0, glob_end, BLOCK_N):
+            dq = _flash_dq_tile(dq, q, do, lse2, delta, q_doc, K, V, KDOC, offs_m, start_n, skt, svt,
+                                Tq, Tk, D, q_off, k_off, window, n_global, scale2, HAS_DOC, ACC,
+                                PREC, WIDEN, BLOCK_N, BLOCK_D)
+        for start_n in range(lo, hi, BLOCK_N):
+            dq = _flash_dq_tile(dq, q, do, lse2, delta, q_doc, K, V, KDOC, offs_m, start_n, skt, svt,
+                                Tq, Tk, D, q_off, k_off, window, n_global, scale2, HAS_DOC, ACC,
+                                PREC, WIDEN, BLOCK_N, BLOCK_D)
+        out = bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
+        tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _flash_interpret():
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, read as Triton does)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _flash_ready(device):
+    """Define the kernels for this device on first use, or stop with one line saying why they
+    cannot run here and what to use instead."""
+    global _flash_defined_for
+    if device.type not in ("cuda", "cpu"):
+        raise bpe.UserError(f"attn_impl=triton runs on CUDA GPUs (or CPU for tests), not {device.type}; "
+                            "use attn_impl=sdpa")
+    interpret = _flash_interpret()
+    if device.type == "cpu" and not interpret:
+        raise bpe.UserError("attn_impl=triton on CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                            "(correct but slow, for tests), or use attn_impl=sdpa")
+    if _flash_defined_for != interpret:
+        try:
+            _flash_define_kernels()
+        except ImportError as e:
+            raise bpe.UserError(f"attn_impl=triton needs the triton package ({e}): pip install triton, "
+                                "or use attn_impl=sdpa") from None
+        if interpret and isinstance(tl.zeros, triton.runtime.JITFunction):
+            # Triton's own library (tl.zeros, ...) was compiled for the GPU when triton was
+            # first imported, and the interpreter cannot call it.
+            raise bpe.UserError("TRITON_INTERPRET=1 was set after triton was imported; set it "
+                                "before the process starts (TRITON_INTERPRET=1 python ...)")
+        _flash_defined_for = interpret
+
+
+def _flash_launch_settings(x):
+    """Constants shared by the three kernels: accumulator dtype, dot precision, tile sizes."""
+    D = x.size(-1)
+    # fp32 accumulation for 16-bit inputs; float64 stays float64 (gradcheck needs it).
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    # float32 products follow torch's own switch for matmuls (train.py turns TF32 on for CUDA):
+    # "tf32" runs on the tensor cores with a 10-bit mantissa, "ieee" is exact float32 (and
+    # slow: no tensor cores). Half-precision inputs need neither.
+    tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    prec = {torch.float32: "tf32" if tf32 else "ieee", torch.float64: "ieee"}.get(x.dtype)
+    block_d = max(FLASH_MIN_DOT, triton.next_power_of_2(D))
+    widen = x.dtype == torch.bfloat16 and _flash_interpret()
+    # Triton prefetches the next tiles into shared memory while it computes on the current ones
+    # (num_stages copies); float32 tiles are twice as large, so one copy fewer keeps head_dim 128
+    # within an A100's shared memory.
+    stages = 2 if x.element_size() >= 4 else 3
+    return dict(ACC=acc, PREC=prec, WIDEN=widen, BLOCK_D=block_d,
+                num_warps=4 if block_d <= 64 else 8, num_stages=stages)
+
+
+def _flash_forward(q, k, v, where, q_doc, k_doc):
+    """O (B, H, Tq, D) in q's dtype and LSE2 (B, H, Tq) (base-2 log-sum-exp of each row's
+    scaled scores, float32, or float64 for float64 inputs). where = (q_off, k_off, window, n_global)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.size(1), k.size(2)
+    launch = _flash_launch_settings(q)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse2 = torch.empty(B, H, Tq, device=q.device,
+                       dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    has_doc = q_doc is not None
+    grid = (triton.cdiv(Tq, FLASH_BLOCK_M), B * H)
+    _flash_fwd_kernel[grid](
+        q, k, v, o, lse2, q_doc if has_doc else q, k_doc if has_doc else q,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        H, H // Hkv, Tq, Tk, D, *where, D ** -0.5 * LOG2E,
+        HAS_DOC=has_doc, BLOCK_M=FLASH_BLOCK_M, BLOCK_N=FLASH_BLOCK_N, **launch)
+    return o, lse2
+
+
+def _flash_backward(do, q, k, v, o, lse2, where, q_doc, k_doc):
+    """dQ, dK, dV (the shapes and dtypes of q, k, v) from dO and the saved forward tensors."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.size(1), k.size(2)
+    launch = _flash_launch_settings(q)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    # Delta_i = dO_i . O_i (see the derivation above): (B, H, Tq), in the accumulator's dtype
+    delta = (do.to(lse2.dtype) * o.to(lse2.dtype)).sum(-1)
+    dq = torch.empty(B, H, Tq, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, Hkv, Tk, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, Hkv, Tk, D, device=q.device, dtype=v.dtype)
+    has_doc = q_doc is not None
+    docs = (q_doc if has_doc else q, k_doc if has_doc else q)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    scales = (D ** -0.5 * LOG2E, D ** -0.5)
+    blocks = dict(HAS_DOC=has_doc, BLOCK_M=FLASH_BLOCK_M, BLOCK_N=FLASH_BLOCK_N, **launch)
+    _flash_bwd_dkdv_kernel[(triton.cdiv(Tk, FLASH_BLOCK_N), B * Hkv)](
+        q, k, v, do, lse2, delta, dk, dv, *docs, *strides, H, Hkv, H // Hkv, Tq, Tk, D, *where,
+        *scales, **blocks)
+    _flash_bwd_dq_kernel[(triton.cdiv(Tq, FLASH_BLOCK_M), B * H)](
+        q, k, v, do, lse2, delta, dq, *docs, *strides, H, H // Hkv, Tq, Tk, D, *where, *scales,
+        **blocks)
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    """The kernels as an autograd operation: forward saves q, k, v, O and LSE2 (not P), backward
+    runs the two backward kernels. Use it through flash_attention()."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, where, q_doc, k_doc):
+        o, lse2 = _flash_forward(q, k, v, where, q_doc, k_doc)
+        ctx.save_for_backward(q, k, v, o, lse2, q_doc, k_doc)
+        ctx.where = where
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse2, q_doc, k_doc = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(do, q, k, v, o, lse2, ctx.where, q_doc, k_doc)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q, k, v, q_offset=0, k_offset=0, window=0, n_global=0, q_doc=None, k_doc=None):
+    """softmax(q k^T / sqrt(D) + mask) v with the Triton kernels, differentiable.
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), H a multiple of Hkv (GQA); float32, bfloat16,
+    float16 or float64, all the same. Query row i sits at absolute position q_offset + i and key
+    row j at k_offset + j (a KV-cached call: q_offset = cache position, k_offset = first cached
+    key kept); the mask is section 4's: causal, window / n_global, and documents when q_doc
+    (B, Tq) and k_doc (B, Tk) are given. Returns (B, H, Tq, D) in q's dtype. Equals
+    manual_attention(q, k, v, attention_mask(...)) (test_model_flash_attention_equals_manual)."""
+    _flash_ready(q.device)
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[::3] != k.shape[::3]:
+        raise ValueError(f"flash_attention: q (B, H, Tq, D) and k, v (B, Hkv, Tk, D) do not match: "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.size(1) % k.size(1):
+        raise ValueError(f"flash_attention: {q.size(1)} query heads are not a multiple of "
+                         f"{k.size(1)} kv heads")
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in FLASH_DTYPES):
+        raise ValueError(f"flash_attention: q, k, v must share one dtype of {FLASH_DTYPES}, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.size(-1) > FLASH_MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention: head_dim {q.size(-1)} > {FLASH_MAX_HEAD_DIM}; "
+                         "use attn_impl=sdpa")
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("flash_attention: give both q_doc and k_doc, or neither")
+    # the kernels step through the head dimension with stride 1 and the doc ids with stride 1
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if q_doc is not None:
+        q_doc, k_doc = q_doc.contiguous(), k_doc.contiguous()
+    where = (int(q_offset), int(k_offset), int(window), int(n_global))
+    return FlashAttention.apply(q, k, v, where, q_doc, k_doc)
 
 # -----------------------------------------------------------------------------
 # 6. MLP
@@ -1053,7 +1584,7 @@ class GPT(nn.Module):
         else:
             mask = attention_mask(q_pos, k_pos, window, cfg.n_global, doc_ids, k_doc)
         return AttnLayout(self.rope_cos[pos:end], self.rope_sin[pos:end], pos, k_start, mask,
-                          is_causal)
+                          is_causal, window, None if doc_ids is None else (doc_ids, k_doc))
 
     def _logits(self, h):
         logits = self.lm_head(self.transformer.ln_f(h)).float()    # (B, T, V) float32
@@ -1690,10 +2221,89 @@ def gpt_config(settings, **changes):
 class ModelSettings(GPTConfig):
     """`python model.py`'s settings: every GPTConfig field, plus what to do with the model."""
     bench: bool = False             # also time SDPA against the hand-written attention (fwd + bwd)
+    bench_attention: bool = False   # only time the Triton kernel vs SDPA vs hand-written attention (fwd + bwd, bf16, T = 512..4096)
+
+
+# Attention benchmark sizes: FlashAttention-2's setup (B * T = 16k tokens, n_head * head_dim = 2048),
+# causal, bfloat16, forward + backward. On CPU the kernel runs in Triton's interpreter, so the
+# sizes shrink to something that finishes; those timings say nothing about speed.
+BENCH_ATTN_GPU = dict(lengths=(512, 1024, 2048, 4096), head_dims=(64, 128), tokens=16384, width=2048)
+BENCH_ATTN_CPU = dict(lengths=(64, 128), head_dims=(16, 32), tokens=256, width=64)
+
+
+def bench_attention(device=None, lengths=None, head_dims=None, tokens=None, width=None, repeats=5):
+    """Time forward + backward of causal self-attention, bf16: the Triton kernel (section 5b),
+    SDPA (its flash backend on CUDA) and manual_attention, alternating, medians, warm-up outside
+    the clock. Prints one row per (T, head_dim) with ms and TFLOP/s of each, and how far the
+    kernel's output and gradients are from SDPA's, max |triton - sdpa| / max |sdpa| (a
+    correctness check on the GPU too: bf16 rounding alone gives up to about 2 eps = 0.016).
+    FLOPs: the forward is 2 matmuls (q k^T, p v) of 2 T^2 D each per head, halved by the causal
+    mask; the backward is 5 such matmuls (q k^T again, dV, dP, dQ, dK), so fwd + bwd = 3.5 x
+    4 B H T^2 D / 2 (the convention of the FlashAttention papers)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sizes = BENCH_ATTN_GPU if device.type == "cuda" else BENCH_ATTN_CPU
+    lengths, head_dims = lengths or sizes["lengths"], head_dims or sizes["head_dims"]
+    tokens, width = tokens or sizes["tokens"], width or sizes["width"]
+    _flash_ready(device)   # one line and stop if the kernel cannot run here
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+              f"triton {triton.__version__}")
+    else:
+        print("device: CPU, Triton interpreter: a check that the benchmark runs; the times are "
+              "not the kernel's speed")
+
+    def flash_only():  # a fresh context each call: sdpa_kernel is a one-shot generator
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    header = (f"{'T':>5} {'D':>4} {'B':>3} {'H':>3} | {'triton ms':>9} {'sdpa ms':>9} {'manual ms':>9} | "
+              f"{'triton TF/s':>11} {'sdpa TF/s':>9} {'manual TF/s':>11} | rel. diff out, grads")
+    print(header)
+    for T in lengths:
+        for D in head_dims:
+            B, H = max(1, tokens // T), max(1, width // D)
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            do = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+            def sdpa(q, k, v):
+                with flash_only():
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            impls = {"triton": lambda q, k, v: flash_attention(q, k, v), "sdpa": sdpa,
+                     "manual": lambda q, k, v: manual_attention(q, k, v, causal)}
+            results, fns = {}, {}
+            for name, attn in impls.items():
+                def step(attn=attn, name=name):
+                    out = attn(q, k, v)
+                    grads = torch.autograd.grad(out, (q, k, v), do)
+                    sync()
+                    results[name] = (out, *grads)
+                try:
+                    step()                                   # warm-up: compiles the kernels
+                    fns[name] = step
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    results.pop(name, None)
+            times = dict(zip(fns, _alternate(list(fns.values()), repeats)))
+            flops = 3.5 * 4 * B * H * T * T * D / 2
+            ms = [f"{times[n] * 1e3:9.2f}" if n in times else f"{'OOM':>9}" for n in impls]
+            tfs = [f"{flops / times[n] / 1e12:.1f}" if n in times else "-" for n in impls]
+            diff = "-"
+            if "triton" in results and "sdpa" in results:
+                rel = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                       for a, b in zip(results["triton"], results["sdpa"])]
+                diff = f"{rel[0]:.4f}, {max(rel[1:]):.4f}"
+            print(f"{T:>5} {D:>4} {B:>3} {H:>3} | {ms[0]} {ms[1]} {ms[2]} | {tfs[0]:>11} {tfs[1]:>9} "
+                  f"{tfs[2]:>11} | {diff}")
 
 
 def main():
     settings = bpe.parse_settings(ModelSettings, sys.argv[1:], description=__doc__)
+    if settings.bench_attention:
+        return bench_attention()
     config = gpt_config(settings)
     torch.manual_seed(0)
     model = GPT(config)

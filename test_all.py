@@ -7,6 +7,12 @@ test_all.py -- every nanostack test, one section per script, in reading order.
 Tests are hermetic: tiny corpora built in tmp_path, no network (downloads are tested
 against a local http.server), CPU only, float32 where numbers are compared.
 """
+import os
+
+# The Triton kernel's tests (model.py section 5b) run in Triton's CPU interpreter, which must be
+# switched on before anything imports triton: its library functions are defined at import.
+os.environ["TRITON_INTERPRET"] = "1"
+
 import base64
 import copy
 import ctypes
@@ -18,7 +24,6 @@ import http.server
 import io
 import json
 import math
-import os
 import random
 import re
 import signal
@@ -2101,6 +2106,241 @@ def test_model_moe_optim_groups():
     assert [id(p) for p in by["router"]["params"]] == [id(layer.router.weight) for layer in m.moe_layers()]
     assert any(p.ndim == 3 for p in by["expert"]["params"])
     assert all(p.ndim == 2 for p in by["matrix"]["params"])
+
+# ---------------------------------------------------------------------------- Triton flash attention
+# model.py section 5b. The kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set at the
+# top of this file), on small shapes: it executes the same kernel code with numpy, one program at
+# a time.
+
+try:
+    import triton  # noqa: F401  (only to know whether the kernel tests can run)
+    _FLASH_MISSING = None
+except ImportError as e:
+    _FLASH_MISSING = f"triton cannot be imported ({e}); pip install triton to run the kernel tests"
+_needs_triton = pytest.mark.skipif(_FLASH_MISSING is not None, reason=_FLASH_MISSING or "")
+
+
+def _flash_case(B, H, Hkv, Tq, D, Tk=None, q_off=None, k_off=0, window=0, n_global=0, docs=False,
+                dtype=torch.float32, seed=0):
+    """Random q, k, v (requires_grad), the mask arguments, and section 4's mask for them."""
+    g = torch.Generator().manual_seed(seed)
+    Tk = Tk or Tq
+    q_off = k_off + Tk - Tq if q_off is None else q_off      # the queries are the last Tq keys
+    q = torch.randn(B, H, Tq, D, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(B, Hkv, Tk, D, generator=g).to(dtype).requires_grad_()
+    k_doc = torch.randint(0, 3, (B, Tk), generator=g).sort(dim=1).values if docs else None
+    q_doc = k_doc[:, Tk - Tq:] if docs else None
+    mask = M.attention_mask(torch.arange(q_off, q_off + Tq), torch.arange(k_off, k_off + Tk),
+                            window, n_global, q_doc, k_doc)
+    return (q, k, v), (q_off, k_off, window, n_global, q_doc, k_doc), mask
+
+
+def _flash_fwd_bwd(attn, qkv, do):
+    out = attn(*qkv)
+    return (out, *torch.autograd.grad(out, qkv, do))
+
+
+_FLASH_CASES = [  # B, H, Hkv, Tq, D, extra; blocks are 64 rows, so 63, 65 and 200 end mid-block
+    (1, 1, 1, 1, 16, {}),
+    (1, 1, 1, 63, 16, {}),
+    (2, 2, 1, 65, 32, {}),                                    # GQA, 2 query heads per kv head
+    (1, 2, 1, 200, 16, dict(window=16)),                      # GQA + window: blocks skipped
+    (1, 1, 1, 200, 16, dict(window=16, n_global=4)),          # the global prefix loop too
+    (2, 1, 1, 130, 48, dict(docs=True)),                      # documents; head_dim 48 (padded to 64)
+    (1, 1, 1, 65, 128, {}),
+    (1, 2, 1, 1, 16, dict(Tk=70)),                            # one cached token decoding
+    (1, 1, 1, 5, 16, dict(Tk=90, k_off=10, window=20)),       # a cached chunk, window-trimmed cache
+]
+
+
+@_needs_triton
+@pytest.mark.parametrize("B,H,Hkv,Tq,D,extra", _FLASH_CASES)
+@_model_one_thread
+def test_model_flash_attention_equals_manual(B, H, Hkv, Tq, D, extra):
+    """Output, the saved log-sum-exp, and dQ, dK, dV equal manual_attention's in float32."""
+    qkv, where, mask = _flash_case(B, H, Hkv, Tq, D, **extra)
+    do = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(1))
+    got = _flash_fwd_bwd(lambda q, k, v: M.flash_attention(q, k, v, *where), qkv, do)
+    want = _flash_fwd_bwd(lambda q, k, v: M.manual_attention(q, k, v, mask), qkv, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    q, k, v = qkv
+    _, lse2 = M._flash_forward(q.detach(), k.detach(), v.detach(), where[:4], *where[4:])
+    scores = (q @ k.repeat_interleave(H // Hkv, 1).transpose(-2, -1)) * D ** -0.5
+    lse = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)          # natural log
+    torch.testing.assert_close(lse2 * math.log(2), lse.detach(), atol=1e-5, rtol=1e-5)
+
+
+@_needs_triton
+@_model_one_thread
+def test_model_flash_attention_worked_example():
+    """Section 5b's worked example, by hand: D = 1, the last query (q = 1) sees keys [1, 2, 4, 3]
+    with values [1, 1, 0, 0], so O = (e + e^2) / (e + e^2 + e^4 + e^3) = 0.1192 and
+    LSE = ln(e + e^2 + e^4 + e^3) = ln(84.79) = 4.440."""
+    q = torch.tensor([0.0, 0.0, 0.0, 1.0]).view(1, 1, 4, 1)
+    k = torch.tensor([1.0, 2.0, 4.0, 3.0]).view(1, 1, 4, 1)
+    v = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 4, 1)
+    M._flash_ready(q.device)                  # what flash_attention does first: define the kernels
+    o, lse2 = M._flash_forward(q, k, v, (0, 0, 0, 0), None, None)
+    assert o[0, 0, 3, 0].item() == pytest.approx(0.1192, abs=1e-4)
+    assert lse2[0, 0, 3].item() * math.log(2) == pytest.approx(4.440, abs=1e-3)
+    assert o[0, 0, :3, 0].tolist() == pytest.approx([1.0, 1.0, 2 / 3])  # q = 0: equal weights
+
+
+@_needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@_model_one_thread
+def test_model_flash_attention_half_precision_bound(dtype):
+    """16-bit inputs, float32 accumulation. The stated bound: for the output and each gradient,
+    max |kernel - exact| <= 2 eps max |exact|, eps = torch.finfo(dtype).eps (2^-7 for bfloat16,
+    2^-10 for float16) and exact = float64 attention of the same rounded inputs. The kernel rounds
+    P to the input dtype before P V, and dS before dS K, as manual_attention in that dtype rounds
+    its probabilities and score gradients; measured here it stays within 1.4 eps (manual: 0.7)."""
+    (q, k, v), where, mask = _flash_case(1, 2, 1, 100, 64, window=40, n_global=3, dtype=dtype)
+    do = torch.randn(1, 2, 100, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = _flash_fwd_bwd(lambda q, k, v: M.flash_attention(q, k, v, *where), (q, k, v), do)
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = _flash_fwd_bwd(lambda q, k, v: M.manual_attention(q, k, v, mask), exact, do.double())
+    eps = torch.finfo(dtype).eps
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert a.dtype == dtype
+        err, scale = (a.double() - r).abs().max().item(), r.abs().max().item()
+        assert err <= 2 * eps * scale, f"{name}: error {err:.2e} > 2 eps max|exact| = {2 * eps * scale:.2e}"
+
+
+@_needs_triton
+@_model_one_thread
+def test_model_flash_attention_gradcheck_float64():
+    """torch.autograd.gradcheck in float64 (the interpreter computes in float64): finite
+    differences of the forward kernel against the two backward kernels, with GQA, a window
+    and a global prefix. fast_mode checks u^T J v for random u, v instead of all of J (a
+    handful of kernel calls instead of one per input number)."""
+    (q, k, v), where, _ = _flash_case(1, 2, 1, 7, 4, window=3, n_global=1, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k, v: M.flash_attention(q, k, v, *where), (q, k, v),
+                                    fast_mode=True)
+
+
+@_needs_triton
+@pytest.mark.filterwarnings("ignore:All-NaN slice")   # numpy, on the poisoned rows
+@_model_one_thread
+def test_model_flash_attention_skips_hidden_blocks():
+    """Key blocks that the mask hides entirely are never loaded: poison them with NaN (0 * NaN
+    is NaN, so a loaded-and-masked block would spread it) and the rows that cannot see them stay
+    equal to the clean result. Causal: rows 0..63 never load keys 64..; window 16: rows 128.. never
+    load keys 0..63 (with n_global they must, and do)."""
+    for window, n_global, poison, rows in [(0, 0, slice(64, None), slice(0, 64)),
+                                           (16, 0, slice(0, 64), slice(128, None))]:
+        (q, k, v), where, _ = _flash_case(1, 1, 1, 200, 16, window=window, n_global=n_global)
+        q, k, v = q.detach(), k.detach(), v.detach()
+        clean = M.flash_attention(q, k, v, *where)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, poison] = float("nan")
+        v2[:, :, poison] = float("nan")
+        dirty = M.flash_attention(q, k2, v2, *where)
+        torch.testing.assert_close(dirty[:, :, rows], clean[:, :, rows], atol=0, rtol=0)
+        assert dirty.isnan().any()   # the rows that do see the poisoned keys
+    (q, k, v), where, _ = _flash_case(1, 1, 1, 200, 16, window=16, n_global=4)
+    v2 = v.detach().clone()
+    v2[:, :, :4] = float("nan")      # the global prefix: every row sees it, so every row is NaN
+    assert M.flash_attention(q.detach(), k.detach(), v2, *where).isnan().all()
+
+
+@_needs_triton
+@_model_one_thread
+def test_model_gpt_training_step_triton_equals_manual():
+    """A training step of the whole model: loss, every parameter's gradient, and the loss after
+    an SGD step agree between attn_impl=triton and attn_impl=manual (GQA, window, global prefix,
+    packed documents, the MTP head's attention too)."""
+    m = _model_make(n_layer=1, n_head=2, n_kv_head=1, window=8, n_global=2, mtp=True).train()
+    t = _model_twin(m, attn_impl="triton").train()
+    idx = _model_tokens(1, 25)
+    idx[:, [0, 9, 20]] = 0
+    docs = M.doc_ids_from_bos(idx, 0)
+    losses = {}
+    for name, model in (("manual", m), ("triton", t)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss, aux = model(idx[:, :-1], idx[:, 1:], doc_ids=docs[:, :-1])
+        (loss + aux["mtp"]).backward()
+        opt.step()
+        losses[name] = (loss.item(), aux["mtp"].item(), model(idx[:, :-1], idx[:, 1:])[0].item())
+    assert losses["triton"] == pytest.approx(losses["manual"], abs=1e-5)
+    for (name, p), p2 in zip(m.named_parameters(), t.parameters()):
+        torch.testing.assert_close(p2, p, atol=1e-5, rtol=1e-5, msg=lambda msg: f"{name}: {msg}")
+
+
+@_needs_triton
+@pytest.mark.parametrize("kw", [dict(n_kv_head=1, window=5), dict(window=4, n_global=2)])
+@_model_one_thread
+def test_model_triton_cached_decode_equals_full_forward(kw):
+    """attn_impl=triton runs the KV-cached path in the kernel too (q_offset = cache position,
+    k_offset = first kept key): prefill + decode equals the full forward and the manual model."""
+    m = _model_make(**{"attn_impl": "triton", "n_layer": 1, "n_head": 2, "n_kv_head": 2, **kw})
+    idx = _model_tokens(1, 16)
+    full = m(idx)
+    torch.testing.assert_close(full, _model_twin(m, attn_impl="manual")(idx), atol=_MODEL_ATOL, rtol=0)
+    torch.testing.assert_close(_model_decode(m, idx, 9), full, atol=_MODEL_ATOL, rtol=0)
+    torch.testing.assert_close(_model_decode(m, idx, 2, chunk=7), full, atol=_MODEL_ATOL, rtol=0)
+    idx[0, [0, 6, 11]] = 0                             # packed documents: cached doc ids too
+    docs = M.doc_ids_from_bos(idx, 0)
+    torch.testing.assert_close(_model_decode(m, idx, 8, doc_ids=docs), m(idx, doc_ids=docs),
+                               atol=_MODEL_ATOL, rtol=0)
+
+
+@_model_one_thread
+def test_model_triton_one_line_errors(monkeypatch):
+    """Where the kernel cannot run, one line saying why and what to use (these run with or
+    without triton installed)."""
+    for kw, hint in [(dict(attn_softcap=5.0), "attn_impl=manual"),
+                     (dict(n_embd=512, n_head=2, n_kv_head=2), "attn_impl=sdpa")]:
+        with pytest.raises(ValueError, match=hint) as e:
+            _model_cfg(attn_impl="triton", **kw)
+        assert "\n" not in str(e.value)
+    m = _model_make(attn_impl="triton")
+    idx = _model_tokens(1, 8)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(bpe.UserError, match="TRITON_INTERPRET=1") as e:
+        m(idx)                                         # CPU tensors, no interpreter
+    assert "\n" not in str(e.value) and "attn_impl=sdpa" in str(e.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(sys.modules, "triton", None)   # `import triton` now raises ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    monkeypatch.setattr(M, "_flash_defined_for", None)
+    with pytest.raises(bpe.UserError, match="pip install triton") as e:
+        m(idx)
+    assert "\n" not in str(e.value) and "attn_impl=sdpa" in str(e.value)
+
+
+@_needs_triton
+@_model_one_thread
+def test_model_flash_attention_rejects_bad_inputs():
+    q = torch.randn(1, 4, 8, 16)
+    kv = torch.randn(1, 2, 8, 16)
+    for args, match in [((q, kv.double(), kv), "dtype"), ((q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16)), "multiple"),
+                        ((q, kv[..., :8], kv[..., :8]), "do not match"), ((q.long(), kv.long(), kv.long()), "dtype")]:
+        with pytest.raises(ValueError, match=match):
+            M.flash_attention(*args)
+
+
+def test_model_import_does_not_import_triton():
+    """triton is optional and slow to import: model.py (and so train.py, sample.py) must only
+    import it when attn_impl=triton runs."""
+    code = "import sys, model; assert 'triton' not in sys.modules, 'model.py imported triton'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(M.__file__)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@_needs_triton
+@_model_one_thread
+def test_model_bench_attention_runs_on_cpu(capsys):
+    """The GPU benchmark's code path, at interpreter sizes: one row, and the kernel agrees with
+    SDPA (bfloat16) in the row's error columns."""
+    M.bench_attention(torch.device("cpu"), lengths=(64,), head_dims=(16,), tokens=64, width=32, repeats=1)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.split()[:2] == ["64", "16"]]
+    assert len(rows) == 1
+    out_err, grad_err = (float(x) for x in rows[0].rsplit("|", 1)[1].split(","))
+    assert out_err < 0.02 and grad_err < 0.02           # relative: bf16 rounding, 2 eps = 0.016
 
 # =============================================================================
 # 4. model.py: mixture of experts
