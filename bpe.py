@@ -80,6 +80,7 @@ import sys
 import sysconfig
 import time
 import types
+import unicodedata
 
 import numpy as np
 import regex
@@ -161,6 +162,11 @@ CHUNK_CACHE_MAX = 1 << 20  # encode's chunk -> ids cache is cleared when it grow
 # Text (strings) round-trips through bytes with "surrogateescape": a str made from arbitrary bytes
 # by bytes.decode("utf-8", "surrogateescape") encodes back to exactly those bytes.
 UTF8_ERRORS = "surrogateescape"
+# A tokenizer may rewrite text into one Unicode normal form before splitting it. NFC composes what
+# can be composed: "e" + U+0301 (combining acute) becomes the single character "é", so both
+# spellings get the same ids. Our own tokenizers do not normalize (the bytes are the text); some
+# imported ones do (Hugging Face's Qwen files declare NFC), and then encode must too.
+NORMALIZERS = ("NFC",)
 
 
 def resolve_pattern(pattern):
@@ -815,7 +821,10 @@ class Tokenizer:
     """A byte-level BPE tokenizer. Build one with Tokenizer.train / load / from_vocab_merges /
     from_gpt2 / from_tiktoken."""
 
-    def __init__(self, pattern, merges, special_tokens=None, byte_ids=None):
+    def __init__(self, pattern, merges, special_tokens=None, byte_ids=None, normalizer=""):
+        if normalizer and normalizer not in NORMALIZERS:
+            raise UserError(f"normalizer {normalizer!r}: this tokenizer knows {', '.join(NORMALIZERS)} (or none)")
+        self.normalizer = normalizer or ""
         self.pattern = resolve_pattern(pattern)
         self._findall = chunk_splitter(self.pattern)
         self.byte_ids = list(range(N_BYTES)) if byte_ids is None else [int(i) for i in byte_ids]
@@ -966,9 +975,16 @@ class Tokenizer:
         ids = list(raw) if self._bytes_are_ids else [self.byte_ids[b] for b in raw]
         return tuple(self._bpe(ids))
 
+    def normalize(self, text) -> str:
+        """text in the tokenizer's normal form (section 2's NORMALIZERS); unchanged without one.
+        ASCII text is in every normal form already, and str.isascii() is free."""
+        if not self.normalizer or text.isascii():
+            return text
+        return unicodedata.normalize(self.normalizer, text)
+
     def encode_ordinary(self, text) -> list:
         """Encode text with no special-token handling at all ("<|endoftext|>" is just 13 bytes)."""
-        return self._encode_chunks(self._findall(text))
+        return self._encode_chunks(self._findall(self.normalize(text)))
 
     def _encode_chunks(self, chunks):
         """Chunks -> ids, through the chunk -> ids cache: real text repeats its chunks (the stdlib
@@ -1086,7 +1102,9 @@ class Tokenizer:
             size += len(piece)
             if size < self.STREAM_BLOCK:
                 continue
-            text = "".join(buffer)
+            # normalizing the held-back rest again with the new text is exact: NFC(NFC(a) + b) =
+            # NFC(a + b), and what more text can change (the last characters) is held back
+            text = self.normalize("".join(buffer))
             start, decided = 0, len(text) - longest  # a special at p <= decided is certain
             if splitter is not None:
                 for m in splitter.finditer(text):
@@ -1142,6 +1160,8 @@ class Tokenizer:
 
     def _serialize(self) -> str:
         lines = [f"{FORMAT_NAME} {FORMAT_VERSION}", f"pattern {json.dumps(self.pattern)}"]
+        if self.normalizer:  # only then: the files (and fingerprints) of tokenizers without one stay as they were
+            lines.append(f"normalizer {self.normalizer}")
         identity = self.byte_ids == list(range(N_BYTES))
         lines.append("byte_ids identity" if identity else "byte_ids " + " ".join(map(str, self.byte_ids)))
         lines.append(f"merges {len(self.merges)}")
@@ -1198,6 +1218,10 @@ class Tokenizer:
                 raise ValueError(f"line {n}: expected 'pattern \"...\"'")
             pattern = json.loads(line[len("pattern "):])
             n, line = take("byte_ids")
+            normalizer = ""
+            if line.startswith("normalizer "):
+                normalizer = line[len("normalizer "):]
+                n, line = take("byte_ids")
             fields = line.split(" ")
             if fields[0] != "byte_ids":
                 raise ValueError(f"line {n}: expected 'byte_ids'")
@@ -1234,7 +1258,7 @@ class Tokenizer:
                 specials[json.loads(fields[1])] = int(fields[0])
             if pos != len(lines):
                 raise ValueError(f"line {lines[pos][0]}: unexpected text after the special tokens")
-            return cls(pattern, merges, specials, byte_ids)
+            return cls(pattern, merges, specials, byte_ids, normalizer)
         except (ValueError, IndexError, TypeError, regex.error) as e:
             raise UserError(f"bad tokenizer file {path}: {e}; re-create it with bpe.py or prepare.py") from None
 
@@ -1245,15 +1269,19 @@ class Tokenizer:
         plain dicts, lists, bytes and strings (train.py stores it inside every checkpoint, so a
         checkpoint carries its own tokenizer). from_vocab_merges(**tok.as_vocab_merges()) has
         tok's fingerprint."""
-        return {"vocab": dict(self.vocab), "merges": [(self.vocab[a], self.vocab[b]) for a, b, _ in self.merges],
-                "special_tokens": dict(self.special_tokens), "pattern": self.pattern}
+        out = {"vocab": dict(self.vocab), "merges": [(self.vocab[a], self.vocab[b]) for a, b, _ in self.merges],
+               "special_tokens": dict(self.special_tokens), "pattern": self.pattern}
+        if self.normalizer:
+            out["normalizer"] = self.normalizer
+        return out
 
     @classmethod
-    def from_vocab_merges(cls, vocab, merges, special_tokens=None, pattern=GPT4_PATTERN):
+    def from_vocab_merges(cls, vocab, merges, special_tokens=None, pattern=GPT4_PATTERN, normalizer=""):
         """A tokenizer from the (vocab, merges) form that other BPE tools exchange:
             vocab           {id: token bytes}, the 256 single bytes included (at any ids)
             merges          [(left bytes, right bytes), ...] in rank order (applied first to last)
             special_tokens  {text: id}; their ids may appear in vocab (with the text's UTF-8 bytes)
+            normalizer      "" (none) or "NFC": the text is put into that normal form first
         Every id of vocab must be one of the 256 bytes, the result of a merge, or a special
         token: anything else would be an id that encoding can never produce. Each merge must
         join two tokens that exist before it and make a token that did not. Any problem is one
@@ -1301,7 +1329,7 @@ class Tokenizer:
             raise UserError(f"vocab id {i} ({vocab[i]!r}) is neither a byte, nor made by a merge, nor a "
                             f"special token ({len(unmade)} such ids); if it is a special token, "
                             f"pass it in special_tokens")
-        return cls(pattern, triples, special_tokens, byte_ids)
+        return cls(pattern, triples, special_tokens, byte_ids, normalizer)
 
     @classmethod
     def from_gpt2(cls, encoder_json, vocab_bpe):
@@ -1398,7 +1426,8 @@ class Tokenizer:
     #                  which is GPT-2's pattern.
     #   added_tokens   [{"id", "content", "special", ...}]: cut out of the text before anything else,
     #                  as our allowed special tokens are (encode(..., allowed_special="all")).
-    #   normalizer     a rewrite of the text first (NFC, lowercasing): we have none, so we refuse one.
+    #   normalizer     a rewrite of the text first: NFC (Qwen's files) is ours too (NORMALIZERS);
+    #                  any other (lowercasing, NFKC, ...) is refused.
     # Our file also says what to put around the ids (post_processor: <|endoftext|> in front, the BOS
     # every training document starts with, as sample.py's prompts) and how to decode (ByteLevel).
     # Tokenizers that are not byte-level BPE (SentencePiece-style: Unigram, or BPE over characters
@@ -1426,7 +1455,8 @@ class Tokenizer:
                              {"SpecialToken": {"id": EOT, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
                     "special_tokens": {EOT: {"id": EOT, "ids": [self.eot_id], "tokens": [EOT]}}}
         return {
-            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": self.normalizer} if self.normalizer else None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": vm["pattern"]}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
@@ -1467,9 +1497,10 @@ class Tokenizer:
     def from_tokenizer_json(cls, path):
         """Read a Hugging Face tokenizer.json holding a byte-level BPE (see the comment above):
         vocab and merges become the (vocab, merges) form of from_vocab_merges, the pre-tokenizer
-        becomes the split pattern, and every added token becomes a special token. What this
-        Tokenizer cannot express (another model type, a normalizer, a pre-tokenizer other than
-        Split + ByteLevel or ByteLevel) is refused with one line naming it."""
+        becomes the split pattern, an NFC normalizer is kept, and every added token becomes a
+        special token. What this Tokenizer cannot express (another model type, another
+        normalizer, a pre-tokenizer other than Split + ByteLevel or ByteLevel) is refused with one
+        line naming it."""
         def refuse(what):
             raise UserError(f"{path}: {what}; nanostack reads byte-level BPE tokenizers only")
         try:
@@ -1486,8 +1517,13 @@ class Tokenizer:
         for key in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"):
             if model.get(key):
                 refuse(f"its BPE has {key}={model[key]!r}, a feature of BPE over characters, not bytes")
-        if data.get("normalizer"):
-            refuse(f"it normalizes text first ({data['normalizer'].get('type')}), which nanostack does not")
+        normalizer = data.get("normalizer") or {}
+        if isinstance(normalizer, dict) and normalizer.get("type") == "Sequence":
+            steps = normalizer.get("normalizers") or []
+            normalizer = steps[0] if len(steps) == 1 else normalizer  # a Sequence of one is that one
+        if normalizer and (not isinstance(normalizer, dict) or normalizer.get("type") not in NORMALIZERS):
+            kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+            refuse(f"it normalizes text first with {kind}, which nanostack does not (it knows {', '.join(NORMALIZERS)})")
         pattern = cls._tokenizer_json_pattern(data.get("pre_tokenizer"), refuse)
         decoder = data.get("decoder")
         if decoder and decoder.get("type") != "ByteLevel":
@@ -1512,7 +1548,8 @@ class Tokenizer:
         if any(len(m) != 2 for m in merges):
             refuse(f"merge {next(m for m in merges if len(m) != 2)!r} is not a pair of tokens")
         try:
-            tok = cls.from_vocab_merges(vocab, [(as_bytes(a), as_bytes(b)) for a, b in merges], specials, pattern)
+            tok = cls.from_vocab_merges(vocab, [(as_bytes(a), as_bytes(b)) for a, b in merges], specials, pattern,
+                                        normalizer.get("type", ""))
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
         if model.get("ignore_merges"):

@@ -590,7 +590,7 @@ def test_bpe_tokenizer_json_round_trip_same_ids_on_mixed_text(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["model"].update(type="Unigram"), "model is Unigram"),
     (lambda d: d["model"].update(byte_fallback=True), "byte_fallback"),
-    (lambda d: d.update(normalizer={"type": "NFC"}), "normalizes text first"),
+    (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizes text first with Lowercase"),
     (lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}), "pre-tokenizer is Metaspace"),
     (lambda d: d["pre_tokenizer"]["pretokenizers"].insert(0, {"type": "Digits", "individual_digits": True}),
      "Digits \\+ Split \\+ ByteLevel"),
@@ -600,13 +600,34 @@ def test_bpe_tokenizer_json_round_trip_same_ids_on_mixed_text(tmp_path):
     (lambda d: d["added_tokens"][0].update(lstrip=True), "strips spaces"),
     (lambda d: d["model"]["merges"].append("Ġ t x"), "not a pair"),
     (lambda d: d["decoder"].update(type="Metaspace"), "decoder is Metaspace"),
-], ids=["unigram", "byte-fallback", "nfc", "metaspace", "digits", "split-removed", "prefix-space",
+], ids=["unigram", "byte-fallback", "lowercase", "metaspace", "digits", "split-removed", "prefix-space",
         "sentencepiece-token", "lstrip", "triple-merge", "decoder"])
 def test_bpe_tokenizer_json_refuses_what_is_not_byte_level_bpe(tmp_path, edit, message):
     path = _bpe_tokenizer_json(_bpe_trained(300), tmp_path, edit)
     with pytest.raises(bpe.UserError, match=message) as e:
         bpe.Tokenizer.from_tokenizer_json(str(path))
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_bpe_nfc_normalizer_from_tokenizer_json(tmp_path):
+    # Qwen's tokenizer.json files declare an NFC normalizer: "e" + U+0301 (combining acute) and the
+    # single character "é" (U+00E9) must then get the same ids, in encode, encode_iterable and
+    # after a round trip through our own file and the (vocab, merges) form of checkpoints.
+    tok = _bpe_trained(400)
+    nfc = bpe.Tokenizer.from_tokenizer_json(str(_bpe_tokenizer_json(
+        tok, tmp_path, lambda d: d.update(normalizer={"type": "Sequence", "normalizers": [{"type": "NFC"}]}))))
+    composed, decomposed = "Café crème", "Cafe\u0301 cre\u0300me"
+    assert tok.encode(decomposed) != tok.encode(composed)      # no normalizer: other bytes, other ids
+    assert nfc.encode(decomposed) == nfc.encode(composed) == tok.encode(composed)
+    assert nfc.fingerprint != tok.fingerprint and nfc.normalizer == "NFC"
+    nfc.save(str(tmp_path / "nfc.bpe"))
+    for back in (bpe.Tokenizer.load(str(tmp_path / "nfc.bpe")), bpe.Tokenizer.from_vocab_merges(**nfc.as_vocab_merges()),
+                 bpe.Tokenizer.from_tokenizer_json(str(_bpe_tokenizer_json(nfc, tmp_path, name="again.json")))):
+        assert back.fingerprint == nfc.fingerprint and back.encode(decomposed) == nfc.encode(composed)
+    text = ("Cafe\u0301 " * 50 + "<|endoftext|>na\u0308i\u0308ve\n") * 40
+    pieces = [text[i:i + 7] for i in range(0, len(text), 7)]   # cuts between letters and their marks
+    nfc.STREAM_BLOCK = 64
+    assert list(nfc.encode_iterable(pieces, allowed_special="all")) == nfc.encode(text, allowed_special="all")
 
 
 def test_bpe_tokenizer_json_ignore_merges_checked_by_hand(tmp_path):
