@@ -1691,7 +1691,7 @@ def checkpoint_tokenizer(ckpt, ckpt_path, tokenizer_path=""):
 # is read from disk only when it is used, and a model larger than the RAM's free part still loads.
 #
 # Worked example (test_model_safetensors_bytes_by_hand writes it and compares every byte): the
-# tensors {"w": tensor([[1.0, -2.0]]) (float32), "g": tensor([1.0]) (bfloat16)} become
+# tensors {"g": tensor([1.0]) (bfloat16), "w": tensor([[1.0, -2.0]]) (float32)} become
 #   header  {"w":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]},"g":{"dtype":"BF16","shape":[1],"data_offsets":[8,10]}}
 #           111 characters, padded with 1 space to 112 = 0x70
 #   bytes   70 00 00 00 00 00 00 00 | the 112 header bytes | 00 00 80 3f  00 00 00 c0 | 80 3f

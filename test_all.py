@@ -2210,7 +2210,7 @@ def test_model_safetensors_bytes_by_hand(tmp_path):
                 + b"\x00\x00\x80\x3f" + b"\x00\x00\x00\xc0"      # 1.0, -2.0 (float32, lowest byte first)
                 + b"\x80\x3f")                                    # 1.0 (bfloat16 = float32's top half)
     path = tmp_path / "w.safetensors"
-    M.write_safetensors(path, {"w": torch.tensor([[1.0, -2.0]]), "g": torch.tensor([1.0], dtype=torch.bfloat16)})
+    M.write_safetensors(path, {"g": torch.tensor([1.0], dtype=torch.bfloat16), "w": torch.tensor([[1.0, -2.0]])})
     assert path.read_bytes() == expected
     back = M.read_safetensors(str(path))
     assert list(back) == ["w", "g"] and back["g"].dtype == torch.bfloat16
