@@ -39,7 +39,8 @@ Notable features
   - Special tokens (<|endoftext|>) are never merged, and `encode` treats their text as plain
     bytes unless you allow them (text from the web cannot inject control tokens).
   - Exact GPT-2 ids from GPT-2's own files; tiktoken rank files in and out; the (vocab, merges)
-    tables that other BPE tools exchange, in (from_vocab_merges) and out (vocab, merges).
+    tables that other BPE tools exchange, in (from_vocab_merges) and out (vocab, merges);
+    Hugging Face's tokenizer.json in and out (byte-level BPE).
   - A human-readable, versioned file format and a sha256 fingerprint that prepare.py stamps
     into every shard, so a model is never fed ids from the wrong tokenizer.
 
@@ -49,7 +50,8 @@ Sections
   3. Shared helpers: safe file writes, a full disk, progress lines, peak memory, the default corpus
   4. Pre-tokenization: text -> chunks -> chunk counts (serial and parallel)
   5. Training: the textbook merge loop and the incremental one
-  6. The Tokenizer: encode, decode, streaming, files; (vocab, merges), GPT-2 and tiktoken interop
+  6. The Tokenizer: encode, decode, streaming, files; (vocab, merges), GPT-2, tiktoken and
+     tokenizer.json interop
   7. Teaching demo and benchmark
   8. Settings from the command line (shared by every nanostack script)
   main()
@@ -78,6 +80,7 @@ import sys
 import sysconfig
 import time
 import types
+import unicodedata
 
 import numpy as np
 import regex
@@ -159,6 +162,11 @@ CHUNK_CACHE_MAX = 1 << 20  # encode's chunk -> ids cache is cleared when it grow
 # Text (strings) round-trips through bytes with "surrogateescape": a str made from arbitrary bytes
 # by bytes.decode("utf-8", "surrogateescape") encodes back to exactly those bytes.
 UTF8_ERRORS = "surrogateescape"
+# A tokenizer may rewrite text into one Unicode normal form before splitting it. NFC composes what
+# can be composed: "e" + U+0301 (combining acute) becomes the single character "é", so both
+# spellings get the same ids. Our own tokenizers do not normalize (the bytes are the text); some
+# imported ones do (Hugging Face's Qwen files declare NFC), and then encode must too.
+NORMALIZERS = ("NFC",)
 
 
 def resolve_pattern(pattern):
@@ -746,7 +754,8 @@ def train_merges(words, counts, n_merges, quiet=True, final_words=None):
 
 
 # -----------------------------------------------------------------------------
-# 6. The Tokenizer: encode, decode, streaming, files; (vocab, merges), GPT-2 and tiktoken interop
+# 6. The Tokenizer: encode, decode, streaming, files; (vocab, merges), GPT-2, tiktoken and
+#    tokenizer.json interop
 #
 # A tokenizer is fully described by:
 #   pattern         the split regex
@@ -812,7 +821,10 @@ class Tokenizer:
     """A byte-level BPE tokenizer. Build one with Tokenizer.train / load / from_vocab_merges /
     from_gpt2 / from_tiktoken."""
 
-    def __init__(self, pattern, merges, special_tokens=None, byte_ids=None):
+    def __init__(self, pattern, merges, special_tokens=None, byte_ids=None, normalizer=""):
+        if normalizer and normalizer not in NORMALIZERS:
+            raise UserError(f"normalizer {normalizer!r}: this tokenizer knows {', '.join(NORMALIZERS)} (or none)")
+        self.normalizer = normalizer or ""
         self.pattern = resolve_pattern(pattern)
         self._findall = chunk_splitter(self.pattern)
         self.byte_ids = list(range(N_BYTES)) if byte_ids is None else [int(i) for i in byte_ids]
@@ -963,9 +975,16 @@ class Tokenizer:
         ids = list(raw) if self._bytes_are_ids else [self.byte_ids[b] for b in raw]
         return tuple(self._bpe(ids))
 
+    def normalize(self, text) -> str:
+        """text in the tokenizer's normal form (section 2's NORMALIZERS); unchanged without one.
+        ASCII text is in every normal form already, and str.isascii() is free."""
+        if not self.normalizer or text.isascii():
+            return text
+        return unicodedata.normalize(self.normalizer, text)
+
     def encode_ordinary(self, text) -> list:
         """Encode text with no special-token handling at all ("<|endoftext|>" is just 13 bytes)."""
-        return self._encode_chunks(self._findall(text))
+        return self._encode_chunks(self._findall(self.normalize(text)))
 
     def _encode_chunks(self, chunks):
         """Chunks -> ids, through the chunk -> ids cache: real text repeats its chunks (the stdlib
@@ -1083,7 +1102,9 @@ class Tokenizer:
             size += len(piece)
             if size < self.STREAM_BLOCK:
                 continue
-            text = "".join(buffer)
+            # normalizing the held-back rest again with the new text is exact: NFC(NFC(a) + b) =
+            # NFC(a + b), and what more text can change (the last characters) is held back
+            text = self.normalize("".join(buffer))
             start, decided = 0, len(text) - longest  # a special at p <= decided is certain
             if splitter is not None:
                 for m in splitter.finditer(text):
@@ -1139,6 +1160,8 @@ class Tokenizer:
 
     def _serialize(self) -> str:
         lines = [f"{FORMAT_NAME} {FORMAT_VERSION}", f"pattern {json.dumps(self.pattern)}"]
+        if self.normalizer:  # only then: the files (and fingerprints) of tokenizers without one stay as they were
+            lines.append(f"normalizer {self.normalizer}")
         identity = self.byte_ids == list(range(N_BYTES))
         lines.append("byte_ids identity" if identity else "byte_ids " + " ".join(map(str, self.byte_ids)))
         lines.append(f"merges {len(self.merges)}")
@@ -1195,6 +1218,10 @@ class Tokenizer:
                 raise ValueError(f"line {n}: expected 'pattern \"...\"'")
             pattern = json.loads(line[len("pattern "):])
             n, line = take("byte_ids")
+            normalizer = ""
+            if line.startswith("normalizer "):
+                normalizer = line[len("normalizer "):]
+                n, line = take("byte_ids")
             fields = line.split(" ")
             if fields[0] != "byte_ids":
                 raise ValueError(f"line {n}: expected 'byte_ids'")
@@ -1231,7 +1258,7 @@ class Tokenizer:
                 specials[json.loads(fields[1])] = int(fields[0])
             if pos != len(lines):
                 raise ValueError(f"line {lines[pos][0]}: unexpected text after the special tokens")
-            return cls(pattern, merges, specials, byte_ids)
+            return cls(pattern, merges, specials, byte_ids, normalizer)
         except (ValueError, IndexError, TypeError, regex.error) as e:
             raise UserError(f"bad tokenizer file {path}: {e}; re-create it with bpe.py or prepare.py") from None
 
@@ -1242,15 +1269,19 @@ class Tokenizer:
         plain dicts, lists, bytes and strings (train.py stores it inside every checkpoint, so a
         checkpoint carries its own tokenizer). from_vocab_merges(**tok.as_vocab_merges()) has
         tok's fingerprint."""
-        return {"vocab": dict(self.vocab), "merges": [(self.vocab[a], self.vocab[b]) for a, b, _ in self.merges],
-                "special_tokens": dict(self.special_tokens), "pattern": self.pattern}
+        out = {"vocab": dict(self.vocab), "merges": [(self.vocab[a], self.vocab[b]) for a, b, _ in self.merges],
+               "special_tokens": dict(self.special_tokens), "pattern": self.pattern}
+        if self.normalizer:
+            out["normalizer"] = self.normalizer
+        return out
 
     @classmethod
-    def from_vocab_merges(cls, vocab, merges, special_tokens=None, pattern=GPT4_PATTERN):
+    def from_vocab_merges(cls, vocab, merges, special_tokens=None, pattern=GPT4_PATTERN, normalizer=""):
         """A tokenizer from the (vocab, merges) form that other BPE tools exchange:
             vocab           {id: token bytes}, the 256 single bytes included (at any ids)
             merges          [(left bytes, right bytes), ...] in rank order (applied first to last)
             special_tokens  {text: id}; their ids may appear in vocab (with the text's UTF-8 bytes)
+            normalizer      "" (none) or "NFC": the text is put into that normal form first
         Every id of vocab must be one of the 256 bytes, the result of a merge, or a special
         token: anything else would be an id that encoding can never produce. Each merge must
         join two tokens that exist before it and make a token that did not. Any problem is one
@@ -1298,7 +1329,7 @@ class Tokenizer:
             raise UserError(f"vocab id {i} ({vocab[i]!r}) is neither a byte, nor made by a merge, nor a "
                             f"special token ({len(unmade)} such ids); if it is a special token, "
                             f"pass it in special_tokens")
-        return cls(pattern, triples, special_tokens, byte_ids)
+        return cls(pattern, triples, special_tokens, byte_ids, normalizer)
 
     @classmethod
     def from_gpt2(cls, encoder_json, vocab_bpe):
@@ -1380,6 +1411,155 @@ class Tokenizer:
             top = max(ranks.values()) + 1
             special_tokens = {s: top + k for k, s in enumerate(special_tokens or ())}
         return cls(pattern, tok.merges, special_tokens, tok.byte_ids)
+
+
+    # --- interop: Hugging Face's tokenizer.json ---------------------------------------------------
+    #
+    # Hugging Face's `tokenizers` library (behind transformers' fast tokenizers) keeps a whole
+    # tokenizer in one JSON file. For a byte-level BPE these parts decide the ids:
+    #   model          {"type": "BPE", "vocab": {token text: id}, "merges": ["Ġ t", ...] (or
+    #                  [["Ġ", "t"], ...]) in rank order}. Token texts are bytes written with
+    #                  gpt2_bytes_to_unicode, so a space is "Ġ" and no text holds a real space.
+    #   pre_tokenizer  how text is cut into chunks before BPE: a Split by a regex (behavior
+    #                  "Isolated": each match is a chunk), then ByteLevel (bytes -> those printable
+    #                  characters) with its own regex off; or ByteLevel alone with its regex on,
+    #                  which is GPT-2's pattern.
+    #   added_tokens   [{"id", "content", "special", ...}]: cut out of the text before anything else,
+    #                  as our allowed special tokens are (encode(..., allowed_special="all")).
+    #   normalizer     a rewrite of the text first: NFC (Qwen's files) is ours too (NORMALIZERS);
+    #                  any other (lowercasing, NFKC, ...) is refused.
+    # Our file also says what to put around the ids (post_processor: <|endoftext|> in front, the BOS
+    # every training document starts with, as sample.py's prompts) and how to decode (ByteLevel).
+    # Tokenizers that are not byte-level BPE (SentencePiece-style: Unigram, or BPE over characters
+    # with byte fallback and a Metaspace pre-tokenizer; WordPiece) cannot be expressed here: one line.
+
+    def to_tokenizer_json(self):
+        """This tokenizer as a tokenizer.json dict (see above). Built on as_vocab_merges; our
+        pattern goes into the Split as it is (the `regex` syntax of our patterns, possessive
+        quantifiers included, is also Oniguruma's, the engine of `tokenizers`)."""
+        text = gpt2_bytes_to_unicode()
+        vm = self.as_vocab_merges()
+
+        def as_text(token):
+            return "".join(text[b] for b in token)
+        specials = sorted(vm["special_tokens"].items(), key=lambda kv: kv[1])
+        special_ids = {i for _, i in specials}
+        added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True} for s, i in specials]
+        post = None
+        if EOT in vm["special_tokens"]:
+            bos = {"SpecialToken": {"id": EOT, "type_id": 0}}
+            post = {"type": "TemplateProcessing",
+                    "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": EOT, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {EOT: {"id": EOT, "ids": [self.eot_id], "tokens": [EOT]}}}
+        return {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": self.normalizer} if self.normalizer else None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": vm["pattern"]}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False,
+                      "vocab": {as_text(b): i for i, b in sorted(vm["vocab"].items()) if i not in special_ids},
+                      "merges": [f"{as_text(a)} {as_text(b)}" for a, b in vm["merges"]]}}
+
+    def save_tokenizer_json(self, path):
+        atomic_write_bytes(path, json.dumps(self.to_tokenizer_json(), ensure_ascii=False, indent=1).encode("utf-8"))
+
+    @staticmethod
+    def _tokenizer_json_pattern(pre, refuse):
+        """The split pattern a tokenizer.json pre_tokenizer stands for (see the comment above)."""
+        steps = (pre.get("pretokenizers") or []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+        if not all(isinstance(p, dict) for p in steps):
+            refuse("has no pre_tokenizer (a byte-level BPE has a ByteLevel one)")
+        kinds = [p.get("type") for p in steps]
+        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+            pattern = GPT2_PATTERN  # ByteLevel's built-in regex is GPT-2's, alternative for alternative
+        elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+            split = steps[0]
+            if split.get("behavior") != "Isolated" or split.get("invert") or "Regex" not in (split.get("pattern") or {}):
+                refuse(f"its Split is {split.get('behavior')} by {split.get('pattern')} (invert "
+                       f"{split.get('invert')}); nanostack cuts text into the matches of a regex (Isolated)")
+            pattern = split["pattern"]["Regex"]
+        else:
+            refuse(f"its pre-tokenizer is {' + '.join(map(str, kinds))}; nanostack expresses a Split by a "
+                   f"regex followed by ByteLevel, or ByteLevel alone (SentencePiece-style tokenizers are not byte-level)")
+        if steps[-1].get("add_prefix_space"):
+            refuse("its ByteLevel step adds a space in front of the text (add_prefix_space), which nanostack does not")
+        return pattern
+
+    @classmethod
+    def from_tokenizer_json(cls, path):
+        """Read a Hugging Face tokenizer.json holding a byte-level BPE (see the comment above):
+        vocab and merges become the (vocab, merges) form of from_vocab_merges, the pre-tokenizer
+        becomes the split pattern, an NFC normalizer is kept, and every added token becomes a
+        special token. What this Tokenizer cannot express (another model type, another
+        normalizer, a pre-tokenizer other than Split + ByteLevel or ByteLevel) is refused with one
+        line naming it."""
+        def refuse(what):
+            raise UserError(f"{path}: {what}; nanostack reads byte-level BPE tokenizers only")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise UserError(f"tokenizer file {path} not found") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path} ({first_line(e)}); it is not a tokenizer.json") from None
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "merges" not in model:
+            kind = model.get("type") if isinstance(model, dict) else None
+            refuse(f"its model is {kind or 'not BPE'} (SentencePiece/Unigram or WordPiece, not BPE)")
+        for key in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+            if model.get(key):
+                refuse(f"its BPE has {key}={model[key]!r}, a feature of BPE over characters, not bytes")
+        normalizer = data.get("normalizer") or {}
+        if isinstance(normalizer, dict) and normalizer.get("type") == "Sequence":
+            steps = normalizer.get("normalizers") or []
+            normalizer = steps[0] if len(steps) == 1 else normalizer  # a Sequence of one is that one
+        if normalizer and (not isinstance(normalizer, dict) or normalizer.get("type") not in NORMALIZERS):
+            kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+            refuse(f"it normalizes text first with {kind}, which nanostack does not (it knows {', '.join(NORMALIZERS)})")
+        pattern = cls._tokenizer_json_pattern(data.get("pre_tokenizer"), refuse)
+        decoder = data.get("decoder")
+        if decoder and decoder.get("type") != "ByteLevel":
+            refuse(f"its decoder is {decoder.get('type')}, not ByteLevel")
+        from_text = {c: b for b, c in gpt2_bytes_to_unicode().items()}
+
+        def as_bytes(token):
+            try:
+                return bytes(from_text[c] for c in token)
+            except (KeyError, TypeError):
+                refuse(f"token {token!r} is not written in the byte-level alphabet")
+        specials = {}
+        try:
+            for t in data.get("added_tokens") or []:
+                if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+                    refuse(f"added token {t['content']!r} strips spaces or matches whole words only")
+                specials[str(t["content"])] = int(t["id"])
+            vocab = {int(i): as_bytes(token) for token, i in model["vocab"].items() if int(i) not in specials.values()}
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{path}: its vocab, merges or added_tokens are malformed ({first_line(e)})") from None
+        if any(len(m) != 2 for m in merges):
+            refuse(f"merge {next(m for m in merges if len(m) != 2)!r} is not a pair of tokens")
+        try:
+            tok = cls.from_vocab_merges(vocab, [(as_bytes(a), as_bytes(b)) for a, b in merges], specials, pattern,
+                                        normalizer.get("type", ""))
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        if model.get("ignore_merges"):
+            # `tokenizers` then takes a chunk that is a whole vocab token as that token, without
+            # merging. Our merges give the same ids exactly when each token, merged from its
+            # bytes, comes out as itself; check every one (tiktoken-made vocabularies pass).
+            for a, b, z in tok.merges:
+                if tok._bpe([tok.byte_ids[x] for x in tok._vocab[z]]) != [z]:
+                    refuse(f"ignore_merges is on and token {tok._vocab[z]!r} is not what its merges make")
+        return tok
 
 
 # -----------------------------------------------------------------------------

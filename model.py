@@ -5,9 +5,10 @@ Where it sits: bpe.py (tokenizer) -> prepare.py (token shards) -> model.py (this
 -> train.py (optimises it) -> sample.py (generates with its KV cache).
 
 Every modern choice is a switch in GPTConfig, so a reader can turn it off and see what it did:
-  - RMSNorm, with or without a learnable gain (norm_gain)
+  - RMSNorm, with or without a learnable gain (norm_gain), epsilon norm_eps
   - rotary position embeddings (RoPE) with base rope_theta, and context extension at inference
-    by linear position interpolation or YaRN (rope_scaling, rope_factor)
+    by linear position interpolation or YaRN (rope_scaling, rope_factor; yarn_ramp: the paper's
+    blend or Hugging Face's)
   - attention with one merged QKV projection, grouped-query attention (n_kv_head: 1 = multi-query,
     n_head = multi-head), QK-norm, an attention-logit softcap
   - three attention paths with the same result: F.scaled_dot_product_attention (fast), a
@@ -28,6 +29,8 @@ Every modern choice is a switch in GPTConfig, so a reader can turn it off and se
   - the runtime that train.py and sample.py share: device, precision, compile, threads and
     determinism decided once (the model gets the hardware choices as a Kernels setting), and the
     one checkpoint format (atomic save with a checksum; verified load)
+  - the Hugging Face format: safetensors written and read by hand (memory-mapped, sharded), and
+    Llama / Qwen3 / Qwen3-MoE folders exported and imported (hf:DIR) with their tokenizer.json
 
 Run it:
   python model.py                                  # default architecture: table + one fwd/bwd
@@ -45,6 +48,8 @@ Use it (train.py and sample.py do this):
   logits = model(idx)                              # (B, T, vocab_size) float32
   cache = model.make_cache(batch_size=1, max_len=512)
   logits = model(prompt, cache=cache)              # prefill; then one token at a time
+  ckpt = open_checkpoint("out/best.pt")            # or "hf:DIR", a Hugging Face folder (section 15)
+  export_hf(model, tokenizer, "DIR")               # config.json, model.safetensors, tokenizer.json, ...
 
 Sections:
   1. Configuration (GPTConfig: what the model computes; Kernels: how, on this hardware)
@@ -62,7 +67,9 @@ Sections:
  11. Accounting (parameters, FLOPs, KV bytes) and optimizer groups
  12. Runtime: device, precision, compile, threads, determinism (decided once)
  13. Checkpoints: the file format, atomic save with a checksum, verified load
- 14. main: print the architecture, run a forward/backward, optional benchmarks
+ 14. safetensors: the format, a writer, a memory-mapped reader, sharded folders
+ 15. The Hugging Face format: config and weights by name, export, import (hf:DIR)
+ 16. main: print the architecture, run a forward/backward, optional benchmarks
 """
 import contextlib
 import ctypes
@@ -70,8 +77,11 @@ import dataclasses
 import datetime
 import errno
 import hashlib
+import json
 import math
+import mmap
 import os
+import re
 import sys
 import time
 from typing import NamedTuple, Optional
@@ -92,6 +102,7 @@ import bpe
 
 MLP_KINDS = ("relu2", "swiglu", "gelu")
 ROPE_SCALINGS = ("none", "linear", "yarn")
+YARN_RAMPS = ("turns", "index")
 ATTN_IMPLS = ("sdpa", "manual", "triton")
 SWIGLU_ROUND = 64  # hidden sizes that are multiples of 64 map well onto matmul tiles
 FLASH_MAX_HEAD_DIM = 128  # largest head_dim the Triton kernel's tiles are sized for (section 5b)
@@ -116,16 +127,19 @@ class GPTConfig:
     n_layer: int = 4                # number of transformer blocks
     n_head: int = 4                 # query heads per attention layer
     n_kv_head: int = 4              # key/value heads: n_head = multi-head, 1 = multi-query, between = GQA
-    n_embd: int = 256               # width of the residual stream (head_dim = n_embd / n_head)
+    n_embd: int = 256               # width of the residual stream
+    head_size: int = 0              # channels per attention head; 0 = n_embd / n_head (Qwen3 sets it apart)
     mlp: str = "relu2"              # MLP activation: relu2 (ReLU squared) | swiglu | gelu
     mlp_hidden: int = 0             # MLP hidden size; 0 = 4*n_embd (relu2, gelu) or ~8/3*n_embd (swiglu)
     rope_theta: float = 10000.0     # RoPE base: the slowest rotation has wavelength ~2*pi*theta tokens
     rope_scaling: str = "none"      # context extension at inference: none | linear | yarn
     rope_factor: float = 1.0        # extension factor s: usable context = block_size * s (needs scaling)
+    yarn_ramp: str = "turns"        # YaRN's blend: turns (linear in a pair's turns) | index (linear in its index, as Hugging Face)
     qk_norm: bool = True            # RMSNorm queries and keys per head before RoPE (stabilises logits)
     attn_softcap: float = 0.0       # cap*tanh(score/cap) on attention scores; 0 = off (off keeps SDPA)
     logit_softcap: float = 15.0     # cap*tanh(logit/cap) on output logits; 0 = off
     norm_gain: bool = False         # RMSNorm has a learnable per-channel gain (False = parameter-free)
+    norm_eps: float = 1e-6          # RMSNorm's eps in x / sqrt(mean(x^2) + eps) (Llama checkpoints use 1e-5, Qwen3 1e-6)
     tie_embeddings: bool = False    # share the token embedding matrix with the output head
     window: int = 0                 # sliding attention window in tokens; 0 = full causal attention
     n_global: int = 0               # first n_global positions stay visible to every query (with a window)
@@ -147,14 +161,16 @@ class GPTConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_size < 0:
+            raise ValueError(f"head_size={self.head_size} must be >= 0 (0 = n_embd / n_head)")
+        if not self.head_size and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                             "(or set head_size)")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head} "
                              "(each key/value head serves a whole group of query heads)")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"head_dim = n_embd/n_head = {self.n_embd // self.n_head} must be even "
-                             "(RoPE rotates pairs of channels)")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = {self.head_dim} must be even (RoPE rotates pairs of channels)")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"mlp={self.mlp!r}: choose one of {', '.join(MLP_KINDS)}")
         if self.rope_scaling not in ROPE_SCALINGS:
@@ -174,6 +190,10 @@ class GPTConfig:
             raise ValueError(f"rope_factor={self.rope_factor} needs rope_scaling=linear or yarn")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta={self.rope_theta} must be positive")
+        if self.yarn_ramp not in YARN_RAMPS:
+            raise ValueError(f"yarn_ramp={self.yarn_ramp!r}: choose one of {', '.join(YARN_RAMPS)}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps={self.norm_eps} must be positive (it keeps RMSNorm from dividing by 0)")
         for name in ("mlp_hidden", "window", "n_global", "n_experts", "n_shared_experts", "moe_hidden"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -193,7 +213,7 @@ class GPTConfig:
 
     @property
     def head_dim(self):
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def max_context(self):
@@ -233,19 +253,22 @@ class Kernels:
 # RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g         (Zhang & Sennrich, 2019)
 # LayerNorm without the mean subtraction and the bias: cheaper, and works as well in transformers.
 # With gain=False the norm has no parameters at all (g = 1), as in modded-nanogpt / nanochat.
+# eps only keeps an all-zero x from dividing by 0, but it is part of the function: a checkpoint
+# trained with one eps computes slightly different numbers with another, so it is a GPTConfig
+# setting (norm_eps) that every norm of the model reads, and the Hugging Face folders of section
+# 15 carry it (rms_norm_eps).
 # (F.rms_norm computes the same thing in one fused kernel; the formula is written out to be read.)
-
-RMS_EPS = 1e-6
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, gain=True):
+    def __init__(self, dim, gain=True, eps=1e-6):
         super().__init__()
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if gain else None
 
     def forward(self, x):
         xf = x.float()  # the mean of squares in float32 even when x is bfloat16
-        y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)).type_as(x)
+        y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x)
         return y * self.weight if self.weight is not None else y
 
 # -----------------------------------------------------------------------------
@@ -269,20 +292,49 @@ class RMSNorm(nn.Module):
 #           linearly in between. YaRN also sharpens attention with a temperature: q and k are both
 #           multiplied by 0.1 ln(s) + 1, so scores grow by its square.
 # At s = 1 both reduce to plain RoPE exactly (test_model_rope_scaling_identity_and_yarn_ramp).
+#
+# Where YaRN's blend is linear (yarn_ramp). The paper blends linearly in the number of turns r,
+# which is what yarn_ramp="turns" does. Hugging Face's YaRN (the one every exported or imported
+# Llama/Qwen3 config declares) blends linearly in the pair INDEX i instead. Pair i turns
+# r_i = L theta^(-2i/D) / (2 pi) times, so the pair that turns exactly r times sits at
+#     i(r) = D ln(L / (2 pi r)) / (2 ln theta)        (a real number; fast pairs have small i)
+# and the blend runs from i(YARN_BETA), rounded down, to i(YARN_ALPHA), rounded up (the upper
+# end capped at D - 1, as Hugging Face writes it): keep = 1 below the first, 0 above the second,
+# linear between. Since r falls exponentially with i, the two forms keep different amounts of
+# the pairs in between; both agree at the ends. Worked example (D=16, theta=1e4, L=1024):
+# i(32) = 1.41 -> 1 and i(1) = 4.42 -> 5, so keep = [1, 1, 0.75, 0.5, 0.25, 0, 0, 0]
+# (test_model_yarn_index_ramp_by_hand).
 
 YARN_ALPHA = 1.0   # below this many turns in the training context: full interpolation (YaRN paper)
 YARN_BETA = 32.0   # above this many turns: no interpolation (YaRN paper's value for LLaMA)
 
 
-def rope_frequencies(head_dim, theta, scaling="none", factor=1.0, train_len=None):
+def yarn_keep(w, train_len, theta, ramp="turns"):
+    """How much of each pair's own frequency YaRN keeps (1 = all, 0 = fully interpolated), for
+    the frequencies w (D/2,) of a model trained on train_len tokens; see the section comment."""
+    if ramp == "turns":
+        turns = train_len * w / (2 * math.pi)                         # r_i = L / lambda_i
+        return ((turns - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)
+    D = 2 * len(w)
+
+    def index_of(turns):                                              # i(r) of the comment
+        return D * math.log(train_len / (2 * math.pi * turns)) / (2 * math.log(theta))
+    low = max(math.floor(index_of(YARN_BETA)), 0)
+    high = min(math.ceil(index_of(YARN_ALPHA)), D - 1)
+    if high == low:
+        high += 0.001                                                 # a step instead of 0/0
+    i = torch.arange(len(w), dtype=w.dtype)
+    return 1.0 - ((i - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def rope_frequencies(head_dim, theta, scaling="none", factor=1.0, train_len=None, ramp="turns"):
     """Angular frequency of each channel pair, shape (head_dim/2,), and the attention scale that
     q and k are multiplied by (1.0 except for YaRN)."""
     w = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if scaling == "linear":
         return w / factor, 1.0
     if scaling == "yarn":
-        turns = train_len * w / (2 * math.pi)                         # r_i = L / lambda_i
-        keep = ((turns - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)
+        keep = yarn_keep(w, train_len, theta, ramp)
         w = keep * w + (1.0 - keep) * w / factor
         return w, 0.1 * math.log(factor) + 1.0
     return w, 1.0
@@ -292,7 +344,7 @@ def rope_tables(config):
     """cos and sin of p * w_i for every position p < config.max_context: two (max_context, D/2)
     float32 tensors, already multiplied by the YaRN attention scale."""
     w, scale = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
-                                config.rope_factor, train_len=config.block_size)
+                                config.rope_factor, train_len=config.block_size, ramp=config.yarn_ramp)
     angles = torch.outer(torch.arange(config.max_context, dtype=torch.float64), w)  # (L, D/2)
     return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
@@ -416,8 +468,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         # QK-norm (Dehghani et al., 2023): normalise every query and key vector, so the attention
         # logits stay bounded by ~sqrt(D) no matter how large the weights grow.
-        self.q_norm = RMSNorm(config.head_dim, config.norm_gain) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.norm_gain) if config.qk_norm else None
+        self.q_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
         self.softcap = config.attn_softcap
         # SDPA cannot express a softcap (it is applied between q k^T and softmax), so softcapped
         # attention always takes the hand-written path.
@@ -1399,9 +1451,9 @@ def moe_reference(moe, x):
 class Block(nn.Module):
     def __init__(self, config, layer_index=0, kernels=Kernels()):
         super().__init__()
-        self.ln_1 = RMSNorm(config.n_embd, config.norm_gain)
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
         self.attn = CausalSelfAttention(config, kernels)
-        self.ln_2 = RMSNorm(config.n_embd, config.norm_gain)
+        self.ln_2 = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
         self.mlp = MoE(config, kernels) if config.is_moe_layer(layer_index) else MLP(config)
 
     def forward(self, x, layout, cache=None, layer=0):
@@ -1476,8 +1528,8 @@ LM_HEAD_STD = 0.001      # untied lm_head: near-zero logits, so the initial loss
 class MTPHead(nn.Module):
     def __init__(self, config, kernels=Kernels()):
         super().__init__()
-        self.norm_h = RMSNorm(config.n_embd, config.norm_gain)
-        self.norm_e = RMSNorm(config.n_embd, config.norm_gain)
+        self.norm_h = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
+        self.norm_e = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
         self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
         dense = dataclasses.replace(config, n_experts=0)  # the MTP block is always a dense block
         self.block = Block(dense, kernels=kernels)
@@ -1494,7 +1546,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i, kernels) for i in range(config.n_layer)]),
-            ln_f=RMSNorm(config.n_embd, config.norm_gain),
+            ln_f=RMSNorm(config.n_embd, config.norm_gain, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -2156,7 +2208,558 @@ def checkpoint_tokenizer(ckpt, ckpt_path, tokenizer_path=""):
     return tokenizer
 
 # -----------------------------------------------------------------------------
-# 14. main: print the architecture, run a forward/backward on random tokens
+# 14. safetensors: the weights file of the Hugging Face world, written and read by hand
+#
+# A .safetensors file is three parts, back to back:
+#   8 bytes   N, the header's length: an unsigned 64-bit integer, little-endian
+#   N bytes   the header, JSON: {name: {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]},
+#             ..., "__metadata__": {str: str} (optional)}, padded with spaces to a multiple of 8
+#   the rest  the tensors' raw bytes, row-major, little-endian; [begin, end) of each tensor counts
+#             from the first byte after the header, and the tensors tile that part exactly: no
+#             overlaps, no gaps (a gap could hide another file inside this one)
+# Unlike a pickle, it holds no code: reading one cannot run anything. And since the bytes are
+# already in memory layout, a reader maps the file into memory and hands out views of it: a tensor
+# is read from disk only when it is used, and a model larger than the RAM's free part still loads.
+#
+# Worked example (test_model_safetensors_bytes_by_hand writes it and compares every byte): the
+# tensors {"g": tensor([1.0]) (bfloat16), "w": tensor([[1.0, -2.0]]) (float32)} become
+#   header  {"w":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]},"g":{"dtype":"BF16","shape":[1],"data_offsets":[8,10]}}
+#           111 characters, padded with 1 space to 112 = 0x70
+#   bytes   70 00 00 00 00 00 00 00 | the 112 header bytes | 00 00 80 3f  00 00 00 c0 | 80 3f
+#           (1.0 in float32 is 0x3f800000 and -2.0 is 0xc0000000, stored lowest byte first; 1.0 in
+#           bfloat16 is the top half of its float32, 0x3f80)
+# The writer puts tensors of larger elements first (float32 before bfloat16 here), each group in
+# the order given: with the data starting at a multiple of 8, every tensor then starts at a
+# multiple of its element size, so the reader's views are aligned.
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+SAFETENSORS_MAX_HEADER = 100 * 2 ** 20   # the reference implementation's limit on N (100 MB)
+SAFETENSORS_ALIGN = 8                    # the header is padded so the data starts at a multiple of 8
+SAFETENSORS_INDEX = "model.safetensors.index.json"   # a sharded checkpoint's table of contents
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+def safetensors_bytes_header(tensors, metadata=None):
+    """(header bytes including the 8-byte length, names in file order) for a {name: tensor} dict."""
+    order = sorted(tensors, key=lambda name: -tensors[name].element_size())  # stable sort
+    header, begin = ({"__metadata__": dict(metadata)} if metadata else {}), 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_NAMES:
+            raise bpe.UserError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot hold here; "
+                                f"use one of {', '.join(str(d) for d in SAFETENSORS_NAMES)}")
+        end = begin + t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [begin, end]}
+        begin = end
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % SAFETENSORS_ALIGN)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} to path as safetensors, atomically (bpe.atomic_write). metadata: an
+    optional {str: str} (Hugging Face wants {"format": "pt"})."""
+    head, order = safetensors_bytes_header(tensors, metadata)
+
+    def write(f):
+        f.write(head)
+        for name in order:
+            t = tensors[name].detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes (this machine is little-endian)
+    bpe.atomic_write(path, write)
+
+
+def read_safetensors(path):
+    """{name: tensor} from a safetensors file, memory-mapped: the tensors are views of a private
+    (copy-on-write) mapping of the file, read from disk as they are used. Every problem is one
+    line naming the file: too short, a header length past the end or absurd, a header that is not
+    JSON, an unknown dtype, a shape that does not match its bytes, offsets past the end,
+    overlapping tensors, or bytes that belong to no tensor."""
+    def bad(what):
+        return bpe.UserError(f"{path} is not a valid safetensors file: {what}; re-export or re-download it")
+    if sys.byteorder != "little":
+        raise bpe.UserError("safetensors stores little-endian numbers and this machine is big-endian; "
+                            "convert the file on a little-endian machine")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise bpe.UserError(f"cannot read {path} ({e.strerror}); check the path") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise bad(f"{size} bytes, fewer than the 8 of the header length (truncated)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > SAFETENSORS_MAX_HEADER:
+            raise bad(f"its header length is {n} bytes, more than the format allows ({SAFETENSORS_MAX_HEADER})")
+        if 8 + n > size:
+            raise bad(f"its header length ({n} bytes) runs past the end of the file ({size} bytes): truncated")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise bad(f"its header is not JSON ({bpe.first_line(e)})") from None
+        if not isinstance(header, dict):
+            raise bad("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_start, data_len = 8 + n, size - 8 - n
+        spans = []
+        for name, entry in header.items():
+            try:
+                dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+                if not (all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)) and begin <= end):
+                    raise ValueError
+            except (TypeError, KeyError, ValueError):
+                raise bad(f"tensor {name!r} needs dtype, shape and data_offsets [begin, end]: {entry!r}") from None
+            if dtype not in SAFETENSORS_DTYPES:
+                raise bad(f"tensor {name!r} has the unknown dtype {dtype!r} (this reader knows "
+                          f"{', '.join(SAFETENSORS_DTYPES)})")
+            itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+            if end - begin != math.prod(shape) * itemsize:
+                raise bad(f"tensor {name!r}: shape {shape} of {dtype} needs {math.prod(shape) * itemsize} "
+                          f"bytes, its offsets span {end - begin}")
+            if end > data_len:
+                raise bad(f"tensor {name!r} ends at byte {end} of the data, past its end ({data_len} bytes): truncated")
+            spans.append((begin, end, name))
+        spans.sort()
+        at = 0
+        for begin, end, name in spans:
+            if begin < at:
+                raise bad(f"tensor {name!r} overlaps the tensor before it (bytes {begin}..{at})")
+            if begin > at:
+                raise bad(f"bytes {at}..{begin} of the data belong to no tensor")
+            at = end
+        if at != data_len:
+            raise bad(f"the last {data_len - at} bytes belong to no tensor")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if data_len else None
+    tensors = {}
+    for begin, end, name in spans:
+        dtype, shape = SAFETENSORS_DTYPES[header[name]["dtype"]], header[name]["shape"]
+        if begin == end:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
+        if (data_start + begin) % raw.new_empty((), dtype=dtype).element_size():
+            raw = raw.clone()  # a file from another writer may leave a tensor unaligned: copy it
+        tensors[name] = raw.view(dtype).view(shape)
+    return tensors
+
+
+def write_hf_weights(folder, tensors, max_shard_bytes, metadata=None):
+    """Write {name: tensor} into folder as model.safetensors, or, past max_shard_bytes, as shards
+    model-00001-of-0000K.safetensors with model.safetensors.index.json ({"metadata": {"total_size"},
+    "weight_map": {name: shard file}}), the way Hugging Face splits large checkpoints. Weight files
+    of an earlier export that this one does not rewrite are removed. Returns the paths written."""
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        files = [SAFETENSORS_SINGLE]
+    else:
+        files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    paths = []
+    for file, names in zip(files, shards):
+        paths.append(os.path.join(folder, file))
+        write_safetensors(paths[-1], {n: tensors[n] for n in names}, metadata)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {n: file for file, names in zip(files, shards) for n in names}}
+        paths.append(os.path.join(folder, SAFETENSORS_INDEX))
+        bpe.atomic_write_bytes(paths[-1], (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+    for old in os.listdir(folder):
+        stale = old == SAFETENSORS_INDEX or old == SAFETENSORS_SINGLE or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", old)
+        if stale and os.path.join(folder, old) not in paths:
+            os.remove(os.path.join(folder, old))
+    return paths
+
+
+def read_hf_weights(folder):
+    """{name: tensor} of a Hugging Face folder: model.safetensors, or the shards that
+    model.safetensors.index.json lists (each name read from the shard the index gives)."""
+    index_path = os.path.join(folder, SAFETENSORS_INDEX)
+    if not os.path.isfile(index_path):
+        single = os.path.join(folder, SAFETENSORS_SINGLE)
+        if not os.path.isfile(single):
+            found = ", ".join(sorted(os.listdir(folder))[:6]) or "nothing"
+            raise bpe.UserError(f"{folder} has no {SAFETENSORS_SINGLE} nor {SAFETENSORS_INDEX} (found: {found}); "
+                                f"nanostack reads safetensors weights only (save with safe_serialization)")
+        return read_safetensors(single)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        items = [(str(k), str(v)) for k, v in weight_map.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise bpe.UserError(f"cannot read {index_path} ({bpe.first_line(e)}): it needs a \"weight_map\" "
+                            f"of tensor name -> shard file") from None
+    shards, tensors = {}, {}
+    for name, file in items:
+        if os.path.basename(file) != file or file.startswith("."):
+            raise bpe.UserError(f"{index_path}: shard {file!r} is not a file name inside {folder}")
+        if file not in shards:
+            shards[file] = read_safetensors(os.path.join(folder, file))
+        if name not in shards[file]:
+            raise bpe.UserError(f"{index_path} puts {name} in {file}, which does not hold it; "
+                                f"the folder is incomplete: re-download it")
+        tensors[name] = shards[file][name]
+    return tensors
+
+# -----------------------------------------------------------------------------
+# 15. The Hugging Face format: export to it, import from it (hf:DIR)
+#
+# A Hugging Face model folder holds
+#   config.json              the architecture: model_type, sizes, rope_theta, rms_norm_eps, ...
+#   model.safetensors        the weights by name (section 14), or shards and their index
+#   tokenizer.json           the tokenizer (bpe.py reads and writes it)
+#   tokenizer_config.json    which tokenizer class transformers should use, its special tokens
+#   generation_config.json   the BOS/EOS ids generate() uses
+# Three of its architectures are our GPT with particular switches on:
+#   llama      SwiGLU MLP, RMSNorm with gains, RoPE, GQA; no QK-norm, no softcaps, no window
+#   qwen3      llama + QK-norm (a gain of head_dim channels for q and for k, before RoPE, as ours)
+#   qwen3_moe  qwen3 + MoE feed-forward in every decoder_sparse_step-th block: top_k experts
+#              weighted by the softmax of the router's logits renormalised over the chosen ones
+#              ("norm_topk_prob", which is our rule for top_k > 1; for top_k = 1 we weigh the
+#              expert by its probability, which is norm_topk_prob off), no shared experts, no bias
+# The configuration, field by field (ours -> config.json):
+#   vocab_size, n_layer, n_embd       vocab_size, num_hidden_layers, hidden_size
+#   n_head, n_kv_head, head_dim       num_attention_heads, num_key_value_heads, head_dim
+#   mlp=swiglu, hidden_size           hidden_act=silu, intermediate_size
+#   norm_eps, rope_theta              rms_norm_eps, rope_theta
+#   rope_scaling, rope_factor         rope_scaling {rope_type linear|yarn, factor} (YaRN: only with
+#                                     yarn_ramp=index, Hugging Face's blend; section 3)
+#   block_size                        YaRN: rope_scaling.original_max_position_embeddings;
+#                                     max_position_embeddings = max_context (block_size * rope_factor)
+#   tie_embeddings                    tie_word_embeddings
+#   n_experts, top_k, moe_every       num_experts, num_experts_per_tok, decoder_sparse_step
+#   expert_hidden                     moe_intermediate_size
+# The weights, by name (layer i, expert e; ours <- theirs, all under model.layers.i. but the ends):
+#   transformer.wte                   model.embed_tokens
+#   h.i.ln_1, h.i.ln_2                input_layernorm, post_attention_layernorm
+#   h.i.attn.c_attn                   the rows of self_attn.q_proj, then k_proj, then v_proj
+#   h.i.attn.c_proj                   self_attn.o_proj
+#   h.i.attn.q_norm, k_norm           self_attn.q_norm, k_norm
+#   h.i.mlp.c_fc                      the rows of mlp.gate_proj, then up_proj (MLP.forward: gate first)
+#   h.i.mlp.c_proj                    mlp.down_proj
+#   h.i.mlp.router                    mlp.gate
+#   h.i.mlp.c_gate[e], c_fc[e], c_proj[e]   mlp.experts.e.gate_proj, up_proj, down_proj, transposed:
+#                                     our stacks are (E, in, out), nn.Linear keeps (out, in)
+#   transformer.ln_f, lm_head         model.norm, lm_head (absent when tied)
+# RoPE needs no permutation of q and k: transformers rotates the pairs (i, i + D/2) ("rotate_half")
+# with frequencies theta^(-2i/D), the convention of section 3. A norm without gain (norm_gain=False)
+# is the same function as a gain of ones, so it is exported as ones. What the target architectures
+# cannot express is refused with one line naming the switch to train with instead; an import
+# refuses what GPT cannot express (biases, other RoPE scalings, sliding windows, ...).
+# Imported, a folder is a checkpoint like ours (section 13): open_checkpoint("hf:DIR") returns the
+# same dict, so sample.py (--ckpt=hf:DIR) and train.py (--init_from=hf:DIR) need nothing else.
+
+HF_PREFIX = "hf:"                         # --ckpt=hf:DIR (sample.py), --init_from=hf:DIR (train.py)
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM"}
+HF_HEAD_DIM = {"qwen3": 128}              # transformers' default head_dim where config.json has none
+HF_SHARD_BYTES = 5 * 2 ** 30              # shard weights past 5 GB (transformers' classic max_shard_size)
+HF_ROPE_BY_NAME = {"default": "none", "linear": "linear", "yarn": "yarn"}
+HF_IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq")  # older exports saved RoPE's table too
+
+
+def hf_model_type(config):
+    return "qwen3_moe" if config.n_experts else "qwen3" if config.qk_norm else "llama"
+
+
+def hf_export_problems(model):
+    """What in this model the Hugging Face architectures cannot express: one 'feature (train with
+    --switch)' string each; empty when it exports."""
+    c, problems = model.config, []
+
+    def need(ok, feature, switch):
+        if not ok:
+            problems.append(f"{feature} (train with {switch})")
+    need(c.mlp == "swiglu", f"the {c.mlp} MLP (Llama and Qwen3 MLPs are SwiGLU)", "--mlp=swiglu")
+    need(c.logit_softcap == 0, "the logit softcap", "--logit_softcap=0")
+    need(c.attn_softcap == 0, "the attention softcap", "--attn_softcap=0")
+    need(not c.mtp, "the multi-token prediction head", "--mtp=False")
+    need(c.window == 0, "the sliding attention window", "--window=0")
+    need(c.n_shared_experts == 0, "shared experts (Qwen3-MoE has none)", "--n_shared_experts=0")
+    need(c.n_experts == 0 or c.qk_norm, "MoE without QK-norm (Qwen3-MoE has it)", "--qk_norm=True")
+    need(not any(layer.expert_bias.any() for layer in model.moe_layers()),
+         "non-zero expert biases (aux-loss-free balancing chooses experts differently)", "--moe_bias_rate=0")
+    need(c.rope_scaling != "yarn" or c.yarn_ramp == "index", "YaRN blended by turns", "--yarn_ramp=index")
+    return problems
+
+
+def hf_config(config, bos_id=None, eos_id=None, dtype=torch.float32):
+    """config.json for a GPTConfig (the table above). Legacy keys rope_theta / rope_scaling /
+    torch_dtype: every transformers version reads them (version 5 converts them itself)."""
+    kind = hf_model_type(config)
+    rope = None
+    if config.rope_scaling == "linear":
+        rope = {"rope_type": "linear", "factor": config.rope_factor}
+    elif config.rope_scaling == "yarn":
+        rope = {"rope_type": "yarn", "factor": config.rope_factor, "beta_fast": YARN_BETA,
+                "beta_slow": YARN_ALPHA, "original_max_position_embeddings": config.block_size}
+    out = {"architectures": [HF_ARCHITECTURES[kind]], "model_type": kind,
+           "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
+           "intermediate_size": config.hidden_size, "num_hidden_layers": config.n_layer,
+           "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
+           "head_dim": config.head_dim, "hidden_act": "silu",
+           "max_position_embeddings": config.max_context, "rms_norm_eps": config.norm_eps,
+           "rope_theta": config.rope_theta, "rope_scaling": rope, "attention_bias": False,
+           "attention_dropout": 0.0, "tie_word_embeddings": config.tie_embeddings,
+           "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True,
+           "torch_dtype": next(k for k, v in DTYPES.items() if v == dtype)}
+    if kind == "llama":
+        out["mlp_bias"] = False
+    else:
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
+    if kind == "qwen3_moe":
+        out.update(num_experts=config.n_experts, num_experts_per_tok=config.top_k,
+                   moe_intermediate_size=config.expert_hidden, decoder_sparse_step=config.moe_every,
+                   mlp_only_layers=[], norm_topk_prob=config.top_k > 1,
+                   router_aux_loss_coef=config.moe_aux_coef, output_router_logits=False)
+    return out
+
+
+def gpt_config_from_hf(hf, where):
+    """The GPTConfig a config.json describes (the table above), or one line naming what GPT
+    cannot express. Absent fields take the defaults of transformers' class for that model_type."""
+    def refuse(what):
+        raise bpe.UserError(f"{where}: {what}, which nanostack's GPT cannot express")
+    kind = hf.get("model_type") if isinstance(hf, dict) else None
+    if kind not in HF_ARCHITECTURES:
+        raise bpe.UserError(f"{where}: model_type {kind!r} is not one nanostack imports "
+                            f"({', '.join(HF_ARCHITECTURES)})")
+    try:
+        C, H = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        n_layer, vocab, max_pos = int(hf["num_hidden_layers"]), int(hf["vocab_size"]), int(hf["max_position_embeddings"])
+        hidden = int(hf["intermediate_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise bpe.UserError(f"{where}: no usable {bpe.first_line(e)}; config.json needs the model's sizes") from None
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act={hf['hidden_act']} (the gated MLP here is SwiGLU: silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            refuse(f"{flag}=true (GPT's projections have no biases)")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if hf.get("use_sliding_window") or layer_types != {"full_attention"}:
+        refuse(f"sliding-window attention layers ({', '.join(sorted(layer_types))})")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse(f"partial_rotary_factor={hf['partial_rotary_factor']} (RoPE on part of each head)")
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        refuse("a RoPE per layer type")
+    scaling = hf.get("rope_scaling") or params
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in HF_ROPE_BY_NAME:
+        refuse(f"rope_scaling type {rope_type!r} (GPT has linear and YaRN scaling)")
+    fields = dict(
+        vocab_size=vocab, n_layer=n_layer, n_embd=C, n_head=H,
+        n_kv_head=int(hf.get("num_key_value_heads") or H),
+        mlp="swiglu", mlp_hidden=hidden, norm_gain=True, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=HF_ROPE_BY_NAME[rope_type], qk_norm=kind != "llama", logit_softcap=0.0,
+        attn_softcap=0.0, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), block_size=max_pos)
+    head_dim = int(hf.get("head_dim") or HF_HEAD_DIM.get(kind, C // H))
+    fields["head_size"] = 0 if head_dim * H == C else head_dim
+    if rope_type == "linear":
+        fields["rope_factor"] = float(scaling["factor"])
+        fields["block_size"] = max(1, math.floor(max_pos / fields["rope_factor"]))
+    elif rope_type == "yarn":
+        original = int(scaling.get("original_max_position_embeddings") or max_pos)
+        factor = float(scaling.get("factor") or max_pos / original)
+        if (scaling.get("beta_fast") or YARN_BETA) != YARN_BETA or (scaling.get("beta_slow") or YARN_ALPHA) != YARN_ALPHA:
+            refuse(f"YaRN with beta_fast={scaling.get('beta_fast')}, beta_slow={scaling.get('beta_slow')} "
+                   f"(GPT blends from {YARN_BETA:g} to {YARN_ALPHA:g} turns)")
+        attention = scaling.get("attention_factor")
+        if scaling.get("mscale") or scaling.get("mscale_all_dim") or (
+                attention is not None and not math.isclose(attention, 0.1 * math.log(factor) + 1.0)):
+            refuse("a YaRN attention factor other than 0.1 ln(factor) + 1")
+        if scaling.get("truncate", True) is not True:
+            refuse("YaRN without truncate (an unrounded ramp)")
+        fields.update(rope_factor=factor, block_size=original, yarn_ramp="index")
+    n_experts = int(hf.get("num_experts", hf.get("num_local_experts")) or 0)  # transformers 5 writes the second
+    if kind == "qwen3_moe" and n_experts:
+        top_k = int(hf.get("num_experts_per_tok", 8))
+        if hf.get("mlp_only_layers"):
+            refuse(f"dense layers listed by mlp_only_layers={hf['mlp_only_layers']} (GPT places MoE "
+                   f"layers every moe_every blocks)")
+        if bool(hf.get("norm_topk_prob", False)) != (top_k > 1):
+            refuse(f"norm_topk_prob={hf.get('norm_topk_prob', False)} with {top_k} experts per token (GPT "
+                   f"renormalises the gates over the chosen experts exactly when top_k > 1)")
+        fields.update(n_experts=n_experts, top_k=top_k,
+                      moe_hidden=int(hf.get("moe_intermediate_size", hidden)),
+                      moe_every=int(hf.get("decoder_sparse_step", 1)),
+                      moe_aux_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:
+        raise bpe.UserError(f"{where}: {e}") from None
+
+
+def hf_weight_map(config):
+    """Every weight as (our name, [(Hugging Face name, its shape), ...], how): how = "same" (one
+    tensor as it is), "rows" (ours is theirs concatenated by rows) or "experts" (ours is the (E, in,
+    out) stack of their (out, in) matrices, transposed). The one table both directions read."""
+    C, D, H, Hkv, V = config.n_embd, config.head_dim, config.n_head, config.n_kv_head, config.vocab_size
+    rows = [("transformer.wte.weight", [("model.embed_tokens.weight", (V, C))], "same")]
+    for i in range(config.n_layer):
+        ours, layer = f"transformer.h.{i}.", f"model.layers.{i}."
+        attn, mlp = layer + "self_attn.", layer + "mlp."
+        rows += [(ours + "ln_1.weight", [(layer + "input_layernorm.weight", (C,))], "same"),
+                 (ours + "attn.c_attn.weight", [(attn + "q_proj.weight", (H * D, C)),
+                                                (attn + "k_proj.weight", (Hkv * D, C)),
+                                                (attn + "v_proj.weight", (Hkv * D, C))], "rows"),
+                 (ours + "attn.c_proj.weight", [(attn + "o_proj.weight", (C, H * D))], "same")]
+        if config.qk_norm:
+            rows += [(ours + "attn.q_norm.weight", [(attn + "q_norm.weight", (D,))], "same"),
+                     (ours + "attn.k_norm.weight", [(attn + "k_norm.weight", (D,))], "same")]
+        rows.append((ours + "ln_2.weight", [(layer + "post_attention_layernorm.weight", (C,))], "same"))
+        if config.is_moe_layer(i):
+            E, Hm = config.n_experts, config.expert_hidden
+            rows.append((ours + "mlp.router.weight", [(mlp + "gate.weight", (E, C))], "same"))
+            for mine, theirs, shape in (("c_gate", "gate_proj", (Hm, C)), ("c_fc", "up_proj", (Hm, C)),
+                                        ("c_proj", "down_proj", (C, Hm))):
+                rows.append((ours + "mlp." + mine,
+                             [(f"{mlp}experts.{e}.{theirs}.weight", shape) for e in range(E)], "experts"))
+        else:
+            Hd = config.hidden_size
+            rows += [(ours + "mlp.c_fc.weight", [(mlp + "gate_proj.weight", (Hd, C)),
+                                                 (mlp + "up_proj.weight", (Hd, C))], "rows"),
+                     (ours + "mlp.c_proj.weight", [(mlp + "down_proj.weight", (C, Hd))], "same")]
+    rows.append(("transformer.ln_f.weight", [("model.norm.weight", (C,))], "same"))
+    if not config.tie_embeddings:
+        rows.append(("lm_head.weight", [("lm_head.weight", (V, C))], "same"))
+    return rows
+
+
+def hf_tensors(model, dtype=torch.float32):
+    """The model's weights under Hugging Face's names: {name: contiguous CPU tensor of dtype}."""
+    state = model.state_dict()
+    out = {}
+    for ours, theirs, how in hf_weight_map(model.config):
+        w = state.get(ours)
+        if w is None:  # a norm without gain (norm_gain=False): the function of a gain of ones
+            assert not model.config.norm_gain, ours
+            w = torch.ones(theirs[0][1])
+        if how == "same":
+            parts = [w]
+        elif how == "rows":
+            parts = w.split([shape[0] for _, shape in theirs])
+        else:
+            parts = [m.t() for m in w.unbind(0)]
+        for (name, shape), part in zip(theirs, parts):
+            out[name] = part.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def gpt_state_from_hf(config, tensors, where):
+    """Our state_dict from Hugging Face's tensors (hf_weight_map read backwards). A missing
+    tensor, a wrong shape or a tensor with no place in GPT is one line."""
+    state, used = {}, set()
+    for ours, theirs, how in hf_weight_map(config):
+        parts = []
+        for name, shape in theirs:
+            t = tensors.get(name)
+            if t is None:
+                raise bpe.UserError(f"{where} has no tensor {name}, which its config.json implies; "
+                                    f"the folder is incomplete or of another architecture")
+            if tuple(t.shape) != shape:
+                raise bpe.UserError(f"{where}: {name} has shape {list(t.shape)}, its config.json "
+                                    f"implies {list(shape)}")
+            parts.append(t)
+            used.add(name)
+        if how == "same":
+            state[ours] = parts[0]
+        elif how == "rows":
+            state[ours] = torch.cat(parts, dim=0)
+        else:
+            state[ours] = torch.stack([p.t() for p in parts])
+    for i in range(config.n_layer):
+        if config.is_moe_layer(i):
+            state[f"transformer.h.{i}.mlp.expert_bias"] = torch.zeros(config.n_experts)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]   # our state_dict names both
+    tied_head = {"lm_head.weight"} if config.tie_embeddings else set()   # transformers ties it anyway
+    extra = sorted(n for n in set(tensors) - used - tied_head if not HF_IGNORED_TENSORS.fullmatch(n))
+    if extra:
+        raise bpe.UserError(f"{where}: tensor {extra[0]} ({len(extra)} such) has no place in the model "
+                            f"its config.json describes (a feature GPT lacks, such as biases)")
+    return state
+
+
+def load_hf(folder):
+    """Import a Hugging Face folder as a checkpoint dict of section 13: "model" (our state_dict),
+    "model_config", "tokenizer" (from tokenizer.json), "tokenizer_fingerprint", plus "hf_config"
+    (the config.json read). Every problem is one line."""
+    if not os.path.isdir(folder):
+        raise bpe.UserError(f"{HF_PREFIX}{folder}: no such folder; give a folder holding config.json, "
+                            f"model.safetensors and tokenizer.json")
+    config_path = os.path.join(folder, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise bpe.UserError(f"{folder} has no config.json: not a Hugging Face model folder") from None
+    except (OSError, ValueError) as e:
+        raise bpe.UserError(f"cannot read {config_path} ({bpe.first_line(e)})") from None
+    config = gpt_config_from_hf(hf, config_path)
+    tokenizer = bpe.Tokenizer.from_tokenizer_json(os.path.join(folder, "tokenizer.json"))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise bpe.UserError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens, the model only "
+                            f"{config.vocab_size}; the two files do not belong together")
+    state = gpt_state_from_hf(config, read_hf_weights(folder), folder)
+    return {"model": state, "model_config": dataclasses.asdict(config), "hf_config": hf,
+            "tokenizer": tokenizer.as_vocab_merges(), "tokenizer_fingerprint": tokenizer.fingerprint}
+
+
+def open_checkpoint(path):
+    """The one loader of train.py (--resume, --init_from) and sample.py (--ckpt): hf:DIR imports a
+    Hugging Face folder (load_hf), anything else is a checkpoint file of ours (load_checkpoint).
+    Either way the result is the dict of section 13."""
+    if path.startswith(HF_PREFIX):
+        return load_hf(path[len(HF_PREFIX):])
+    return load_checkpoint(path)
+
+
+def write_json(path, obj):
+    bpe.atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def export_hf(model, tokenizer, folder, dtype=torch.float32, overwrite=False, max_shard_bytes=HF_SHARD_BYTES):
+    """Write model and tokenizer as a Hugging Face folder (the files of the section comment).
+    Refuses, in one line, a model the target cannot express and a folder that already holds files
+    (unless overwrite). Each file is written atomically, config.json last. Returns the paths."""
+    problems = hf_export_problems(model)
+    if problems:
+        raise bpe.UserError(f"cannot export to the Hugging Face format: {'; '.join(problems)}")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise bpe.UserError(f"{folder} is a file; give the folder to export into")
+    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    if present and not overwrite:
+        raise bpe.UserError(f"{folder} already holds files ({', '.join(present[:3])}{', ...' if len(present) > 3 else ''}); "
+                            f"export into a new or empty folder, or pass --overwrite=True to replace them")
+    os.makedirs(folder, exist_ok=True)
+    paths = write_hf_weights(folder, hf_tensors(model, dtype), max_shard_bytes, metadata={"format": "pt"})
+    bos = tokenizer.special_tokens.get(bpe.EOT)
+    paths.append(os.path.join(folder, "tokenizer.json"))
+    tokenizer.save_tokenizer_json(paths[-1])
+    specials = {"bos_token": bpe.EOT, "eos_token": bpe.EOT} if bos is not None else {}
+    files = {"tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast",
+                                       "model_max_length": model.config.max_context,
+                                       "clean_up_tokenization_spaces": False, **specials},
+             "generation_config.json": {"bos_token_id": bos, "eos_token_id": bos},
+             "config.json": hf_config(model.config, bos, bos, dtype)}
+    for name, obj in files.items():
+        paths.append(os.path.join(folder, name))
+        write_json(paths[-1], obj)
+    return paths
+
+# -----------------------------------------------------------------------------
+# 16. main: print the architecture, run a forward/backward on random tokens
 
 
 def architecture_table(model):

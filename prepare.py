@@ -12,6 +12,7 @@ Run it:
     python prepare.py --dataset=tinystories            # ~2 GB download, official validation file as val
     python prepare.py --input='books/*.txt' --doc_sep='\\n\\n\\n' --out_dir=data/books
     python prepare.py --input=a.txt --tokenizer=gpt2/encoder.json     # reuse GPT-2's tokenizer (vocab.bpe beside it)
+    python prepare.py --input=a.txt --tokenizer=DIR/tokenizer.json    # a Hugging Face model's (to fine-tune it)
     python prepare.py --verify=True                    # check every shard of data/stdlib again, byte by byte
     python prepare.py --bench=True                     # throughput benchmark (1 vs 2 processes) + end-to-end time
     python prepare.py --help                           # every setting with its default
@@ -115,7 +116,7 @@ class Settings:
     out_dir: str = ""            # '' = data/stdlib, data/<dataset> or data/custom (for --input)
     download_dir: str = "data/downloads"  # cache for --dataset downloads (kept between runs)
     vocab_size: int = 4096       # BPE vocabulary size to train, specials included
-    tokenizer: str = ""          # reuse a tokenizer instead: our .bpe file, or GPT-2 encoder.json (vocab.bpe beside it)
+    tokenizer: str = ""          # reuse a tokenizer instead: our .bpe file, GPT-2 encoder.json (vocab.bpe beside it), or a Hugging Face tokenizer.json
     tokenizer_max_mb: float = 64.0  # train the BPE on a hash sample of about this many MB of train text (0 = all)
     max_doc_tokens: int = 0      # truncate documents to this many tokens, BOS included (0 = no limit)
     shard_tokens: int = 50_000_000  # tokens per shard file (documents may continue into the next shard)
@@ -864,11 +865,16 @@ def make_is_val(scan, val_fraction, has_val_input):
 # 7. The tokenizer: train one or load one
 
 
+HF_TOKENIZER = "tokenizer.json"  # Hugging Face's one-file tokenizer (bpe.Tokenizer.from_tokenizer_json)
+
+
 def tokenizer_files(spec):
-    """--tokenizer=PATH -> the file(s) it names: [our .bpe file], or GPT-2's
-    [encoder.json, vocab.bpe] (given as the .json, a directory holding both, or
+    """--tokenizer=PATH -> the file(s) it names: [our .bpe file], [a Hugging Face tokenizer.json],
+    or GPT-2's [encoder.json, vocab.bpe] (given as the .json, a directory holding both, or
     'encoder.json,vocab.bpe')."""
-    if "," in spec:
+    if os.path.basename(spec) == HF_TOKENIZER:
+        paths = [spec]
+    elif "," in spec:
         paths = [p.strip() for p in spec.split(",", 1)]
     elif os.path.isdir(spec):
         paths = [os.path.join(spec, "encoder.json"), os.path.join(spec, "vocab.bpe")]
@@ -886,6 +892,8 @@ def tokenizer_files(spec):
 def load_tokenizer_arg(spec):
     """Load the tokenizer named by --tokenizer (see tokenizer_files)."""
     paths = tokenizer_files(spec)
+    if os.path.basename(paths[0]) == HF_TOKENIZER:
+        return bpe.Tokenizer.from_tokenizer_json(paths[0])  # UserError on what it cannot express
     if len(paths) == 1:
         return bpe.Tokenizer.load(paths[0])  # raises UserError on a bad file
     try:

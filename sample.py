@@ -18,6 +18,8 @@ trained with, and continues a prompt one token at a time, printing text as it is
     python sample.py --eval=hellaswag_val.jsonl             # HellaSwag, or any {"context", "choices", "answer"} JSONL
     python sample.py --stress=True                          # past the context, repetition, drift, odd prompts
     python sample.py --show=attention,embeddings,surprise --prompt="def add(a, b):"   # pictures (SVG, HTML)
+    python sample.py --ckpt=out/best.pt --export_hf=hf_model   # a Hugging Face folder (transformers loads it)
+    python sample.py --ckpt=hf:hf_model --prompt="def add("    # sample from a Llama/Qwen3/Qwen3-MoE folder
     python sample.py --help                                 # every setting, with its default
 
 The same command runs on a laptop CPU, on Apple's mps or on a CUDA GPU (bf16 autocast there);
@@ -43,7 +45,7 @@ built-in suite cut from held-out data or on HellaSwag-style files), where does i
 Sections
   1. Settings
   2. Device and precision (decided once)
-  3. Loading a checkpoint and its tokenizer
+  3. Loading a checkpoint and its tokenizer (ours, or a Hugging Face folder), exporting one
   4. Prompts
   5. Token healing
   6. Choosing the next token: temperature, top-k, top-p, repetition penalty, per-sample randomness
@@ -76,8 +78,8 @@ import torch
 
 import bpe
 import prepare
-from model import (DTYPES, GPT, GPTConfig, checkpoint_tokenizer, load_checkpoint,
-                   model_from_checkpoint, record_attention, setup_runtime)
+from model import (DTYPES, GPT, HF_PREFIX, GPTConfig, checkpoint_tokenizer, export_hf,
+                   model_from_checkpoint, open_checkpoint, record_attention, setup_runtime)
 
 # -----------------------------------------------------------------------------
 # 1. Settings
@@ -117,6 +119,9 @@ class SampleConfig:
     data_dir: str = "data/stdlib"    # prepare.py output whose val split feeds --eval=builtin, --stress and --show
     stress: bool = False             # stress tests: past the context, RoPE scaling, repetition, drift, odd prompts
     show: str = ""                   # attention,embeddings,surprise: draw these next to the checkpoint (of --prompt)
+    export_hf: str = ""              # write the model as a Hugging Face folder DIR (config.json, model.safetensors, tokenizer.json, ...)
+    export_dtype: str = "float32"    # --export_hf: weights as float32 | bfloat16 | float16
+    overwrite: bool = False          # --export_hf: replace the files of a DIR that already holds some
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -144,8 +149,11 @@ class SampleConfig:
         unknown = [k for k in self.show.split(",") if k.strip() and k.strip() not in SHOW_KINDS]
         if unknown:
             raise ValueError(f"--show={self.show}: unknown {unknown}; choose from {','.join(SHOW_KINDS)}")
+        if self.export_dtype not in DTYPES:
+            raise ValueError(f"--export_dtype={self.export_dtype}: choose one of {', '.join(DTYPES)}")
         modes = [name for name, on in (("--bench", self.bench), ("--eval", self.eval), ("--stress", self.stress),
-                                       ("--show", self.show), ("--interactive", self.interactive)) if on]
+                                       ("--show", self.show), ("--interactive", self.interactive),
+                                       ("--export_hf", self.export_hf)) if on]
         if len(modes) > 1:
             raise ValueError(f"{' and '.join(modes)}: choose one of them per run")
         self.stop = normalize_stop(self.stop)
@@ -198,7 +206,7 @@ def runtime_for(cfg):
 
 
 # -----------------------------------------------------------------------------
-# 3. Loading a checkpoint and its tokenizer
+# 3. Loading a checkpoint and its tokenizer (ours, or a Hugging Face folder), exporting one
 #
 # model.py owns the checkpoint format and its verified loader (shared with train.py's resume and
 # --init_from): torch.load(weights_only=True), which cannot run code from a file off the internet;
@@ -206,6 +214,10 @@ def runtime_for(cfg):
 # it was trained with, never from this script's defaults. The tokenizer must be the very one the
 # model was trained on: a different merge table maps the same text to different ids and the model
 # would read gibberish without any error, so its fingerprint must match the checkpoint's.
+# --ckpt=hf:DIR reads a Hugging Face folder (Llama, Qwen3 or Qwen3-MoE: config.json, safetensors,
+# tokenizer.json) through the same loader: model.py imports it as a checkpoint of ours. The other
+# way, --export_hf=DIR writes a model as such a folder (model.py's export_hf), or says in one line
+# which feature of it the Hugging Face architectures lack and the switch to train with instead.
 
 RANDOM_CKPT = "random"  # --ckpt=random: an untrained model of nanoGPT's Shakespeare size, for --bench
 # nanoGPT's shakespeare_char model at the width of its CPU recipe (4 layers, 4 heads, 128 wide,
@@ -220,13 +232,23 @@ def load_model(path, tokenizer_path="", rt=None, overrides=None):
     problem is one line (bpe.UserError) that says what to do. overrides: model_config fields to
     change at load time (--rope_scaling / --rope_factor)."""
     rt = rt or setup_runtime("cpu", "float32", compile="false", deterministic="false")
-    ckpt = load_checkpoint(path)
+    ckpt = open_checkpoint(path)
     model = model_from_checkpoint(ckpt, path, rt.kernels, overrides).to(rt.device).eval()
     tokenizer = checkpoint_tokenizer(ckpt, path, tokenizer_path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise bpe.UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                             f"{model.config.vocab_size}; pass --tokenizer=PATH to the tokenizer it was trained with")
     return model, tokenizer, ckpt
+
+
+def export(model, tokenizer, cfg, out=None):
+    """--export_hf: the model and its tokenizer as a Hugging Face folder; one line per file written."""
+    out = out or sys.stdout
+    paths = export_hf(model.to("cpu"), tokenizer, cfg.export_hf, DTYPES[cfg.export_dtype], cfg.overwrite)
+    for p in paths:
+        print(f"wrote {p} ({os.path.getsize(p) / 1024:.0f} KB)", file=out)
+    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({cfg.export_hf!r}), "
+          f"AutoTokenizer.from_pretrained({cfg.export_hf!r}); here: --ckpt={HF_PREFIX}{cfg.export_hf}", file=out)
 
 
 def random_model(device="cpu", seed=0, **overrides):
@@ -1772,10 +1794,19 @@ def main():
     path = cfg.ckpt or os.path.join(cfg.out_dir, "best.pt")
     factor = 1.0 if cfg.rope_scaling == "none" else cfg.rope_factor
     overrides = dict(rope_scaling=cfg.rope_scaling, rope_factor=factor) if cfg.rope_scaling else None
+    if overrides and cfg.export_hf:
+        overrides["yarn_ramp"] = "index"  # the YaRN a Hugging Face config can declare (model.py section 3)
     model, tokenizer, ckpt = load_model(path, cfg.tokenizer, rt, overrides)
     print(f"loaded {path}: step {ckpt.get('step', '?')}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"params, context {context_length(model.config)}, {rt}", file=sys.stderr)
     log = lambda line: print(line, file=sys.stderr)
+    if cfg.export_hf:
+        export(model, tokenizer, cfg)
+        return
+    if bpe.EOT not in tokenizer.special_tokens:
+        raise bpe.UserError(f"{path}: its tokenizer has no {bpe.EOT} token, which sample.py puts in front of "
+                            f"every prompt (nanostack's documents start with it); a tokenizer whose documents "
+                            f"start with another token (Llama 3's <|begin_of_text|>) is not supported")
     if cfg.bench:
         bench(model, rt, cfg, tokenizer.eot_id)
         return

@@ -12,6 +12,8 @@ Run it:
     python train.py --resume=True                  # continue out/last.pt exactly where it stopped
     python train.py --overwrite=True               # start over in an out_dir that holds a run
     python train.py --init_from=out/best.pt --data_dir=data/custom --matrix_lr=0.005   # fine-tune
+    python prepare.py --input='my/*.txt' --tokenizer=DIR/tokenizer.json --out_dir=data/mine &&
+      python train.py --init_from=hf:DIR --data_dir=data/mine   # fine-tune a Llama/Qwen3 folder
     python train.py --bench=True                   # tokens/s, MFU and ms per phase of a step
     torchrun --standalone --nproc_per_node=8 train.py --data_dir=data/fineweb   # 8 GPUs, DDP
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 train.py   # 2 nodes, R=0,1
@@ -59,8 +61,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 import prepare
 import sample
-from model import (DTYPES, GPT, SWITCH, GPTConfig, Runtime, doc_ids_from_bos, gpt_config,
-                   load_checkpoint, model_from_checkpoint, save_checkpoint, setup_runtime)
+from model import (DTYPES, GPT, HF_PREFIX, SWITCH, GPTConfig, Runtime, doc_ids_from_bos, gpt_config,
+                   model_from_checkpoint, open_checkpoint, save_checkpoint, setup_runtime)
 
 # -----------------------------------------------------------------------------
 # 1. Settings
@@ -85,7 +87,7 @@ class TrainConfig(GPTConfig):
     out_dir: str = "out"                   # where last.pt, best.pt, metrics.jsonl, loss.svg go
     resume: bool = False                   # continue from <out_dir>/last.pt, bitwise-exactly
     overwrite: bool = False                # start a new run in an out_dir that holds one (deletes it)
-    init_from: str = ""                    # start from this checkpoint's weights (new optimizer, step 0)
+    init_from: str = ""                    # start from this checkpoint's weights, or hf:DIR's (a Hugging Face folder); new optimizer, step 0
     batch_mode: str = "random"             # "random" windows, or "packed" whole documents + doc mask
     # --- batch and length ---
     seq_len: int = 256                     # training context T (<= block_size)
@@ -1508,10 +1510,12 @@ def start_run(cfg, rt=None):
     meta = prepare.load_meta(cfg.data_dir)
     tokenizer = prepare.load_tokenizer(cfg.data_dir)
     ckpt_path = os.path.join(cfg.out_dir, "last.pt") if cfg.resume else cfg.init_from
-    checkpoint = load_checkpoint(ckpt_path) if ckpt_path else None
+    checkpoint = open_checkpoint(ckpt_path) if ckpt_path else None
     if checkpoint is not None and checkpoint.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+        how = (f" (prepare.py --tokenizer={ckpt_path[len(HF_PREFIX):]}/tokenizer.json)"
+               if ckpt_path.startswith(HF_PREFIX) else "")
         raise bpe.UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.data_dir}'s; "
-                            f"use data prepared with the checkpoint's tokenizer")
+                            f"use data prepared with the checkpoint's tokenizer{how}")
     rt = rt or runtime_for(cfg, checkpoint.get("runtime") if cfg.resume else None)
     if rt.is_main and not cfg.bench:
         claim_out_dir(cfg, existing)
