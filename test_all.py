@@ -2310,10 +2310,30 @@ def test_model_flash_attention_gradcheck_float64():
     """torch.autograd.gradcheck in float64 (the interpreter computes in float64): finite
     differences of the forward kernel against the two backward kernels, with GQA, a window
     and a global prefix. fast_mode checks u^T J v for random u, v instead of all of J (a
-    handful of kernel calls instead of one per input number)."""
+    handful of kernel calls instead of one per input number). Older Triton interpreters (3.1,
+    which torch 2.5's wheels bring) refuse float64 dot products: there the same check runs in
+    float32 with central differences on a few coordinates, at a tolerance float32 allows."""
     (q, k, v), where, _ = _flash_case(1, 2, 1, 7, 4, window=3, n_global=1, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda q, k, v: M.flash_attention(q, k, v, *where), (q, k, v),
-                                    fast_mode=True)
+    f = lambda q, k, v: M.flash_attention(q, k, v, *where)
+    try:
+        assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
+        return
+    except Exception as e:  # triton.runtime.errors.InterpreterError: "Unsupported dtype fp64"
+        if "fp64" not in str(e):
+            raise
+    q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
+    w = torch.randn_like(f(q, k, v))                      # a random direction of the output
+    (f(q, k, v) * w).sum().backward()
+    eps = 1e-2
+    for x in (q, k, v):
+        for i in torch.randperm(x.numel())[:6].tolist():
+            with torch.no_grad():
+                x.view(-1)[i] += eps
+                up = (f(q, k, v) * w).sum().item()
+                x.view(-1)[i] -= 2 * eps
+                down = (f(q, k, v) * w).sum().item()
+                x.view(-1)[i] += eps
+            assert (up - down) / (2 * eps) == pytest.approx(x.grad.view(-1)[i].item(), abs=2e-3, rel=2e-2)
 
 
 @_needs_triton
@@ -4231,7 +4251,7 @@ def test_train_bench_reports_speed_and_phases(_train_data, tmp_path, capsys):
     assert res.step == 7 and not os.path.exists(tmp_path / "last.pt")
     speed = re.search(r"bench: ([\d,]+) tokens/s \| MFU ([\d.]+%|n/a) \| ([\d.]+) ms/step", out)
     assert speed and all(float(v.replace(",", "")) > 0 for v in speed.group(1, 3))
-    assert speed.group(2) == "n/a" or 0 < float(speed.group(2)[:-1]) <= 100
+    assert speed.group(2) == "n/a" or 0 <= float(speed.group(2)[:-1]) <= 100
     phases = re.search(r"by phase: data ([\d.]+), forward ([\d.]+), backward ([\d.]+), "
                        r"loss sync, clip ([\d.]+), optimizer steps ([\d.]+)", out)
     assert phases and all(float(v) > 0 for v in phases.groups())
@@ -5216,14 +5236,14 @@ def _e2e_env():
     return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
-def _e2e_run(args, cwd, timeout=120):
+def _e2e_run(args, cwd, timeout=600):
     """Run one of our scripts the way a user does (a fresh interpreter, real argv)."""
     script = str(_E2E_ROOT / args[0])
     return subprocess.run([sys.executable, script, *args[1:]], cwd=cwd, env=_e2e_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _e2e_train_until_sigterm(args, cwd, at_step, timeout=120):
+def _e2e_train_until_sigterm(args, cwd, at_step, timeout=600):
     """Start train.py, and once it logs step `at_step`, send SIGTERM like a cluster
     scheduler would. The trainer must finish its step, save last.pt and exit with
     train.EXIT_INTERRUPTED."""
