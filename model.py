@@ -1838,13 +1838,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, kernels)
         self.ln_2 = RMSNorm(config.n_embd, config.norm_gain)
         self.mlp = MoE(config, kernels) if config.is_moe_layer(layer_index) else MLP(config)
-        # sections 7b and 7c: n-gram memory, and one HyperConnection per sublayer (None when off)
-        self.engram = Engram(config, layer_index) if config.is_engram_layer(layer_index) else None
-        self.hc_engram = self.hc_attn = self.hc_mlp = None
-        if config.hc_streams > 1:
-            self.hc_engram = HyperConnection(config, 2 * layer_index) if self.engram is not None else None
-            self.hc_attn = HyperConnection(config, 2 * layer_index)
-            self.hc_mlp = HyperConnection(config, 2 * layer_index + 1)
+        # sections 7b and 7c: n-gram memory, one HyperConnection per sublayer (None when off).
+        # Built on a forked random stream (GPT.init_weights draws their values last): a seed then
+        # gives a model with them the same other weights as one without, so variants compared
+        # at one seed start from the same dense model (and the same step-0 loss).
+        with torch.random.fork_rng(devices=[]):
+            self.engram = Engram(config, layer_index) if config.is_engram_layer(layer_index) else None
+            self.hc_engram = self.hc_attn = self.hc_mlp = None
+            if config.hc_streams > 1:
+                self.hc_engram = HyperConnection(config, 2 * layer_index) if self.engram is not None else None
+                self.hc_attn = HyperConnection(config, 2 * layer_index)
+                self.hc_mlp = HyperConnection(config, 2 * layer_index + 1)
 
     def forward(self, x, layout, cache=None, layer=0, grams=None):
         """x: (B, T, C), or the streams (B, T, hc_streams, C); grams: section 7c's n-grams."""

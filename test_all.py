@@ -2163,6 +2163,13 @@ def test_model_hc_starts_as_single_stream(kw):
     for hc in [m for m in many.modules() if isinstance(m, M.HyperConnection)]:
         assert hc.read.grad.abs().sum() > 0 and hc.write.grad.abs().sum() > 0
         assert hc.dyn is None or hc.dyn.weight.grad.abs().sum() > 0
+    # and from one seed, the real init gives both models the same other weights (paired seeds)
+    torch.manual_seed(1)
+    plain = M.GPT(_model_cfg(**{k: v for k, v in kw.items() if not k.startswith(("hc_", "engram_"))}))
+    torch.manual_seed(1)
+    streams = M.GPT(dataclasses.replace(plain.config, **kw))
+    mine = streams.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in plain.state_dict().items())
 
 
 @pytest.mark.parametrize("kw", [dict(hc_dynamic=True), dict(hc_dynamic=True, hc_sinkhorn=True, hc_sinkhorn_iters=3),
@@ -2317,6 +2324,25 @@ def test_model_hc_engram_optim_groups():
     hcs = [x for x in m.modules() if isinstance(x, M.HyperConnection)]
     assert len(hcs) == 6 and {id(h.dyn.weight) for h in hcs} == {id(p) for p in by["hc_dyn"]["params"]}
     assert {id(h.mix) for h in hcs} <= {id(p) for p in by["hc"]["params"]}
+
+
+@_model_one_thread
+def test_model_hc_engram_bf16_autocast_keeps_streams_float32():
+    """Under CPU bf16 autocast (the Runtime's choice on AMX CPUs) the streams stay float32: the
+    read and the mix are matmuls that autocast would otherwise round to bf16 at every sublayer.
+    Forward and backward run, and the logits stay near float32's."""
+    m = _model_with_memory(hc_streams=2, hc_dynamic=True, hc_sinkhorn=True, engram_layers="1").train()
+    idx = _model_tokens(2, 12)
+    dtypes = []
+    for hc in [x for x in m.modules() if isinstance(x, M.HyperConnection)]:
+        hc.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(idx)
+        loss, _ = m(idx, idx.roll(-1, 1))
+    loss.backward()
+    assert set(dtypes) == {torch.float32} and len(dtypes) == 2 * 5
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    torch.testing.assert_close(logits, m(idx), atol=0.1, rtol=0.05)
 
 
 @_model_one_thread
