@@ -516,7 +516,7 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # one entry per param that has a grad, all groups: adamw_update's arguments
-        params, grads, exp_avgs, exp_avg_sqs, numbers, settings = [], [], [], [], [], []
+        params, grads, exp_avgs, exp_avg_sqs, numbers, settings, used = [], [], [], [], [], [], []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -542,26 +542,32 @@ class AdamW(torch.optim.Optimizer):
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 numbers.append(step_numbers)
-                settings.append((beta1, beta2, group["eps"], group["weight_decay"], group["cautious"],
-                                 group.get("lazy_rows", False)))  # .get: checkpoints from before lazy rows
+                settings.append((beta1, beta2, group["eps"], group["weight_decay"], group["cautious"]))
+                # lazy rows: which rows this step looked up, (rows, 1) bool. Found here, outside
+                # the compiled update: inductor (torch 2.13, CPU) fails to compile a reduction of
+                # the gradient in the graph that also rewrites and rereads the moments.
+                lazy = group.get("lazy_rows", False)   # .get: checkpoints from before lazy rows
+                used.append((p.grad != 0).any(dim=-1, keepdim=True) if lazy else None)
         if params:
-            self._update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings)
+            self._update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings, used)
         return loss
 
 
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings):
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings, used_rows=None):
     """The AdamW update of every param, in place. One entry per param in every list:
     numbers[i] = (lr, 1 - beta1^t, sqrt(1 - beta2^t)), floats or (compiled) 0-d tensors;
-    settings[i] = (beta1, beta2, eps, weight_decay, cautious, lazy_rows), constants of the run.
+    settings[i] = (beta1, beta2, eps, weight_decay, cautious), constants of the run.
     Plain tensor code without data-dependent branches, so that torch.compile fuses each
     param's update into one kernel. The operation order is torch.optim.AdamW's (eps
     added after dividing sqrt(v) by sqrt(1 - beta2^t)): results agree to float32 rounding.
-    lazy_rows: rows (along dim 0) with an all-zero gradient stay as they are, weights and
-    moments (see "Lazy rows" in the class docstring)."""
-    for p, g, m, v, (lr, bias1, bias2_sqrt), (beta1, beta2, eps, weight_decay, cautious, lazy) in zip(
-            params, grads, exp_avgs, exp_avg_sqs, numbers, settings):
+    used_rows[i]: None, or for lazy rows a (rows, 1) bool tensor, True where the gradient row
+    is not all zero: the other rows stay as they are, weights and moments (see "Lazy rows" in
+    the class docstring)."""
+    used_rows = used_rows or [None] * len(params)
+    for p, g, m, v, (lr, bias1, bias2_sqrt), (beta1, beta2, eps, weight_decay, cautious), used in zip(
+            params, grads, exp_avgs, exp_avg_sqs, numbers, settings, used_rows):
+        lazy = used is not None
         if lazy:
-            used = (g != 0).any(dim=-1, keepdim=True)           # (rows, 1): looked up this step
             m.copy_(torch.where(used, m.lerp(g, 1.0 - beta1), m))
             v.copy_(torch.where(used, v * beta2 + g * g * (1.0 - beta2), v))
         else:
