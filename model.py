@@ -23,6 +23,10 @@ Every modern choice is a switch in GPTConfig, so a reader can turn it off and se
   - multi-token prediction (mtp): an extra head that predicts token t+2
   - mixture of experts (n_experts > 0): token-choice top-k routing, shared experts, capacity
     with token dropping, load-balancing loss, router z-loss, aux-loss-free bias balancing
+  - hyper-connections (hc_streams > 1): n residual streams that every sublayer reads and writes
+    with learned weights, static or dynamic, optionally kept doubly stochastic by Sinkhorn-Knopp (mHC)
+  - Engram memory (engram_layers): hashed n-gram embedding tables looked up per token, gated by
+    the hidden state; the tables are "memory" in the accounting, trained as embeddings
   - a KV cache: preallocated, prefill + one-token decode, branching one prompt into N samples
   - accounting: parameters per component, FLOPs per token, KV-cache bytes per token, and the
     optimizer parameter groups (Muon for hidden matrices, AdamW for the rest)
@@ -36,6 +40,8 @@ Run it:
   python model.py                                  # default architecture: table + one fwd/bwd
   python model.py --n_layer=12 --n_embd=768 --n_head=6 --n_kv_head=2 --block_size=1024
   python model.py --n_experts=8 --top_k=2 --moe_hidden=256      # MoE: total vs active params
+  python model.py --hc_streams=4 --hc_dynamic=True --hc_sinkhorn=True   # 4 residual streams (mHC)
+  python model.py --engram_layers=1 --engram_rows=20480         # n-gram memory: dense vs memory params
   python model.py --bench=True                     # time SDPA vs hand-written attention
   python model.py --bench_attention=True           # Triton kernel vs SDPA vs hand-written, fwd+bwd,
                                                    # bf16, T = 512..4096 (a GPU; on CPU it needs
@@ -61,6 +67,8 @@ Sections:
   5b. A flash-attention kernel in Triton (FlashAttention-2 forward and backward, attn_impl=triton)
   6. MLP (ReLU^2, SwiGLU, GELU)
   7. Mixture of experts (routing, capacity, balancing, statistics)
+  7b. Hyper-connections: n residual streams, static / dynamic, Sinkhorn-Knopp (mHC)
+  7c. Engram: hashed n-gram memory (the hash, the lookup, the gate)
   8. Transformer block
   9. KV cache
  10. The GPT model (init, forward, loss, multi-token prediction)
@@ -106,6 +114,18 @@ YARN_RAMPS = ("turns", "index")
 ATTN_IMPLS = ("sdpa", "manual", "triton")
 SWIGLU_ROUND = 64  # hidden sizes that are multiples of 64 map well onto matmul tiles
 FLASH_MAX_HEAD_DIM = 128  # largest head_dim the Triton kernel's tiles are sized for (section 5b)
+ENGRAM_MAX_ORDER = 8      # longest n-gram the memory hashes (section 7c numbers its multipliers by it)
+ENGRAM_MAX_ROWS = 2 ** 31 - 1  # the hash maps to rows with 64-bit integer products (section 7c)
+
+
+def int_list(name, text):
+    """"1,3" -> (1, 3): the comma-separated integers of a setting (engram_layers, engram_ngram).
+    "" -> (). A single int (a --sweep entry may write {'engram_layers': 1}) is a list of one."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: write comma-separated integers, e.g. {name}=1,3") from None
 
 
 def dense_hidden(config):
@@ -155,6 +175,17 @@ class GPTConfig:
     moe_aux_coef: float = 0.01      # weight of the load-balancing loss aux["moe_aux"] (used by train.py)
     moe_z_coef: float = 0.001       # weight of the router z-loss aux["moe_z"] (used by train.py)
     moe_bias_rate: float = 0.0      # step size of aux-loss-free bias balancing; 0 = off
+    # Hyper-connections (section 7b); hc_streams = 1 keeps the single residual stream.
+    hc_streams: int = 1             # residual streams: 1 = the plain residual, n > 1 = n streams mixed by learned weights
+    hc_dynamic: bool = False        # hyper-connection weights also depend on the hidden state (dynamic HC); False = static
+    hc_sinkhorn: bool = False       # keep the stream-to-stream matrix doubly stochastic by Sinkhorn-Knopp (mHC)
+    hc_sinkhorn_iters: int = 20     # Sinkhorn-Knopp rounds (each divides columns, then rows, by their sums)
+    # Engram memory (section 7c); engram_layers = "" keeps it off.
+    engram_layers: str = ""         # blocks that add hashed n-gram memory, e.g. "1" or "1,3"; "" = none
+    engram_ngram: str = "2,3"       # n-gram orders looked up, e.g. "2,3" (each from 2 to 8)
+    engram_heads: int = 4           # hash functions (each with its own table) per n-gram order
+    engram_rows: int = 16384        # rows per hash table
+    engram_dim: int = 32            # width of one retrieved row; a position reads orders*heads of them
 
     def __post_init__(self):
         positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd")
@@ -210,6 +241,41 @@ class GPTConfig:
         if self.n_experts > 0 and self.moe_every > self.n_layer:
             raise ValueError(f"moe_every={self.moe_every} > n_layer={self.n_layer}: no block would "
                              "use the experts; lower moe_every")
+        self._check_hc_and_engram()
+
+    def _check_hc_and_engram(self):
+        """Sections 7b and 7c: one line naming the setting and what would be valid."""
+        if self.hc_streams < 1:
+            raise ValueError(f"hc_streams={self.hc_streams} must be at least 1 (1 = the plain residual)")
+        if self.hc_streams == 1 and (self.hc_dynamic or self.hc_sinkhorn):
+            raise ValueError("hc_dynamic and hc_sinkhorn shape how several residual streams mix; "
+                             "set hc_streams to 2 or more, or leave them False")
+        if self.hc_sinkhorn_iters < 1:
+            raise ValueError(f"hc_sinkhorn_iters={self.hc_sinkhorn_iters} must be at least 1")
+        layers, orders = self.engram_layer_ids, self.engram_orders
+        for i in layers:
+            if not 0 <= i < self.n_layer:
+                raise ValueError(f"engram_layers={self.engram_layers!r}: layer {i} is out of range; "
+                                 f"blocks are numbered 0..{self.n_layer - 1}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"engram_layers={self.engram_layers!r} names a layer twice")
+        if layers and not orders:
+            raise ValueError("engram_ngram is empty: give the n-gram orders to look up, e.g. engram_ngram=2,3")
+        for n in orders:
+            if not 2 <= n <= ENGRAM_MAX_ORDER:
+                raise ValueError(f"engram_ngram={self.engram_ngram!r}: order {n} must be from 2 "
+                                 f"(a pair of tokens) to {ENGRAM_MAX_ORDER}")
+        if len(set(orders)) != len(orders):
+            raise ValueError(f"engram_ngram={self.engram_ngram!r} names an order twice")
+        for name in ("engram_heads", "engram_rows", "engram_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.engram_rows > ENGRAM_MAX_ROWS:
+            raise ValueError(f"engram_rows={self.engram_rows} must be at most {ENGRAM_MAX_ROWS} "
+                             "(the hash computes in 64-bit integers)")
+        if layers and self.vocab_size >= ENGRAM_MAX_ROWS:
+            raise ValueError(f"vocab_size={self.vocab_size} is too large for the n-gram hash "
+                             f"(at most {ENGRAM_MAX_ROWS - 1} with engram_layers)")
 
     @property
     def head_dim(self):
@@ -234,6 +300,22 @@ class GPTConfig:
     @property
     def n_moe_layers(self):
         return sum(self.is_moe_layer(i) for i in range(self.n_layer))
+
+    @property
+    def engram_layer_ids(self):
+        return int_list("engram_layers", self.engram_layers)
+
+    @property
+    def engram_orders(self):
+        return int_list("engram_ngram", self.engram_ngram)
+
+    @property
+    def engram_span(self):
+        """Tokens an n-gram reaches back, the current one included: the largest order (0 = off)."""
+        return max(self.engram_orders) if self.engram_layer_ids else 0
+
+    def is_engram_layer(self, layer_index):
+        return layer_index in self.engram_layer_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1439,6 +1521,356 @@ def moe_reference(moe, x):
     return y.view(B, T, C)
 
 # -----------------------------------------------------------------------------
+# 7b. Hyper-connections: n residual streams instead of one (hc_streams)
+#
+# The residual stream is what every sublayer (attention, MLP, the memory of 7c) reads, through its
+# norm, and adds its output to: x <- x + f(norm(x)). Hyper-connections (Zhu et al., 2024,
+# "Hyper-Connections") widen it into n streams H_1 .. H_n, each C wide, and give every sublayer
+# learned weights for what it reads and where it writes:
+#
+#     read    x    = sum_j a_j H_j                  a (n,):   the sublayer's input, C wide
+#     layer   y    = f(norm(x))                     attention, MLP or memory, unchanged
+#     write   H'_i = sum_j M_ij H_j  +  b_i y       M (n, n): stream to stream; b (n,): the write
+#
+# With n = 1 and a = b = M = 1 this is the plain residual step. With n > 1 the streams can hold
+# different things, and M can move or fade what an earlier layer wrote, which a single stream that
+# only ever adds cannot. The embedding starts every stream; before the final norm the streams are
+# averaged into one (the paper sums them: the final RMSNorm makes sum and average the same function
+# up to its eps, and the average makes the start below exact).
+#
+# Static form: a, b and M are parameters of the sublayer. Dynamic form (hc_dynamic): each also
+# moves with the token, through a projection w of the normalised streams (the paper's dynamic HC):
+#     a_j  += s_a tanh(norm(H_j) . w_a)          b_j += s_b tanh(norm(H_j) . w_b)
+#     M_ij += s_m tanh(norm(H_j) . w_m,i)        (column j of M comes from stream j)
+# w starts at 0, so a dynamic model starts as the static one; the scales s start small
+# (HC_DYNAMIC_SCALE) so that the token-dependent terms grow in without jolting the streams.
+#
+# Initialisation (the paper's): a = e_(k mod n), one stream read (block i's attention reads stream
+# 2i mod n, its MLP stream 2i+1 mod n, its memory the attention's), b = 1 (the output goes to every
+# stream), M = I. Then the n streams stay equal to the single-stream x: they all start as the
+# embedding; reading one of n equal streams gives x; each becomes x + y. Their average is x. So at
+# step 0 the n-stream model computes what the single-stream model with the same other weights
+# computes (test_model_hc_starts_as_single_stream), bitwise when n is a power of two; for other n
+# the average of n equal floats (n x / n) can be off in the last bit.
+# Training breaks the symmetry: the sublayers read different streams, so the streams' write
+# weights get different gradients.
+#
+# mHC (hc_sinkhorn; DeepSeek-AI, 2025, "mHC: Manifold-Constrained Hyper-Connections").
+# Left free, M drifts away from I, and what the residual path does over L layers is the product
+# M_L ... M_1. If each factor stretches some direction by 1 + eps, the product can stretch it by
+# (1 + eps)^L; factors of 1 - eps shrink it like (1 - eps)^L: with depth the signal (and, through
+# M^T, the gradient) explodes or vanishes, the instability mHC reports for HC in large models. mHC
+# keeps every M doubly stochastic: entries >= 0, every row and every column summing to 1. Then
+#   - rows: each new stream is a weighted average of the old ones, so none outgrows the largest;
+#   - columns: sum_i H'_i = sum_j H_j + (sum_i b_i) y, so what the streams hold together is passed
+#     on whole: the identity path of the plain residual, kept for the sum of the streams;
+#   - a doubly stochastic matrix is an average of permutation matrices (Birkhoff), each of norm 1,
+#     so its largest singular value is 1 (reached on the all-ones direction), and a product of
+#     doubly stochastic matrices is doubly stochastic again. The residual path through ANY number of
+#     layers therefore has norm exactly 1: the signal is neither amplified nor lost with depth, and
+#     neither is the gradient going back through the M^T (doubly stochastic too).
+# The projection is Sinkhorn-Knopp: take exp(logits) (every entry positive), divide every row by its
+# sum, then every column by its sum, and repeat; the matrix converges to the doubly stochastic
+# diag(r) exp(logits) diag(c). Here: rows first (a softmax per row), then hc_sinkhorn_iters rounds of
+# (columns, rows), so rows end summing to 1 to float rounding and columns to within the
+# convergence (1e-5 after the default 20 rounds on logits of size ~1: test_model_sinkhorn_*).
+# Worked example (test_model_sinkhorn_worked_example): exp(logits) = [[4, 1], [1, 1]]
+#     rows:     [[0.8, 0.2], [0.5, 0.5]]
+#     columns:  sums 1.3 and 0.7      -> [[8/13, 2/7], [5/13, 5/7]]
+#     rows:     sums 82/91 and 100/91 -> [[28/41, 13/41], [0.35, 0.65]]      (after one round)
+# and in the limit [[2/3, 1/3], [1/3, 2/3]]: scaling rows and columns never changes the ratio
+# M_11 M_22 / (M_12 M_21) = 4, and a doubly stochastic 2 x 2 matrix is [[p, 1-p], [1-p, p]], so
+# p^2 / (1-p)^2 = 4: p = 2/3.
+# With hc_sinkhorn the logits start at 0, so M = 1/n everywhere: the centre of the doubly stochastic
+# matrices, where the projection has a gradient (I is a corner, reached only by infinite logits,
+# where the gradient through Sinkhorn is 0). The average of equal streams is the stream, so this
+# start too is the single-stream model. (mHC also keeps a and b non-negative with sigmoids; here
+# only M is constrained: it is the factor that compounds with depth.)
+#
+# The streams ARE the residual, so they stay float32 under bf16 autocast (the read and the mix are
+# matmuls, which autocast would otherwise round to bf16 at every sublayer).
+# Cost per token and sublayer: the read n*C and the mix n*n*C multiply-adds, the dynamic projection
+# n*C*(n+2); flops_per_token counts them (section 11). The write and the final average are
+# elementwise, like the residual add they replace, and like it are not counted.
+
+HC_DYNAMIC_SCALE = 0.01  # s_a, s_b, s_m at init (the HC paper's initial value)
+SINKHORN_EPS = 1e-12     # added to every row/column sum: a sum that underflowed to 0 gives no 0/0;
+                         # far below float32's resolution of a sum near 1, so it changes nothing else
+
+
+def sinkhorn(logits, iters):
+    """Sinkhorn-Knopp on exp(logits), (..., n, n) -> (..., n, n) float32, batched over the leading
+    dims: rows normalised (a softmax per row, which subtracts the row's max first, so exp cannot
+    overflow), then `iters` rounds of (columns, rows). See the worked example above."""
+    m = torch.softmax(logits.float(), dim=-1)
+    for _ in range(iters):
+        m = m / (m.sum(dim=-2, keepdim=True) + SINKHORN_EPS)   # every column sums to 1
+        m = m / (m.sum(dim=-1, keepdim=True) + SINKHORN_EPS)   # every row sums to 1
+    return m
+
+
+def sinkhorn_reference(logits, iters):
+    """The same for one (n, n) matrix, in plain Python floats and loops (the tests' reference)."""
+    K = [[math.exp(v) for v in row] for row in logits.tolist()]
+
+    def rows(K):
+        return [[v / sum(row) for v in row] for row in K]
+
+    def columns(K):
+        sums = [sum(col) for col in zip(*K)]
+        return [[v / s for v, s in zip(row, sums)] for row in K]
+    K = rows(K)
+    for _ in range(iters):
+        K = rows(columns(K))
+    return torch.tensor(K, dtype=torch.float64)
+
+
+class HyperConnection(nn.Module):
+    """How one sublayer (number `sublayer_index` in the model) reads and writes the n streams.
+    forward(H, f): H (B, T, n, C) float32 -> H' (B, T, n, C), where f maps the read x (B, T, C)
+    to the sublayer's output y (B, T, C), e.g. lambda x: attn(ln_1(x)).
+
+    Parameters: read a (n,), write b (n,), mix M (n, n) (its logits with hc_sinkhorn); with
+    hc_dynamic also norm (RMSNorm(C)), dyn (Linear C -> n + 2: per stream [a, b, M's column]) and
+    dyn_scale (s_a, s_b, s_m)."""
+
+    def __init__(self, config, sublayer_index=0):
+        super().__init__()
+        n, C = config.hc_streams, config.n_embd
+        self.n, self.first_read = n, sublayer_index % n
+        self.sinkhorn_iters = config.hc_sinkhorn_iters if config.hc_sinkhorn else 0
+        self.read = nn.Parameter(torch.empty(n))
+        self.write = nn.Parameter(torch.empty(n))
+        self.mix = nn.Parameter(torch.empty(n, n))
+        self.norm = self.dyn = self.dyn_scale = None
+        if config.hc_dynamic:
+            self.norm = RMSNorm(C, config.norm_gain)
+            self.dyn = nn.Linear(C, n + 2, bias=False)
+            self.dyn_scale = nn.Parameter(torch.empty(3))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The initialisation that makes n streams start as one (see above). GPT.init_weights calls
+        it after its own pass, which would set every 1-D parameter to 1."""
+        self.read.zero_()
+        self.read[self.first_read] = 1.0
+        self.write.fill_(1.0)
+        if self.sinkhorn_iters:
+            self.mix.zero_()                        # logits 0: M = 1/n everywhere after Sinkhorn
+        else:
+            self.mix.copy_(torch.eye(self.n))
+        if self.dyn is not None:
+            self.dyn.weight.zero_()
+            self.dyn_scale.fill_(HC_DYNAMIC_SCALE)
+            if self.norm.weight is not None:
+                self.norm.weight.fill_(1.0)
+
+    def coefficients(self, H):
+        """(a, b, M) for the streams H: (n,), (n,), (n, n) in the static form; (B, T, n),
+        (B, T, n), (B, T, n, n) in the dynamic form. M is doubly stochastic with hc_sinkhorn."""
+        a, b, m = self.read, self.write, self.mix
+        if self.dyn is not None:
+            f = torch.tanh(self.dyn(self.norm(H)))                 # (B, T, n, n + 2): row j from stream j
+            s_a, s_b, s_m = self.dyn_scale.unbind()
+            a = a + s_a * f[..., 0]                                # (B, T, n)
+            b = b + s_b * f[..., 1]                                # (B, T, n)
+            m = m + s_m * f[..., 2:].transpose(-1, -2)             # (B, T, n, n): column j from stream j
+        if self.sinkhorn_iters:
+            m = sinkhorn(m, self.sinkhorn_iters)
+        return a, b, m
+
+    def forward(self, H, f):
+        with torch.autocast(H.device.type, enabled=False):        # the streams stay float32
+            a, b, m = self.coefficients(H)
+            x = torch.einsum("...j,...jc->...c", a, H)             # (B, T, C): read
+        y = f(x)                                                   # the sublayer, under autocast if on
+        with torch.autocast(H.device.type, enabled=False):
+            mixed = torch.einsum("...ij,...jc->...ic", m, H)       # (B, T, n, C): stream to stream
+            return mixed + b[..., None] * y.float()[..., None, :]  # + write b_i y to stream i
+
+
+def hc_reference(hc, H, f):
+    """HyperConnection.forward written one stream at a time, with Python loops (the tests'
+    reference for the einsums)."""
+    a, b, m = hc.coefficients(H)
+    a, b, m = a.expand(*H.shape[:-1]), b.expand(*H.shape[:-1]), m.expand(*H.shape[:-1], hc.n)
+    x = sum(a[..., j, None] * H[..., j, :] for j in range(hc.n))
+    y = f(x).float()
+    out = [sum(m[..., i, j, None] * H[..., j, :] for j in range(hc.n)) + b[..., i, None] * y
+           for i in range(hc.n)]
+    return torch.stack(out, dim=-2)
+
+# -----------------------------------------------------------------------------
+# 7c. Engram: hashed n-gram memory (engram_layers)
+#
+# Much of what a language model knows is local and static: "New York" goes on with "City", and
+# "def __init__(self" with ",". Attention and MLPs rebuild such facts by computation at every
+# position. Engram (DeepSeek-AI, 2026, "Conditional Memory via Scalable Lookup") looks
+# them up instead: the last few tokens at each position index large embedding tables, one O(1)
+# lookup per token whose cost does not grow with the table. It is a second axis of sparsity next to
+# MoE: the tables can be very large, and each token touches a handful of rows.
+#
+# At position t, for every n-gram order n (engram_ngram) and every head k (engram_heads):
+#     g     = (x_t, x_(t-1), .., x_(t-n+1))             the last n tokens, newest first
+#     row   = hash_(n,k)(g), in [0, engram_rows)        a fixed hash, a different one per head
+#     e_nk  = E_nk[row]                                 (engram_dim,): one row of table E_nk
+#     e     = the e_nk side by side                     (orders * heads * engram_dim,)
+# and a gate, as in the Engram paper, decides from the hidden state h_t how much of it to use:
+#     k_t = W_k e,  v_t = W_v e                         (C,) each: a key and a value
+#     g_t = sigmoid(norm(h_t) . norm(k_t) / sqrt(C))    near 1 when the memory fits the context
+#     h_t <- h_t + g_t v_t                              added to the residual, before attention
+# Collisions put different n-grams on one row. With several heads, an n-gram that shares its row
+# in one table mostly has a row of its own in another, and the gate can turn down a retrieved
+# vector that does not fit the context. W_v (c_proj) starts at 0 like every output projection, so
+# a fresh memory adds nothing. Left out from the paper: the short causal convolution after the
+# gate, and the normalisation of token ids (e.g. case folding) before hashing.
+#
+# The hash: Knuth's multiplicative hashing of each token, combined by XOR. Hash function number s
+# (s = layer * tables per layer + table, the tables of a layer ordered by order, then head), for
+# the token i positions back (g_i):
+#     m_(s,i) = (2 (s * ENGRAM_MAX_ORDER + i) + 1) * HASH_GOLDEN  mod 2^32     odd, distinct per (s, i)
+#     h       = XOR over i < n of (g_i * m_(s,i)  mod 2^32)                  32 bits
+#     row     = (h * engram_rows) >> 32                                      the top bits, scaled
+# The TOP bits matter: the low bits of g * m depend only on the low bits of g, so "h mod rows" with
+# a power-of-two number of rows would ignore the high bits of every token id. Positions before the
+# start of the input, and positions in an earlier document (packed batches), hold the id
+# the id vocab_size, which no token has (the pad).
+# Worked example (test_model_engram_hash_worked_example): x_(t-1) = 17, x_t = 42, order 2, s = 0,
+# 1000 rows. m_(0,0) = 2654435761, m_(0,1) = 3 * 2654435761 mod 2^32 = 3668339987;
+#     42 * 2654435761 mod 2^32 = 4112119562,   17 * 3668339987 mod 2^32 = 2232237635,
+#     h = 4112119562 XOR 2232237635 = 1880410441,   row = 1880410441 * 1000 >> 32 = 437.
+# The next hash function (s = 1) sends the same pair to row 848; the pair the other way round
+# (42 followed by 17) goes to row 370.
+#
+# Training: the tables are embeddings, so they go to AdamW at the embedding's learning rate, not to
+# Muon, and only the rows a step looked up change (train.py's AdamW with lazy rows, section 4.1).
+# They are reported apart, as "memory" (section 11); a token reads orders * heads rows per memory
+# layer, so only that much of them is active; lookups are not matmuls and count no FLOPs.
+# Decoding: the first new token needs the n - 1 tokens before it, which came in earlier calls:
+# the cache keeps the last (largest order - 1) token ids of every row (KVCache.ngram, section 9).
+
+HASH_GOLDEN = 2654435761  # 0x9E3779B1: a prime near 2^32 / golden ratio, Knuth's multiplicative-hash constant
+HASH_MASK = 2 ** 32 - 1   # keep 32 bits: the products g * m then fit int64 (g < 2^31, m < 2^32)
+ENGRAM_TABLE_STD = 1.0    # table init, as an untied wte: a retrieved row has unit RMS
+
+
+def engram_multiplier(seed, i):
+    """m_(s,i) of the hash (see above): odd, below 2^32."""
+    return ((2 * (seed * ENGRAM_MAX_ORDER + i) + 1) * HASH_GOLDEN) & HASH_MASK
+
+
+def engram_hash_one(gram, seed, rows):
+    """The row of one n-gram (token ids, newest first) under hash function `seed`, in plain Python
+    integers: the definition, and the reference of engram_hash."""
+    h = 0
+    for i, token in enumerate(gram):
+        h ^= (token * engram_multiplier(seed, i)) & HASH_MASK
+    return (h * rows) >> 32
+
+
+def engram_hash(grams, multipliers, rows):
+    """Rows of many n-grams at once. grams (..., S) int64: [..., i] is the token i positions back;
+    multipliers (H, S) int64: m_(s,i) of each of H hash functions, 0 past the function's order (a
+    zero product leaves the XOR unchanged, so a 2-gram hash ignores older tokens). -> (..., H)."""
+    prod = (grams.unsqueeze(-2) * multipliers) & HASH_MASK          # (..., H, S), each < 2^32
+    h = prod[..., 0]
+    for i in range(1, prod.size(-1)):
+        h = h ^ prod[..., i]
+    return (h * rows) >> 32                                          # (..., H), in [0, rows)
+
+
+def ngram_context(idx, span, pad, docs=None, past=None):
+    """The last `span` tokens at every position, for the hash: (grams, history).
+    idx (B, T); docs (B, T) document ids or None (one document); past = (ids, docs), each
+    (B, span - 1), what came before idx (a cache's history), or None (nothing: pads).
+    grams (B, T, span): [b, t, i] = the token i positions before t, or `pad` where that lies
+    before everything seen or in another document. history: the last span - 1 (ids, docs), for
+    the call after this one.
+    Example (span 3, pad 9, no past): idx [[5, 6, 7]] -> grams [[[5, 9, 9], [6, 5, 9], [7, 6, 5]]]."""
+    B, T = idx.shape
+    K = span - 1
+    docs = torch.zeros_like(idx) if docs is None else docs
+    if past is None:
+        past = (idx.new_full((B, K), pad), torch.zeros_like(idx[:, :1]).expand(B, K))
+    ids = torch.cat([past[0], idx], dim=1)                          # (B, K + T)
+    doc = torch.cat([past[1], docs], dim=1)                         # (B, K + T)
+    grams = torch.stack([ids[:, K - i:K - i + T] for i in range(span)], dim=-1)       # (B, T, span)
+    same = torch.stack([doc[:, K - i:K - i + T] for i in range(span)], dim=-1) == docs[..., None]
+    return torch.where(same, grams, pad), (ids[:, T:], doc[:, T:])
+
+
+class Engram(nn.Module):
+    """The memory of one block: (hidden state x (B, T, C), grams (B, T, span)) -> (B, T, C), the
+    gated memory to add to the residual.
+
+    Parameters: tables (n_tables * engram_rows, engram_dim), all tables of the layer stacked (table
+    t owns rows [t * engram_rows, (t + 1) * engram_rows)); c_key and c_proj (the value), Linear
+    n_tables * engram_dim -> C; norm_h, norm_k (RMSNorm(C)). The hash multipliers are a buffer
+    derived from the config (not saved)."""
+
+    def __init__(self, config, layer_index=0):
+        super().__init__()
+        C, D, R = config.n_embd, config.engram_dim, config.engram_rows
+        self.orders = [n for n in config.engram_orders for _ in range(config.engram_heads)]  # per table
+        n_tables = len(self.orders)
+        self.rows, self.n_embd = R, C
+        self.seeds = [layer_index * n_tables + t for t in range(n_tables)]
+        span = config.engram_span
+        mult = [[engram_multiplier(s, i) if i < n else 0 for i in range(span)]
+                for s, n in zip(self.seeds, self.orders)]
+        self.register_buffer("multipliers", torch.tensor(mult, dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", torch.arange(n_tables) * R, persistent=False)
+        self.tables = nn.Parameter(torch.empty(n_tables * R, D))
+        self.c_key = nn.Linear(n_tables * D, C, bias=False)
+        self.c_proj = nn.Linear(n_tables * D, C, bias=False)
+        self.norm_h = RMSNorm(C, config.norm_gain)
+        self.norm_k = RMSNorm(C, config.norm_gain)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """tables ~ N(0, ENGRAM_TABLE_STD^2) like an untied wte; c_key ~ N(0, 1/fan_in); c_proj = 0
+        (a fresh memory adds nothing); norm gains 1."""
+        self.tables.normal_(0.0, ENGRAM_TABLE_STD)
+        self.c_key.weight.normal_(0.0, self.c_key.weight.size(1) ** -0.5)
+        self.c_proj.weight.zero_()
+        for norm in (self.norm_h, self.norm_k):
+            if norm.weight is not None:
+                norm.weight.fill_(1.0)
+
+    def lookup(self, grams):
+        """grams (B, T, span) -> e (B, T, n_tables * engram_dim): every table's row, side by side."""
+        rows = engram_hash(grams, self.multipliers, self.rows) + self.offsets   # (B, T, n_tables)
+        return F.embedding(rows, self.tables).flatten(-2)
+
+    def forward(self, x, grams):
+        e = self.lookup(grams)
+        k, v = self.c_key(e), self.c_proj(e)                                   # (B, T, C) each
+        gate = torch.sigmoid((self.norm_h(x) * self.norm_k(k)).sum(-1, keepdim=True) * self.n_embd ** -0.5)
+        return gate * v
+
+
+def engram_reference(layer, idx, x, pad):
+    """Engram.forward the slow way, one position at a time from the token ids idx (B, T) (one
+    document, nothing before idx): each n-gram read off the list, hashed with engram_hash_one,
+    each row looked up by hand. The tests' reference for the vectorised lookup and gate."""
+    B, T = idx.shape
+    out = torch.zeros(B, T, layer.n_embd)
+    for b in range(B):
+        ids = idx[b].tolist()
+        for t in range(T):
+            parts = []
+            for table, (seed, n) in enumerate(zip(layer.seeds, layer.orders)):
+                gram = [ids[t - i] if t - i >= 0 else pad for i in range(n)]
+                parts.append(layer.tables[table * layer.rows + engram_hash_one(gram, seed, layer.rows)])
+            e = torch.cat(parts)
+            k, v = e @ layer.c_key.weight.t(), e @ layer.c_proj.weight.t()
+            h, kk = layer.norm_h(x[b, t]), layer.norm_k(k)
+            out[b, t] = torch.sigmoid((h * kk).sum() / math.sqrt(layer.n_embd)) * v
+    return out
+
+# -----------------------------------------------------------------------------
 # 8. Transformer block
 #
 # Pre-norm residual block: x = x + attn(norm(x)); x = x + mlp(norm(x)).
@@ -1446,6 +1878,9 @@ def moe_reference(moe, x):
 # embedding to the output, which is what lets deep stacks train without warm-up tricks.
 # The feed-forward is an MoE layer in blocks with layer_index % moe_every == moe_every - 1
 # (when n_experts > 0), else the dense MLP; both are called self.mlp.
+# In the blocks of engram_layers the memory of section 7c comes first: x = x + engram(x, grams).
+# With hc_streams > 1 (section 7b) x is n streams (B, T, n, C) and each of the (two or three)
+# sublayers reaches them through its own HyperConnection instead of "x = x + ...".
 
 
 class Block(nn.Module):
@@ -1455,11 +1890,34 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, kernels)
         self.ln_2 = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
         self.mlp = MoE(config, kernels) if config.is_moe_layer(layer_index) else MLP(config)
+        # sections 7b and 7c: n-gram memory, one HyperConnection per sublayer (None when off).
+        # Built on a forked random stream (GPT.init_weights draws their values last): a seed then
+        # gives a model with them the same other weights as one without, so variants compared
+        # at one seed start from the same dense model (and the same step-0 loss).
+        with torch.random.fork_rng(devices=[]):
+            self.engram = Engram(config, layer_index) if config.is_engram_layer(layer_index) else None
+            self.hc_engram = self.hc_attn = self.hc_mlp = None
+            if config.hc_streams > 1:
+                self.hc_engram = HyperConnection(config, 2 * layer_index) if self.engram is not None else None
+                self.hc_attn = HyperConnection(config, 2 * layer_index)
+                self.hc_mlp = HyperConnection(config, 2 * layer_index + 1)
 
-    def forward(self, x, layout, cache=None, layer=0):
+    def forward(self, x, layout, cache=None, layer=0, grams=None):
+        """x: (B, T, C), or the streams (B, T, hc_streams, C); grams: section 7c's n-grams."""
+        if self.hc_attn is not None:
+            return self._forward_streams(x, layout, cache, layer, grams)
+        if self.engram is not None:
+            x = x + self.engram(x, grams)
         x = x + self.attn(self.ln_1(x), layout, cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+    def _forward_streams(self, H, layout, cache, layer, grams):
+        """The same sublayers on n streams: each reads its mix and writes back its way (7b)."""
+        if self.engram is not None:
+            H = self.hc_engram(H, lambda x: self.engram(x, grams))
+        H = self.hc_attn(H, lambda x: self.attn(self.ln_1(x), layout, cache, layer))
+        return self.hc_mlp(H, lambda x: self.mlp(self.ln_2(x)))
 
 # -----------------------------------------------------------------------------
 # 9. KV cache
@@ -1472,6 +1930,8 @@ class Block(nn.Module):
 # new keys at [pos, pos + T) and attends to [k_start, pos + T). RoPE uses the absolute position
 # pos + t, so cached and uncached runs rotate every token identically.
 # Document ids are stored too, so a cache prefilled with packed documents keeps masking them.
+# With Engram memory (section 7c) the cache also keeps each row's last few token ids (ngram), for
+# the n-grams of the next call; branch copies them and reset forgets them, like the keys.
 
 
 class KVCache:
@@ -1483,6 +1943,7 @@ class KVCache:
         self.doc = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.pos = 0             # number of positions filled (the same for every row)
         self.uses_docs = False   # whether any call passed doc_ids (only then is doc masking applied)
+        self.ngram = None        # section 7c: (ids, doc ids), each (B, largest order - 1); None = nothing yet
 
     def update(self, layer, k, v, pos, k_start):
         """Write the new keys/values (B, Hkv, T, D) at [pos, pos + T) and return the visible ones
@@ -1503,10 +1964,12 @@ class KVCache:
         new.v[:, :, :, :p] = self.v[:, :1, :, :p]
         new.doc[:, :p] = self.doc[:1, :p]
         new.pos, new.uses_docs = p, self.uses_docs
+        if self.ngram is not None:
+            new.ngram = tuple(t[:1].expand(n, -1).clone() for t in self.ngram)
         return new
 
     def reset(self):
-        self.pos, self.uses_docs = 0, False
+        self.pos, self.uses_docs, self.ngram = 0, False, None
 
 # -----------------------------------------------------------------------------
 # 10. The GPT model
@@ -1531,7 +1994,9 @@ class MTPHead(nn.Module):
         self.norm_h = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
         self.norm_e = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
         self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
-        dense = dataclasses.replace(config, n_experts=0)  # the MTP block is always a dense block
+        # the MTP block is always a dense block on one stream, without memory
+        dense = dataclasses.replace(config, n_experts=0, hc_streams=1, hc_dynamic=False,
+                                    hc_sinkhorn=False, engram_layers="")
         self.block = Block(dense, kernels=kernels)
 
     def forward(self, h, next_emb, layout):
@@ -1573,6 +2038,10 @@ class GPT(nn.Module):
                                                     the residual stream is the embedding
             RMSNorm gains                           1
             MoE router, expert inputs               N(0, 1/n_embd); expert outputs 0
+            hyper-connections (7b)                  read e_(k mod n), write 1, mix I (or logits 0
+                                                    with hc_sinkhorn), dynamic projection 0:
+                                                    n streams start as one
+            Engram (7c)                             tables N(0, 1), c_key N(0, 1/fan_in), c_proj 0
         """
         cfg = self.config
         std = TIED_EMBED_STD if cfg.tie_embeddings else UNTIED_EMBED_STD
@@ -1588,6 +2057,9 @@ class GPT(nn.Module):
                 nn.init.ones_(p)                                        # norm gains
         for layer in self.moe_layers():
             layer.reset_parameters()   # router, experts: see MoE.reset_parameters
+        for m in self.modules():
+            if isinstance(m, (HyperConnection, Engram)):
+                m.reset_parameters()   # sections 7b and 7c
 
     def use_kernels(self, kernels):
         """Change HOW the model computes (section 1's Kernels) after it was built, e.g. for a model
@@ -1659,13 +2131,19 @@ class GPT(nn.Module):
             raise ValueError(f"reduction={reduction!r}: choose mean, sum or none")
         if doc_ids is not None and doc_ids.shape != idx.shape:
             raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of idx {tuple(idx.shape)}")
+        cfg = self.config
         pos = cache.pos if cache is not None else 0
-        window = self.config.window if window is None else window
+        window = cfg.window if window is None else window
         layout = self._layout(B, T, pos, window, doc_ids, cache, idx.device)
 
         x = self.transformer.wte(idx)                                # (B, T, C)
+        grams = self._ngrams(idx, layout, cache) if cfg.engram_layer_ids else None  # (B, T, span), 7c
+        if cfg.hc_streams > 1:
+            x = x.unsqueeze(-2).expand(B, T, cfg.hc_streams, -1)     # (B, T, n, C): 7b, all start as wte
         for i, block in enumerate(self.transformer.h):
-            x = block(x, layout, cache, i)
+            x = block(x, layout, cache, i, grams)
+        if cfg.hc_streams > 1:
+            x = x.mean(dim=-2)                                       # (B, T, C): the streams' average
         if cache is not None:
             cache.pos += T
         logits = self._logits(x)
@@ -1684,6 +2162,16 @@ class GPT(nn.Module):
             aux["moe_aux"] = sum(layer.aux["moe_aux"] for layer in moe)
             aux["moe_z"] = sum(layer.aux["moe_z"] for layer in moe)
         return loss, aux
+
+    def _ngrams(self, idx, layout, cache):
+        """Section 7c: the last engram_span tokens at every position (B, T, span), within each
+        document; with a cache, the tokens of earlier calls come from (and go back to) cache.ngram."""
+        docs = layout.docs[0] if layout.docs is not None else None
+        grams, history = ngram_context(idx, self.config.engram_span, self.config.vocab_size, docs,
+                                       cache.ngram if cache is not None else None)
+        if cache is not None:
+            cache.ngram = history
+        return grams
 
     def moe_layers(self):
         """The MoE layers, in depth order (empty for a dense model). The trainer reads their
@@ -1725,6 +2213,8 @@ class GPT(nn.Module):
         mlp = (3 if c.mlp == "swiglu" else 2) * C * c.hidden_size
         n_blocks = c.n_layer + (1 if c.mtp else 0)           # the MTP head has one more block
         gains = n_blocks * (2 * C * g + qk) + C * g + (2 * C * g if c.mtp else 0)  # + ln_f, mtp norms
+        n_engram = len(c.engram_layer_ids)
+        gains += n_engram * 2 * C * g                         # Engram's norm_h, norm_k (7c)
         n_moe = c.n_moe_layers
         table = {
             "embedding (wte)": (V * C, V * C),
@@ -1744,13 +2234,45 @@ class GPT(nn.Module):
         if c.mtp:
             n = 2 * C * C + attn + mlp                        # proj + its block's matrices
             table["mtp head"] = (n, n)
+        table.update(self._hc_engram_params())
         return table
+
+    def _hc_engram_params(self):
+        """Sections 7b and 7c in the table: component -> (total, active per token)."""
+        c, table = self.config, {}
+        C, n, g = c.n_embd, c.hc_streams, 1 if c.norm_gain else 0
+        if n > 1:
+            # per sublayer: read (n), write (n), mix (n, n); dynamic: projection C -> n + 2, the
+            # three scales, the norm's gain. Sublayers: attention and MLP, + the memory's.
+            per = 2 * n + n * n + (C * (n + 2) + 3 + C * g if c.hc_dynamic else 0)
+            table["hyper-connections"] = (self.n_hc_sublayers * per,) * 2
+        if c.engram_layer_ids:
+            # per memory layer: orders * heads tables of engram_rows rows, engram_dim wide, of which
+            # a token reads one row each; c_key and c_proj map the rows side by side (width
+            # tables * engram_dim) to C
+            L, tables, D = len(c.engram_layer_ids), len(c.engram_orders) * c.engram_heads, c.engram_dim
+            table["engram projections"] = (L * 2 * tables * D * C,) * 2
+            table["engram tables (memory)"] = (L * tables * c.engram_rows * D, L * tables * D)
+        return table
+
+    @property
+    def n_hc_sublayers(self):
+        """Sublayers reaching the streams through a HyperConnection (0 with one stream)."""
+        c = self.config
+        return 0 if c.hc_streams == 1 else 2 * c.n_layer + len(c.engram_layer_ids)
 
     def num_params(self, by_component=False, active=False):
         """Total parameter count (tied weights once), or per-token active count (MoE), or the
         dict component -> count."""
         table = {k: v[1 if active else 0] for k, v in self._param_table().items()}
         return table if by_component else sum(table.values())
+
+    def param_summary(self):
+        """{"dense", "memory", "total", "active"}: memory = the Engram tables (looked up, section
+        7c), dense = everything else (MoE experts all counted), active = what one token uses."""
+        total, active = self.num_params(), self.num_params(active=True)
+        memory = self._param_table().get("engram tables (memory)", (0, 0))[0]
+        return {"dense": total - memory, "memory": memory, "total": total, "active": active}
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs (forward + backward) per token:
@@ -1764,11 +2286,15 @@ class GPT(nn.Module):
         FLOPs: nanoGPT's estimate_mfu uses ctx = seq_len (the masked half too).
         Multi-token prediction adds its block (in the table), its attention, and a second pass
         through lm_head for the T-1 positions that have a token t+2 to predict.
+        Hyper-connections (7b) count 6 per multiply-add of their reads, mixes and dynamic
+        projections (hc_flops_per_token); Engram's tables (7c) are lookups: no FLOPs (its two
+        projections are ordinary matmul weights).
         test_model_flops_counted_by_torch checks all of it against torch's own FLOP counter."""
         c = self.config
         T = seq_len or c.block_size
         table = self.num_params(by_component=True, active=True)
-        n_matmul = sum(table.values()) - table["norm gains"] - table["embedding (wte)"]
+        not_matmul = ("norm gains", "embedding (wte)", "hyper-connections", "engram tables (memory)")
+        n_matmul = sum(v for k, v in table.items() if k not in not_matmul)
         if c.tie_embeddings:
             n_matmul += c.vocab_size * c.n_embd                        # wte used as lm_head
         if c.mtp:
@@ -1776,13 +2302,29 @@ class GPT(nn.Module):
         w = c.window if 0 < c.window < T else T
         ctx = sum(min(t + 1, w) for t in range(T)) / T
         n_attn_layers = c.n_layer + (1 if c.mtp else 0)
-        return int(6 * n_matmul + 12 * n_attn_layers * c.n_head * c.head_dim * ctx)
+        return int(6 * n_matmul + 12 * n_attn_layers * c.n_head * c.head_dim * ctx
+                   + self.hc_flops_per_token())
+
+    def hc_flops_per_token(self):
+        """Section 7b, forward + backward: per sublayer, the read (n*C multiply-adds), the mix
+        (n*n*C) and, dynamic, the projection of the n streams (n*C*(n+2)); 2 FLOPs per
+        multiply-add forward, 4 backward (as the 6N rule)."""
+        c = self.config
+        n, C = c.hc_streams, c.n_embd
+        per = n * C + n * n * C + (n * C * (n + 2) if c.hc_dynamic else 0)
+        return 6 * self.n_hc_sublayers * per
 
     def kv_cache_bytes_per_token(self, dtype=torch.bfloat16):
         """Bytes of KV cache per token of context: keys + values, per layer, per kv head."""
         c = self.config
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * c.n_layer * c.n_kv_head * c.head_dim * itemsize
+
+    def cache_bytes_per_row(self):
+        """Bytes a cache keeps per row whatever the context length: Engram's n-gram history (7c),
+        the last (largest order - 1) token ids and their document ids, int64."""
+        span = self.config.engram_span
+        return 2 * 8 * (span - 1) if span else 0
 
     def optim_groups(self):
         """Parameter groups for the trainer, each {"name", "params", "optimizer"}:
@@ -1801,15 +2343,30 @@ class GPT(nn.Module):
                              by the tokens that occur, so Muon's whole-matrix update does not fit.
             head    (adamw): lm_head (left out when tied to wte: the tied matrix is in "embed").
             scalar  (adamw): norm gains and any other 1-D parameters.
+            hc      (adamw): hyper-connections (7b): read, write and mix coefficients, the
+                             dynamic scales and norm gains. A few numbers per sublayer, not a
+                             hidden linear map (the mix is (n, n), a handful of stream weights).
+            hc_dyn  (adamw): the dynamic projections (C -> n + 2): read-outs of a few
+                             coefficients from the hidden state, like the MoE router.
+            memory  (adamw): Engram's tables (7c). Embeddings: rows are looked up, so AdamW, and
+                             train.py updates only the rows a step used (lazy rows).
+                             (Engram's c_key and c_proj are hidden matrices: "matrix", Muon.)
         Groups without parameters are left out (e.g. "scalar" when norm_gain=False). Every
         parameter is in exactly one group (test_model_optim_groups_cover_every_parameter_once)."""
-        groups = {"matrix": [], "expert": [], "router": [], "embed": [], "head": [], "scalar": []}
+        groups = {"matrix": [], "expert": [], "router": [], "embed": [], "head": [], "scalar": [],
+                  "hc": [], "hc_dyn": [], "memory": []}
         wte, head = self.transformer.wte.weight, self.lm_head.weight
         routers = {id(layer.router.weight) for layer in self.moe_layers()}
         experts = {id(p) for layer in self.moe_layers() for n, p in layer.named_parameters()
                    if not n.startswith("router.")}
+        hcs = [m for m in self.modules() if isinstance(m, HyperConnection)]
+        hc_dyn = {id(m.dyn.weight) for m in hcs if m.dyn is not None}
+        hc = {id(p) for m in hcs for p in m.parameters()} - hc_dyn
+        memory = {id(m.tables) for m in self.modules() if isinstance(m, Engram)}
         for p in self.parameters():                  # parameters() yields a tied weight once
-            if id(p) in routers:
+            if id(p) in hc or id(p) in hc_dyn or id(p) in memory:
+                groups["hc" if id(p) in hc else "hc_dyn" if id(p) in hc_dyn else "memory"].append(p)
+            elif id(p) in routers:
                 groups["router"].append(p)
             elif id(p) in experts:
                 groups["expert"].append(p)
@@ -1822,7 +2379,8 @@ class GPT(nn.Module):
             else:
                 groups["scalar"].append(p)
         optimizer = {"matrix": "muon", "expert": "muon", "router": "adamw", "embed": "adamw",
-                     "head": "adamw", "scalar": "adamw"}
+                     "head": "adamw", "scalar": "adamw", "hc": "adamw", "hc_dyn": "adamw",
+                     "memory": "adamw"}
         return [{"name": k, "params": v, "optimizer": optimizer[k]} for k, v in groups.items() if v]
 
 # -----------------------------------------------------------------------------
@@ -2766,16 +3324,22 @@ def architecture_table(model):
     """The default architecture as text: parameters per component, FLOPs/token, KV bytes/token."""
     c = model.config
     total = model._param_table()
-    moe = c.n_experts > 0
+    moe = c.n_experts > 0 or bool(c.engram_layer_ids)   # an "active" column: MoE, Engram tables
     lines = [f"{'component':<22} {'params':>12}" + (f" {'active':>12}" if moe else "")]
     for name, (n, a) in total.items():
         lines.append(f"{name:<22} {n:>12,}" + (f" {a:>12,}" if moe else ""))
     lines.append(f"{'total':<22} {model.num_params():>12,}"
                  + (f" {model.num_params(active=True):>12,}" if moe else ""))
+    s = model.param_summary()
+    if s["memory"]:
+        lines.append(f"dense {s['dense']:,} + memory {s['memory']:,} (Engram tables, looked up: no "
+                     f"FLOPs); active per token {s['active']:,}")
     f = model.flops_per_token()
     lines.append(f"FLOPs/token (fwd+bwd, T={c.block_size}): {f:,} ({f / 1e6:.1f} MFLOP)")
     lines.append(f"KV cache per token: {model.kv_cache_bytes_per_token(torch.bfloat16):,} bytes "
-                 f"(bf16), {model.kv_cache_bytes_per_token(torch.float32):,} bytes (fp32)")
+                 f"(bf16), {model.kv_cache_bytes_per_token(torch.float32):,} bytes (fp32)"
+                 + (f"; n-gram history {model.cache_bytes_per_row():,} bytes per row"
+                    if model.cache_bytes_per_row() else ""))
     return "\n".join(lines)
 
 

@@ -2045,14 +2045,19 @@ def test_model_param_formulas_match_count(kw):
 @pytest.mark.parametrize("kw", [{}, dict(n_kv_head=1, window=5), dict(mtp=True, mlp="swiglu"),
                                 dict(mtp=True, tie_embeddings=True),
                                 dict(n_experts=4, top_k=2, n_shared_experts=1, moe_hidden=24),
-                                dict(n_experts=4, top_k=1, mtp=True, tie_embeddings=True)])
+                                dict(n_experts=4, top_k=1, mtp=True, tie_embeddings=True),
+                                dict(hc_streams=2, engram_layers="1", engram_rows=40, engram_dim=4),
+                                dict(hc_streams=3, hc_dynamic=True, hc_sinkhorn=True, mtp=True,
+                                     engram_layers="0,1", engram_heads=1, engram_rows=40, engram_dim=4,
+                                     n_experts=4, top_k=1)])
 def test_model_flops_counted_by_torch(kw):
     """flops_per_token against a count of the real thing: torch.utils.flop_counter counts every
     matmul of one forward + backward (the hand-written attention, so that the score matmuls are
     plain bmm calls). The weight matmuls (mm, addmm) must give 6 N_matmul per token exactly, MTP's
     second lm_head pass and the MoE experts each token really used included. The attention
     matmuls compute every (query, key) score, masked or not: 12 * layers * H * D * T per token;
-    the formula keeps the visible share of it, ctx / T."""
+    the formula keeps the visible share of it, ctx / T. Hyper-connections add their reads, mixes
+    and dynamic projections as more mm and bmm calls; Engram's table lookups are no matmul."""
     from torch.utils.flop_counter import FlopCounterMode
     m = M.GPT(_model_cfg(attn_impl="manual", **kw))
     c, B, T = m.config, 2, 16
@@ -2062,13 +2067,14 @@ def test_model_flops_counted_by_torch(kw):
         (loss + sum(aux.values())).backward()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     weights = (by_op.pop("aten.mm", 0) + by_op.pop("aten.addmm", 0)) / (B * T)
-    scores = by_op.pop("aten.bmm", 0) / (B * T)
+    batched = by_op.pop("aten.bmm", 0) / (B * T)
     assert not by_op, by_op   # no other kind of matmul went uncounted
     layers = c.n_layer + (1 if c.mtp else 0)
-    assert scores == 12 * layers * c.n_head * c.head_dim * T
+    scores = 12 * layers * c.n_head * c.head_dim * T
+    assert batched == scores if c.hc_streams == 1 else batched > scores
     w = c.window if 0 < c.window < T else T
     visible = sum(min(t + 1, w) for t in range(T)) / T       # mean keys a query may see
-    assert m.flops_per_token(T) == pytest.approx(weights + scores * visible / T, abs=1)
+    assert m.flops_per_token(T) == pytest.approx(weights + batched - scores + scores * visible / T, abs=1)
 
 
 @_model_one_thread
@@ -2201,6 +2207,258 @@ def test_model_moe_optim_groups():
     assert [id(p) for p in by["router"]["params"]] == [id(layer.router.weight) for layer in m.moe_layers()]
     assert any(p.ndim == 3 for p in by["expert"]["params"])
     assert all(p.ndim == 2 for p in by["matrix"]["params"])
+
+# ---------------------------------------------------------------------------- hyper-connections, Engram
+# model.py sections 7b (hc_streams) and 7c (engram_layers).
+
+_MODEL_MEM = dict(engram_ngram="2,3", engram_heads=2, engram_rows=37, engram_dim=4)
+
+
+def _model_with_memory(seed=0, **kw):
+    """_model_make with Engram memory (small tables) and whatever else kw asks for."""
+    return _model_make(seed, **{**_MODEL_MEM, **kw})
+
+
+@_model_one_thread
+def test_model_hc_engram_bad_settings_are_one_line():
+    cases = {"hc_streams": dict(hc_streams=0), "hc_streams to 2": dict(hc_dynamic=True),
+             "hc_sinkhorn_iters": dict(hc_streams=2, hc_sinkhorn=True, hc_sinkhorn_iters=0),
+             "out of range": dict(engram_layers="2"), "twice": dict(engram_layers="0,0"),
+             "comma-separated": dict(engram_layers="one"), "from 2": dict(engram_layers="0", engram_ngram="1,2"),
+             "to 8": dict(engram_layers="0", engram_ngram="9"), "engram_ngram is empty": dict(engram_layers="0", engram_ngram=""),
+             "engram_rows": dict(engram_rows=0), "engram_heads": dict(engram_heads=0),
+             "engram_dim": dict(engram_dim=0), "64-bit": dict(engram_rows=2 ** 31)}
+    for words, kw in cases.items():
+        with pytest.raises(ValueError, match=words) as e:
+            _model_cfg(**kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(bpe.SettingsError, match="out of range"):
+        bpe.parse_settings(M.ModelSettings, ["--engram_layers=1,4"])
+    assert _model_cfg(engram_layers=1).engram_layer_ids == (1,)   # a --sweep entry may give an int
+
+
+@pytest.mark.parametrize("kw", [dict(hc_streams=2), dict(hc_streams=4), dict(hc_streams=4, hc_dynamic=True),
+                                dict(hc_streams=2, hc_sinkhorn=True),
+                                dict(hc_streams=4, hc_dynamic=True, hc_sinkhorn=True, norm_gain=True),
+                                dict(hc_streams=2, hc_dynamic=True, engram_layers="1", **_MODEL_MEM)])
+@_model_one_thread
+def test_model_hc_starts_as_single_stream(kw):
+    """Section 7b's initialisation: n streams with the documented read/write/mix start as the one-
+    stream model. Every other weight is random (a zero c_proj would make it trivially true), and
+    the logits must be bitwise equal. The hyper-connection weights get gradients, so training can
+    move away from the single stream."""
+    one = _model_make(**{k: v for k, v in kw.items() if not k.startswith("hc_")})
+    many = M.GPT(dataclasses.replace(one.config, **kw)).eval()
+    missing, unexpected = many.load_state_dict(one.state_dict(), strict=False)
+    assert not unexpected and missing and all(".hc_" in k for k in missing)
+    idx = _model_tokens(2, 16)
+    assert torch.equal(many(idx), one(idx))
+    loss, _ = many.train()(idx, idx.roll(-1, 1))
+    loss.backward()
+    for hc in [m for m in many.modules() if isinstance(m, M.HyperConnection)]:
+        assert hc.read.grad.abs().sum() > 0 and hc.write.grad.abs().sum() > 0
+        assert hc.dyn is None or hc.dyn.weight.grad.abs().sum() > 0
+    # and from one seed, the real init gives both models the same other weights (paired seeds)
+    torch.manual_seed(1)
+    plain = M.GPT(_model_cfg(**{k: v for k, v in kw.items() if not k.startswith(("hc_", "engram_"))}))
+    torch.manual_seed(1)
+    streams = M.GPT(dataclasses.replace(plain.config, **kw))
+    mine = streams.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in plain.state_dict().items())
+
+
+@pytest.mark.parametrize("kw", [dict(hc_dynamic=True), dict(hc_dynamic=True, hc_sinkhorn=True, hc_sinkhorn_iters=3),
+                                dict(hc_sinkhorn=True)])
+@_model_one_thread
+def test_model_hc_einsums_equal_stream_loop_reference(kw):
+    cfg = _model_cfg(hc_streams=3, **kw)
+    hc = M.HyperConnection(cfg, 1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in hc.parameters():
+            p.copy_(torch.randn_like(p))
+    H = torch.randn(2, 5, 3, 32)
+    f = torch.nn.Linear(32, 32)
+    torch.testing.assert_close(hc(H, f), M.hc_reference(hc, H, f), atol=1e-5, rtol=0)
+
+
+@_model_one_thread
+def test_model_sinkhorn_doubly_stochastic_and_equals_reference():
+    logits = torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(0))
+    m = M.sinkhorn(logits, 20)
+    assert (m >= 0).all()
+    torch.testing.assert_close(m.sum(-1), torch.ones(6, 4), atol=1e-5, rtol=0)   # rows
+    torch.testing.assert_close(m.sum(-2), torch.ones(6, 4), atol=1e-5, rtol=0)   # columns
+    for i in range(6):
+        torch.testing.assert_close(m[i].double(), M.sinkhorn_reference(logits[i], 20), atol=1e-6, rtol=0)
+    assert (M.sinkhorn(logits, 1).sum(-2) - 1).abs().max() > 1e-3   # one round is not yet converged
+
+
+@_model_one_thread
+def test_model_sinkhorn_worked_example():
+    """Section 7b's 2 x 2 example, by hand: exp(logits) = [[4, 1], [1, 1]]."""
+    logits = torch.tensor([[4.0, 1.0], [1.0, 1.0]]).log()
+    torch.testing.assert_close(M.sinkhorn(logits, 1), torch.tensor([[28 / 41, 13 / 41], [0.35, 0.65]]),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(M.sinkhorn(logits, 50), torch.tensor([[2 / 3, 1 / 3], [1 / 3, 2 / 3]]),
+                               atol=1e-6, rtol=0)
+
+
+@_model_one_thread
+def test_model_engram_hash_worked_example():
+    """Section 7c's worked example, then: the vectorised hash equals the definition on many
+    n-grams, is a pure function of the ids (no seed, no state), and differs between heads."""
+    assert M.engram_multiplier(0, 0) == 2654435761 and M.engram_multiplier(0, 1) == 3668339987
+    assert (42 * 2654435761) % 2 ** 32 == 4112119562 and (17 * 3668339987) % 2 ** 32 == 2232237635
+    assert 4112119562 ^ 2232237635 == 1880410441 and 1880410441 * 1000 >> 32 == 437
+    assert M.engram_hash_one([42, 17], 0, 1000) == 437
+    assert M.engram_hash_one([42, 17], 1, 1000) == 848 and M.engram_hash_one([17, 42], 0, 1000) == 370
+    grams = torch.randint(0, 50000, (300, 3), generator=torch.Generator().manual_seed(0))
+    mult = torch.tensor([[M.engram_multiplier(s, i) if i < n else 0 for i in range(3)]
+                         for s, n in ((0, 2), (1, 2), (2, 3))])
+    rows = M.engram_hash(grams, mult, 1000)                                  # (300, 3)
+    torch.manual_seed(123)
+    assert torch.equal(M.engram_hash(grams.clone(), mult, 1000), rows)
+    for h, (s, n) in enumerate(((0, 2), (1, 2), (2, 3))):
+        assert rows[:, h].tolist() == [M.engram_hash_one(g[:n], s, 1000) for g in grams.tolist()]
+    assert (rows[:, 0] != rows[:, 1]).float().mean() > 0.9     # two heads: two different hashes
+    assert rows.min() >= 0 and rows.max() < 1000 and len(set(rows[:, 0].tolist())) > 200
+    # the n-gram context of the docstring
+    grams, history = M.ngram_context(torch.tensor([[5, 6, 7]]), 3, 9)
+    assert grams.tolist() == [[[5, 9, 9], [6, 5, 9], [7, 6, 5]]] and history[0].tolist() == [[6, 7]]
+
+
+@_model_one_thread
+def test_model_engram_equals_position_loop_reference():
+    """The vectorised lookup + gate of a whole layer equals a loop over positions that reads
+    each n-gram off the id list and hashes it with the plain-integer definition."""
+    m = _model_with_memory(engram_layers="1")
+    layer = m.transformer.h[1].engram
+    idx = _model_tokens(2, 9)
+    x = torch.randn(2, 9, 32)
+    grams, _ = M.ngram_context(idx, m.config.engram_span, m.config.vocab_size)
+    torch.testing.assert_close(layer(x, grams), M.engram_reference(layer, idx, x, m.config.vocab_size),
+                               atol=1e-5, rtol=0)
+    before = m(idx)                      # and the memory is live in the model
+    with torch.no_grad():
+        layer.c_proj.weight.zero_()
+    assert (m(idx) - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(engram_layers="0,1"),
+                                dict(engram_layers="1", hc_streams=2, hc_dynamic=True, hc_sinkhorn=True, n_kv_head=2),
+                                dict(engram_layers="0", engram_ngram="3", hc_streams=3, window=5)])
+@_model_one_thread
+def test_model_memory_and_streams_cached_decode_equals_full_forward(kw):
+    """Guards the n-gram history in the cache: prefill, one token or 5 at a time, branching into
+    3 rows, documents (a new document's n-grams must not reach into the previous one)."""
+    m = _model_with_memory(**kw)
+    idx = _model_tokens(2, 24)
+    full = m(idx)
+    torch.testing.assert_close(_model_decode(m, idx, 7), full, atol=_MODEL_ATOL, rtol=0)
+    torch.testing.assert_close(_model_decode(m, idx, 1, chunk=5), full, atol=_MODEL_ATOL, rtol=0)
+    cache = m.make_cache(1, 24)
+    m(idx[:1, :9], cache=cache)
+    branched = cache.branch(3)
+    cont = _model_tokens(3, 6, seed=5)
+    got = torch.cat([m(cont[:, t:t + 1], cache=branched) for t in range(6)], dim=1)
+    torch.testing.assert_close(got, m(torch.cat([idx[:1, :9].expand(3, -1), cont], 1))[:, 9:],
+                               atol=_MODEL_ATOL, rtol=0)
+    cache.reset()
+    assert cache.ngram is None
+    idx[0, [0, 6, 13]] = 0
+    docs = M.doc_ids_from_bos(idx, 0)
+    together = m(idx, doc_ids=docs)
+    torch.testing.assert_close(_model_decode(m, idx, 9, doc_ids=docs), together, atol=_MODEL_ATOL, rtol=0)
+    apart = torch.cat([m(idx[:1, a:b]) for a, b in ((0, 6), (6, 13), (13, 24))], dim=1)
+    torch.testing.assert_close(together[:1], apart, atol=_MODEL_ATOL, rtol=0)
+
+
+@_model_one_thread
+def test_model_hc_engram_accounting_by_hand():
+    """By hand: 1 layer, C=8, 2 heads of 4, V=10, untied, relu2 (hidden 32), T=4 (the example of
+    test_model_flops_hand_example: 848 matmul params, attention 240 FLOPs), plus 2 dynamic streams
+    and Engram in layer 0 with one order (2), one head, 5 rows of width 3.
+    params: wte 80, attention 8*24 + 8*8 = 256, mlp 2*8*32 = 512, lm_head 80;
+      hyper-connections: 3 sublayers (memory, attention, MLP) x (read 2 + write 2 + mix 4 +
+      projection 8*(2+2) + 3 scales) = 3 * 43 = 129;  Engram: c_key + c_proj 2*3*8 = 48,
+      table 5*3 = 15 (memory; a token reads 1 row of 3).
+      total 80 + 256 + 512 + 80 + 129 + 48 + 15 = 1120, active 1120 - 15 + 3 = 1108, dense 1105.
+    FLOPs: matmuls 6 * (848 + 48) = 5376, attention 240, hyper-connections per sublayer
+      6 * (read 2*8 + mix 4*8 + projection 2*8*4) = 6 * 112 = 672, times 3 = 2016: total 7632.
+    cache: the n-gram history keeps 1 id and its document id per row: 16 bytes."""
+    cfg = M.GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_kv_head=2, n_embd=8,
+                      hc_streams=2, hc_dynamic=True, engram_layers="0", engram_ngram="2",
+                      engram_heads=1, engram_rows=5, engram_dim=3)
+    m = M.GPT(cfg)
+    assert m.num_params() == 1120 == sum(p.numel() for p in m.parameters())
+    assert m.param_summary() == {"dense": 1105, "memory": 15, "total": 1120, "active": 1108}
+    assert m.num_params(by_component=True)["hyper-connections"] == 129
+    assert m.flops_per_token() == 7632
+    assert m.cache_bytes_per_row() == 16
+    cache = m.make_cache(3, 4)
+    m(torch.zeros(3, 2, dtype=torch.long), cache=cache)
+    assert sum(t.numel() * t.element_size() for t in cache.ngram) == 3 * 16
+    table = M.architecture_table(m)
+    assert "engram tables (memory)" in table and "dense 1,105 + memory 15" in table
+
+
+@_model_one_thread
+def test_model_hc_engram_optim_groups():
+    """Engram's tables are embeddings: AdamW ("memory"), never Muon; its projections are hidden
+    matrices (Muon); hyper-connection coefficients and the dynamic projections go to AdamW."""
+    m = M.GPT(_model_cfg(hc_streams=2, hc_dynamic=True, engram_layers="0,1", norm_gain=True, **_MODEL_MEM))
+    by = {g["name"]: g for g in m.optim_groups()}
+    seen = [id(p) for g in by.values() for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in m.parameters())
+    engrams = [b.engram for b in m.transformer.h]
+    assert [id(p) for p in by["memory"]["params"]] == [id(e.tables) for e in engrams]
+    assert by["memory"]["optimizer"] == by["hc"]["optimizer"] == by["hc_dyn"]["optimizer"] == "adamw"
+    matrix = {id(p) for p in by["matrix"]["params"]}
+    assert all(id(e.c_key.weight) in matrix and id(e.c_proj.weight) in matrix for e in engrams)
+    hcs = [x for x in m.modules() if isinstance(x, M.HyperConnection)]
+    assert len(hcs) == 6 and {id(h.dyn.weight) for h in hcs} == {id(p) for p in by["hc_dyn"]["params"]}
+    assert {id(h.mix) for h in hcs} <= {id(p) for p in by["hc"]["params"]}
+
+
+@_model_one_thread
+def test_model_hc_engram_bf16_autocast_keeps_streams_float32():
+    """Under CPU bf16 autocast (the Runtime's choice on AMX CPUs) the streams stay float32: the
+    read and the mix are matmuls that autocast would otherwise round to bf16 at every sublayer.
+    Forward and backward run, and the logits stay near float32's."""
+    m = _model_with_memory(hc_streams=2, hc_dynamic=True, hc_sinkhorn=True, engram_layers="1").train()
+    idx = _model_tokens(2, 12)
+    dtypes = []
+    for hc in [x for x in m.modules() if isinstance(x, M.HyperConnection)]:
+        hc.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(idx)
+        loss, _ = m(idx, idx.roll(-1, 1))
+    loss.backward()
+    assert set(dtypes) == {torch.float32} and len(dtypes) == 2 * 5
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    torch.testing.assert_close(logits, m(idx), atol=0.1, rtol=0.05)
+
+
+@_model_one_thread
+def test_model_hc_engram_compile_fullgraph_equals_eager():
+    """Smoke test of torch.compile on both features: the whole forward + backward is one graph
+    (fullgraph: no graph break in the hash, the Sinkhorn rounds or the stream mixing), and gives
+    eager's loss and gradients. aot_eager traces what inductor would get (dynamo + the autograd
+    graph) without inductor's C++ build, which takes minutes for these graphs on a CPU runner."""
+    m = _model_with_memory(hc_streams=2, hc_dynamic=True, hc_sinkhorn=True, hc_sinkhorn_iters=2,
+                           engram_layers="0", n_layer=1).train()
+    idx = _model_tokens(2, 12)
+    loss, _ = m(idx, idx.roll(-1, 1))
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    torch.compiler.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    loss_c, _ = compiled(idx, idx.roll(-1, 1))
+    grads_c = torch.autograd.grad(loss_c, list(m.parameters()))
+    torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=0)
+    for g, gc in zip(grads, grads_c):
+        torch.testing.assert_close(gc, g, atol=1e-6, rtol=0)
+    torch.compiler.reset()
 
 # ---------------------------------------------------------------------------- Triton flash attention
 # model.py section 5b. The kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set at the
@@ -3186,6 +3444,34 @@ def test_optim_adamw_compiled_matches_torch(monkeypatch, capsys):
     torch.compiler.reset()
 
 
+def test_optim_adamw_lazy_rows_compiled_equals_eager(capsys):
+    """Lazy rows (Engram's tables) in the compiled update, as the trainer runs it: the same numbers
+    as eager, no fallback (regression: inductor could not compile the row mask inside the update
+    and the trainer warned and ran AdamW eagerly), and rows without gradient untouched, moments
+    and decay included, while a dense parameter in the same step moves everywhere."""
+    torch.compiler.reset()
+
+    def run(compiled, steps):
+        table, dense = _optim_params(0, [(4096, 8), (6,)])
+        opt = AdamW([dict(params=[table], lr=0.1, weight_decay=0.5, lazy_rows=True),
+                     dict(params=[dense], lr=0.1, weight_decay=0.5)], cautious=False, compiled=compiled)
+        for s in range(steps):
+            _optim_set_grads([table, dense], 50 + s)
+            table.grad[s::2] = 0                   # odd rows, then even rows: no lookup
+            before = table.detach().clone()
+            opt.step()
+        return table, dense, before, opt
+
+    table, dense, before, opt = run(True, 2)
+    assert opt._update.enabled and opt._update.compiled_fn is not None
+    assert "warning" not in capsys.readouterr().err
+    assert torch.equal(table[1::2], before[1::2]) and (table[::2] != before[::2]).all()
+    ref_table, ref_dense, _, _ = run(False, 2)
+    torch.testing.assert_close(table, ref_table, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(dense, ref_dense, rtol=1e-6, atol=1e-7)
+    torch.compiler.reset()
+
+
 def _broken_compile(fn, **kwargs):
     """torch.compile on a machine without a C++ compiler: it fails at the first call."""
     def call(*args, **kw):
@@ -3865,9 +4151,15 @@ def _train_sigterm_at(monkeypatch, at_call):
     monkeypatch.setattr(train, "forward_loss", forward)
 
 
-@pytest.mark.parametrize("mode", ["random", "packed"])
-def test_train_resume_is_bitwise_exact_after_sigterm(_train_data, tmp_path, monkeypatch, mode):
-    opts = dict(max_steps=6, batch_mode=mode, grad_accum=2, warmup_steps=2, warmdown_frac=0.5)
+# model.py 7b and 7c in a one-block model: 2 dynamic, doubly stochastic streams and n-gram memory
+_TRAIN_STREAMS_MEMORY = dict(hc_streams=2, hc_dynamic=True, hc_sinkhorn=True, hc_sinkhorn_iters=3,
+                             engram_layers="0", engram_ngram="2,3", engram_heads=2, engram_rows=1024,
+                             engram_dim=4, threads=1)
+
+
+@pytest.mark.parametrize("mode,model", [("random", {}), ("packed", {}), ("packed", _TRAIN_STREAMS_MEMORY)])
+def test_train_resume_is_bitwise_exact_after_sigterm(_train_data, tmp_path, monkeypatch, mode, model):
+    opts = dict(max_steps=6, batch_mode=mode, grad_accum=2, warmup_steps=2, warmdown_frac=0.5, **model)
     full = train.train(_train_cfg(_train_data, tmp_path / "full", **opts))
     # SIGTERM during step 3's first micro-step: the step finishes, last.pt is saved, no error
     _train_sigterm_at(monkeypatch, at_call=5)
@@ -4176,6 +4468,29 @@ def test_train_ddp_two_ranks_equal_two_micro_steps(_train_data, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_train_ddp_streams_and_memory_equal_two_micro_steps(_train_data, tmp_path):
+    """The same check with hyper-connections (dynamic, Sinkhorn) and Engram memory: 2 steps, so
+    that the tables (no gradient while Engram's c_proj is 0, at step 1) move at step 2 with lazy
+    rows: a row looked up on either rank must be updated on both, identically."""
+    one = _train_cfg(_train_data, tmp_path / "one", max_steps=2, grad_accum=2, **_TRAIN_STREAMS_MEMORY)
+    res = train.train(one)
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), grad_accum=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_TRAIN_REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(_TRAIN_REPO, "train.py")] + _train_args(two)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    torch.manual_seed(one.seed)
+    start = M.GPT(res.model.config).state_dict()   # the run's init (build_model seeds it so)
+    key = "transformer.h.0.engram.tables"
+    moved = (a[key] != start[key]).any(-1)
+    assert 0 < moved.sum() < len(moved)             # some rows were looked up, most were not
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
 _TRAIN_MOE_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
@@ -4228,6 +4543,49 @@ def test_train_ddp_error_exits_every_rank(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "error:" in proc.stderr and "prepare.py" in proc.stderr
+
+
+def test_train_memory_tables_adamw_at_embed_lr_with_lazy_rows():
+    """Engram's tables are embeddings: AdamW (not Muon) at the embedding lr, and a step changes
+    only the rows it looked up. Regression guard for plain AdamW on a table: a row used at step 1
+    but not at step 2 still has Adam moments, and decoupled decay touches every row, so plain
+    AdamW moves it at step 2; lazy rows leave it bitwise unchanged."""
+    cfg = train.TrainConfig(data_dir="unused", n_layer=1, n_head=2, n_kv_head=2, n_embd=32, block_size=16,
+                            seq_len=16, engram_layers="0", engram_ngram="2", engram_heads=1, engram_rows=97,
+                            engram_dim=4, adam_weight_decay=0.5, cautious_wd=False)
+    torch.manual_seed(0)
+    model = M.GPT(M.gpt_config(cfg, vocab_size=50))
+    engram = model.transformer.h[0].engram
+    with torch.no_grad():
+        engram.c_proj.weight.normal_()        # a trained value projection: the tables get gradients
+    optimizers = train.build_optimizers(cfg, model, train.Runtime(device=torch.device("cpu")))
+    (opt, group), = [(o, g) for o in optimizers for g in o.param_groups if g["name"] == "memory"]
+    assert isinstance(opt, train.AdamW) and group["lazy_rows"] and group["params"] == [engram.tables]
+    assert group["lr"] == pytest.approx(cfg.embed_lr * (train.REFERENCE_WIDTH / 32) ** 0.5)
+    assert group["weight_decay"] == 0.5
+    table = engram.tables
+    start = table.detach().clone()
+
+    def step(tokens):
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss, _ = model(tokens, tokens.roll(-1, 1))
+        loss.backward()
+        used = (table.grad != 0).any(-1)
+        before = table.detach().clone()
+        for o in optimizers:
+            o.step()
+        return used, before
+
+    used1, _ = step(torch.arange(0, 24).view(2, 12))
+    used2, before = step(torch.arange(25, 49).view(2, 12))
+    after = table.detach()
+    only_first = used1 & ~used2
+    assert only_first.sum() > 0 and opt.state[table]["exp_avg"][only_first].abs().sum() > 0
+    assert torch.equal(after[~used2], before[~used2])           # not looked up: unchanged
+    assert (after[used2] != before[used2]).any(-1).all()       # looked up: updated
+    never = ~used1 & ~used2
+    assert never.sum() > 0 and torch.equal(after[never], start[never])
 
 
 def test_train_compile_failure_warns_once_and_runs_eager(_train_data, tmp_path, monkeypatch, capsys):
@@ -4378,6 +4736,32 @@ def test_sample_overflow_and_long_prompt(sample_run):
     ref = sample.generate_uncached(model, full, 40)      # the reference crops on its own
     got = [int(t) for t in sample.generate(model, prompt, 40)]
     assert got == ref and len(got) == 40                 # window jumps after 1, 17 and 33 tokens
+
+
+@_model_one_thread
+def test_sample_memory_and_streams_generate_equals_uncached():
+    """Generation from a model with Engram memory (model.py 7c) in both layers and 3 dynamic,
+    doubly stochastic streams (7b): the cached generator (prefill, one-token steps, branching into
+    2 rows, a re-prefill at each window jump of the 16-token context) draws exactly the
+    reference's tokens, greedy and sampled. Guards the n-gram history of the cache across
+    branch(n) and reset (a lost or stale history changes the first n-grams after it)."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=53, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                       logit_softcap=0.0, hc_streams=3, hc_dynamic=True, hc_sinkhorn=True,
+                       hc_sinkhorn_iters=3, engram_layers="0,1", engram_ngram="2,3", engram_heads=2, engram_rows=31, engram_dim=4)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():   # every weight random, so memory and streams all matter
+            p.copy_(1.0 + 0.3 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) * p.size(-1) ** -0.5)
+        model.lm_head.weight.normal_(0.0, 0.5)
+    prompt = [0, 5, 9, 11, 9, 5]
+    ref = sample.generate_uncached(model, prompt, 30)      # window jumps after 10, 18 and 26 tokens
+    rows = torch.stack(list(sample.generate(model, prompt, 30, num_samples=2)), dim=1)   # (2, 30)
+    assert rows.tolist() == [ref, ref] and len(set(ref)) > 5
+    s = sample.Sampling(temperature=1.0)
+    ref = sample.generate_uncached(model, prompt, 20, s, seed=3, row=1)
+    rows = torch.stack(list(sample.generate(model, prompt, 20, s, seed=3, num_samples=2)), dim=1)
+    assert rows[1].tolist() == ref
 
 
 class _SampleHashCache:

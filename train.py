@@ -478,6 +478,23 @@ class AdamW(torch.optim.Optimizer):
 
     Worked example (one step, wd=0): g = [0.5, -2.0] -> m_hat = g, v_hat = g^2,
     step = lr * g / (|g| + eps) ~= lr * [1, -1]: Adam's first step is sign descent.
+
+    Lazy rows (a group with lazy_rows=True: model.py's Engram tables, section 7c). A lookup
+    table's gradient is zero on every row the step did not look up. Plain AdamW would still move
+    those rows: m of a row used earlier is not zero and keeps stepping it (decaying) for many steps
+    after its last use, and decoupled decay shrinks every row, every step. For a memory whose rows
+    are n-grams, most of which occur rarely, that erases a rare n-gram's row between its uses. So,
+    per row: a row whose gradient is all zero this step (looked up by no token on any rank: DDP
+    averages before the step) is left exactly as it is: weight, m and v. A used row gets the
+    ordinary update, and the decay, so a row decays per use rather than per step. t stays the
+    global step count (as torch's SparseAdam): a row first used at step 100 has bias corrections
+    near 1, and its first step is lr * (1 - beta1) g / sqrt((1 - beta2) g^2), about 0.9 lr sign(g)
+    with the default betas: bounded, like Adam's usual first step. A used row whose gradient is
+    exactly zero (at step 0 Engram's output projection is still 0, so no table row has a
+    gradient) is treated as unused, which on a first step is what plain Adam does too. The
+    gradient stays dense (one tensor the size of the table): DDP's all-reduce, clipping and
+    torch.compile work unchanged; a real sparse gradient would save that memory traffic for
+    tables far larger than these.
     """
 
     def __init__(self, params, lr=1e-3, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0,
@@ -487,7 +504,7 @@ class AdamW(torch.optim.Optimizer):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"AdamW betas must lie in [0, 1), got {betas}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        cautious=cautious)
+                        cautious=cautious, lazy_rows=False)
         super().__init__(params, defaults)
         # compiled: run the update through torch.compile (the trainer passes its compile
         # setting): one fused pass over each parameter's state instead of ~8 separate ones;
@@ -501,7 +518,7 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # one entry per param that has a grad, all groups: adamw_update's arguments
-        params, grads, exp_avgs, exp_avg_sqs, numbers, settings = [], [], [], [], [], []
+        params, grads, exp_avgs, exp_avg_sqs, numbers, settings, used = [], [], [], [], [], [], []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -528,28 +545,47 @@ class AdamW(torch.optim.Optimizer):
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 numbers.append(step_numbers)
                 settings.append((beta1, beta2, group["eps"], group["weight_decay"], group["cautious"]))
+                # lazy rows: which rows this step looked up, (rows, 1) bool. Found here, outside
+                # the compiled update: inductor (torch 2.13, CPU) fails to compile a reduction of
+                # the gradient in the graph that also rewrites and rereads the moments.
+                lazy = group.get("lazy_rows", False)   # .get: checkpoints from before lazy rows
+                used.append((p.grad != 0).any(dim=-1, keepdim=True) if lazy else None)
         if params:
-            self._update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings)
+            self._update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings, used)
         return loss
 
 
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings):
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, numbers, settings, used_rows=None):
     """The AdamW update of every param, in place. One entry per param in every list:
     numbers[i] = (lr, 1 - beta1^t, sqrt(1 - beta2^t)), floats or (compiled) 0-d tensors;
     settings[i] = (beta1, beta2, eps, weight_decay, cautious), constants of the run.
     Plain tensor code without data-dependent branches, so that torch.compile fuses each
     param's update into one kernel. The operation order is torch.optim.AdamW's (eps
-    added after dividing sqrt(v) by sqrt(1 - beta2^t)): results agree to float32 rounding."""
-    for p, g, m, v, (lr, bias1, bias2_sqrt), (beta1, beta2, eps, weight_decay, cautious) in zip(
-            params, grads, exp_avgs, exp_avg_sqs, numbers, settings):
-        m.lerp_(g, 1.0 - beta1)                                   # m = b1 m + (1-b1) g
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)           # v = b2 v + (1-b2) g^2
+    added after dividing sqrt(v) by sqrt(1 - beta2^t)): results agree to float32 rounding.
+    used_rows[i]: None, or for lazy rows a (rows, 1) bool tensor, True where the gradient row
+    is not all zero: the other rows stay as they are, weights and moments (see "Lazy rows" in
+    the class docstring)."""
+    used_rows = used_rows or [None] * len(params)
+    for p, g, m, v, (lr, bias1, bias2_sqrt), (beta1, beta2, eps, weight_decay, cautious), used in zip(
+            params, grads, exp_avgs, exp_avg_sqs, numbers, settings, used_rows):
+        lazy = used is not None
+        if lazy:
+            m.copy_(torch.where(used, m.lerp(g, 1.0 - beta1), m))
+            v.copy_(torch.where(used, v * beta2 + g * g * (1.0 - beta2), v))
+        else:
+            m.lerp_(g, 1.0 - beta1)                               # m = b1 m + (1-b1) g
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)       # v = b2 v + (1-b2) g^2
         denom = (v.sqrt() / bias2_sqrt).add_(eps)                 # sqrt(v_hat) + eps
+        update = m / denom
+        if lazy:
+            update = update * used                                # an unused row neither moves ...
         if cautious and weight_decay != 0.0:
-            _decay_(p, m / denom, lr, weight_decay, cautious=True)
+            _decay_(p, update, lr, weight_decay, cautious=True)   # (a zero update: no decay)
+        elif lazy and weight_decay != 0.0:
+            p.sub_(p * used * (lr * weight_decay))                # ... nor decays
         else:
             _decay_(p, None, lr, weight_decay, cautious=False)
-        p.sub_(m / denom * (lr / bias1))                          # p -= lr m_hat / denom
+        p.sub_(update * (lr / bias1))                             # p -= lr m_hat / denom
 
 
 # 4.2 Muon: orthogonalised momentum for hidden matrices
@@ -840,10 +876,17 @@ def build_optimizers(cfg, raw_model, rt):
     MoE: expert matrices (3-D stacks, "expert") go to Muon at matrix_lr like the dense
     MLP they replace; the router ("router", (n_experts, n_embd)) goes to AdamW at the
     head's lr, because like lm_head it is a linear read-out to logits, and an
-    orthogonalised update would move every routing logit by the same amount each step."""
+    orthogonalised update would move every routing logit by the same amount each step.
+
+    Hyper-connections (model.py 7b): their coefficients ("hc") at the scalar lr without
+    decay, like the gains (decay would pull the identity mix toward 0); the dynamic
+    projections ("hc_dyn") at the head's lr, read-outs of a few coefficients like the
+    router. Engram (7c): the tables ("memory") at the embedding's lr (also when wte is
+    tied: they are only looked up), with lazy rows (see AdamW)."""
     scale = (REFERENCE_WIDTH / cfg.n_embd) ** 0.5
     adam_lr = {"embed": cfg.embed_lr * scale, "head": cfg.head_lr * scale,
-               "router": cfg.head_lr * scale, "scalar": cfg.scalar_lr * scale}
+               "router": cfg.head_lr * scale, "scalar": cfg.scalar_lr * scale,
+               "hc": cfg.scalar_lr * scale, "hc_dyn": cfg.head_lr * scale, "memory": cfg.embed_lr * scale}
     if raw_model.config.tie_embeddings:
         # One matrix is both wte and lm_head (it sits in the "embed" group). Its gradient
         # is dominated by the read-out, so it must move at the head's small lr: at
@@ -862,8 +905,9 @@ def build_optimizers(cfg, raw_model, rt):
                          fan_in_first=(name == "expert"))
             muon_groups.append(group)
         else:
-            wd = 0.0 if name == "scalar" else cfg.adam_weight_decay  # never decay gains
-            group = dict(params=params, lr=adam_lr.get(name, adam_lr["scalar"]), weight_decay=wd)
+            wd = 0.0 if name in ("scalar", "hc") else cfg.adam_weight_decay  # never decay gains
+            group = dict(params=params, lr=adam_lr.get(name, adam_lr["scalar"]), weight_decay=wd,
+                         lazy_rows=name == "memory")
             adam_groups.append(group)
         group.update(name=name, initial_lr=group["lr"])
         n = sum(p.numel() for p in params)
@@ -1554,7 +1598,9 @@ def start_run(cfg, rt=None):
     rt.print(f"device {rt.device} x {rt.world_size} | precision {str(rt.dtype)[6:]} ({rt.dtype_reason}) "
              f"| compile {rt.compile} | deterministic {rt.deterministic} | threads {rt.threads} | "
              f"peak {peak} per device")
-    rt.print(f"model {raw_model.num_params():,} params | "
+    summary = raw_model.param_summary()
+    memory = f" + {summary['memory']:,} memory" if summary["memory"] else ""   # Engram tables
+    rt.print(f"model {summary['dense']:,}{memory} params | "
              f"{raw_model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOP/token | "
              f"{cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size:,} tokens/step | "
              f"{len(val_x)} val windows of {eval_len}")
