@@ -1836,7 +1836,8 @@ def test_model_cached_decode_equals_full_forward(kw):
     torch.testing.assert_close(_model_decode(m, idx, 7), full, atol=_MODEL_ATOL, rtol=0)
     torch.testing.assert_close(_model_decode(m, idx, 1, chunk=5), full, atol=_MODEL_ATOL, rtol=0)
     cache = m.make_cache(2, 24)
-    assert cache.k.shape == (2, 2, m.config.n_kv_head, 24, 8)   # only the kv heads are cached
+    for store in cache.layers:                                   # keys and values of each layer:
+        assert [p.shape for p in store.parts] == [(2, m.config.n_kv_head, 24, 8)] * 2   # kv heads only
 
 
 @_model_one_thread
@@ -1878,7 +1879,7 @@ def test_model_kv_cache_bytes_per_token_matches_cache():
     m = _model_make(n_kv_head=2)
     for dtype in (torch.float32, torch.bfloat16):
         cache = m.make_cache(1, 10, dtype=dtype)
-        real = (cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()) / 10
+        real = sum(p.numel() * p.element_size() for store in cache.layers for p in store.parts) / 10
         assert m.kv_cache_bytes_per_token(dtype) == real
 
 # ---------------------------------------------------------------------------- loss, MTP, accounting
@@ -4127,7 +4128,8 @@ def test_sample_cli_bfloat16_and_random_checkpoint(sample_run, monkeypatch, caps
         assert model(torch.tensor([ids])).dtype == torch.float32       # logits come out float32
         cache = model.make_cache(1, 32, dtype=rt.dtype)
         model(torch.tensor([ids]), cache=cache)
-    assert cache.k.dtype == torch.bfloat16 and cache.k[:, :, :, :len(ids)].abs().sum() > 0
+    keys = cache.layers[0].parts[0]
+    assert keys.dtype == torch.bfloat16 and keys[:, :, :len(ids)].abs().sum() > 0
     for mode in ("--prompt=hi", "--eval=builtin", "--stress=True"):
         with pytest.raises(bpe.UserError, match="only serves --bench=True"):
             _sample_main(monkeypatch, capsys, "--ckpt=random", mode)
