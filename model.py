@@ -63,7 +63,7 @@ Sections:
   6. MLP (ReLU^2, SwiGLU, GELU)
   7. Mixture of experts (routing, capacity, balancing, statistics)
   8. Transformer block
-   9. KV cache (keys and values, MLA latents, linear-attention states)
+  9. KV cache (keys and values, MLA latents, linear-attention states)
  10. The GPT model (init, forward, loss, multi-token prediction)
  11. Accounting (parameters, FLOPs, KV bytes) and optimizer groups
  12. Runtime: device, precision, compile, threads, determinism (decided once)
