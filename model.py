@@ -606,6 +606,9 @@ def sdpa_attention(q, k, v, mask, is_causal, kernels, scale=None):
 # block 1 reads [0, 0, 1] and the middle one is invalid (block 0 is already there as global).
 # Cost: nq * b * K * b scores, linear in T. Queries that do not start or end on a block boundary
 # (a cached prefill, one-token decoding) are padded to whole blocks and the padding is dropped.
+# Documents mask as everywhere (doc[i] == doc[j]); the blocks themselves are counted from the
+# row's position 0, so in a packed row a document's blocks depend on where it starts (like
+# n_global's prefix, and unlike a window, which only looks at offsets).
 # block_sparse_reference is the same pattern as a dense mask (section 4's attention_mask);
 # test_model_block_sparse_equals_dense_mask checks that the two agree.
 
@@ -820,6 +823,10 @@ class CausalSelfAttention(AttentionLayer):
 # Training (no cache) takes the plain form: T queries against T keys, materialising the keys and
 # values once is the cheaper order. With a cache the absorbed form runs (self.absorb; the tests
 # switch it off to run the plain one). mla_reference below is the table above line by line.
+# The cache keeps [c_kv, k_r] side by side in one (B, 1, max_len, r + d_r) tensor: the absorbed
+# form's keys as they are, its values a slice of them (c_kv), nothing concatenated per step. And as
+# all H heads read the same single key head, SDPA gets them stacked as H * T query rows of one head
+# (the same numbers as broadcasting the keys to H heads, without a copy of the cache per head).
 # Weights are nn.Linear (out, in), named as in DeepSeek-V3's code: wq_a = W^DQ, q_norm,
 # wq_b = W^UQ (or wq = W^Q), wkv_a = [W^DKV; W^KR] (one matmul), kv_norm, wkv_b = [W^UK_h; W^UV_h]
 # head by head, and c_proj = W^O.
@@ -849,8 +856,8 @@ class MultiHeadLatentAttention(AttentionLayer):
         self.absorb = True
 
     def cache_spec(self):
-        """What the KV cache keeps for this layer (section 9): the latent and the rope key."""
-        return ("seq", [(1, self.kv_lora_rank), (1, self.rope_dim)])
+        """What the KV cache keeps for this layer (section 9): [c_kv, k_r] per token."""
+        return ("seq", [(1, self.kv_lora_rank + self.rope_dim)])
 
     def queries(self, x, layout):
         """x (B, T, C) -> q_n (B, H, T, d_n) and the rotated q_r (B, H, T, d_r)."""
@@ -863,50 +870,64 @@ class MultiHeadLatentAttention(AttentionLayer):
         return q_nope, apply_rope(q_rope, layout.mla_cos, layout.mla_sin)
 
     def latents(self, x, layout):
-        """x (B, T, C) -> c_kv (B, 1, T, r) and the rotated k_r (B, 1, T, d_r): one "head" each."""
+        """x (B, T, C) -> [c_kv, k_r] (B, 1, T, r + d_r): the normed latent and the rotated rope
+        key side by side, one "head" (what the cache keeps)."""
         c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_norm(c_kv)[:, None]
-        return c_kv, apply_rope(k_rope[:, None], layout.mla_cos, layout.mla_sin)
+        k_rope = apply_rope(k_rope[:, None], layout.mla_cos, layout.mla_sin)
+        return torch.cat([self.kv_norm(c_kv)[:, None], k_rope], dim=-1)
 
     def forward(self, x, layout, cache=None, layer=0):
         B, T, _ = x.shape
         q_nope, q_rope = self.queries(x, layout)
-        c_kv, k_rope = self.latents(x, layout)
+        latents = self.latents(x, layout)                                     # (B, 1, T, r + d_r)
         if cache is not None:
-            c_kv, k_rope = cache.layers[layer].update([c_kv, k_rope], layout.pos, 0)  # (B, 1, Tk, .)
+            (latents,) = cache.layers[layer].update([latents], layout.pos, 0)  # (B, 1, Tk, r + d_r)
         form = self.absorbed if cache is not None and self.absorb else self.plain
-        y = form(q_nope, q_rope, c_kv, k_rope, layout.views["full"])          # (B, H, T, d_v)
+        y = form(q_nope, q_rope, latents, layout.views["full"])               # (B, H, T, d_v)
         return self.output(x, y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
 
-    def plain(self, q_nope, q_rope, c_kv, k_rope, seen):
+    def plain(self, q_nope, q_rope, latents, seen):
         """Rebuild every head's keys and values from the latents, then ordinary attention."""
         B, H, T, _ = q_nope.shape
-        Tk = c_kv.size(2)
+        Tk = latents.size(2)
+        c_kv, k_rope = latents.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.wkv_b(c_kv[:, 0]).view(B, Tk, H, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)              # (B, H, Tk, d_n), (.., d_v)
         q = torch.cat([q_nope, q_rope], dim=-1)                                # (B, H, T, d_n + d_r)
         k = torch.cat([k_nope, k_rope.expand(-1, H, -1, -1)], dim=-1)          # (B, H, Tk, d_n + d_r)
-        return self.attend(q, k, v, seen, None)
+        if self.manual or self.record is not None:
+            return self.attend_manual(q, k, v, seen, None)
+        return sdpa_attention(q, k, v, seen.mask, seen.is_causal, self.kernels)
 
-    def absorbed(self, q_nope, q_rope, c_kv, k_rope, seen):
+    def absorbed(self, q_nope, q_rope, latents, seen):
         """W^UK folded into the queries, W^UV applied after the weighted sum of latents."""
-        H, r = self.n_head, self.kv_lora_rank
+        B, H, T, _ = q_nope.shape
+        r, Tk = self.kv_lora_rank, latents.size(2)
         w_uk, w_uv = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, r).split(
             [self.nope_dim, self.v_dim], dim=1)                                # (H, d_n, r), (H, d_v, r)
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)                   # (B, H, T, r)
         q = torch.cat([q_lat, q_rope], dim=-1)                                 # (B, H, T, r + d_r)
-        k = torch.cat([c_kv, k_rope], dim=-1)                                  # (B, 1, Tk, r + d_r)
-        o = self.attend(q, k, c_kv, seen, (self.nope_dim + self.rope_dim) ** -0.5)  # (B, H, T, r)
-        return torch.einsum("bhtr,hvr->bhtv", o, w_uv)                         # (B, H, T, d_v)
-
-    def attend(self, q, k, v, seen, scale):
+        scale = (self.nope_dim + self.rope_dim) ** -0.5
         if self.manual or self.record is not None:
+            o = self.attend_manual(q, latents, latents[..., :r], seen, scale)  # values c_kv: (B, H, T, r)
+        else:
             mask = seen.mask
             if seen.is_causal:
-                mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
-            return manual_attention(q, k, v, mask, self.softcap, self.record,
-                                    self.kernels.softcap_sigmoid, scale)
-        return sdpa_attention(q, k, v, seen.mask, seen.is_causal, self.kernels, scale)
+                mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril()[None, None]
+            if mask is not None:                                               # the rows of every head
+                mask = mask[:, :, None].expand(-1, -1, H, -1, -1).reshape(mask.size(0), 1, H * T, Tk)
+            # values = the whole latents: keys and values of one width let SDPA take its fused
+            # kernel; the last d_r output columns (a weighted sum of rope keys) are dropped
+            o = sdpa_attention(q.reshape(B, 1, H * T, r + self.rope_dim), latents, latents, mask, False,
+                               self.kernels, scale)[..., :r].view(B, H, T, r)  # heads stacked as rows
+        return torch.einsum("bhtr,hvr->bhtv", o, w_uv)                         # (B, H, T, d_v)
+
+    def attend_manual(self, q, k, v, seen, scale):
+        mask = seen.mask
+        if seen.is_causal:
+            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+        return manual_attention(q, k, v, mask, self.softcap, self.record,
+                                self.kernels.softcap_sigmoid, scale)
 
 
 def mla_reference(attn, x, cos, sin):
@@ -969,8 +990,9 @@ def mla_reference(attn, x, cos, sin):
 #              parallel form inside a chunk (c x c matmuls), the state between chunks:
 #                y[i]   = sum_{j<=i} gamma^(i-j) (q_i . k_j) v_j  +  gamma^(i+1) q_i S_before
 #                S_after = gamma^c S_before + sum_j gamma^(c-1-j) k_j v_j^T
-#              (i, j: positions inside the chunk). O(T c D) + O(T D Dv) work in big matmuls;
-#              decoding one token is a chunk of one.
+#              (i, j: positions inside the chunk). O(T c D) + O(T D Dv) work in big matmuls.
+# Decoding one token is one step of the recurrence (linear_attention_step): the state is updated
+# in place of a cache that grows, so the cost per token is the same at any context length.
 # Documents: a document start resets the state, so no token reads another document (the same as
 # the mask doc[i] == doc[j] as long as document ids never return to an earlier value, which
 # doc_ids_from_bos guarantees). Inside a chunk that is the same-document mask; a query reads
@@ -978,6 +1000,13 @@ def mla_reference(attn, x, cos, sin):
 # carried on. Windows do not apply: the state holds the whole past (GPTConfig refuses a window
 # for linear layers). The state is float32 under any autocast: it is a running sum over the whole
 # context, and bf16's 8-bit mantissa would lose the small terms added to a large sum.
+
+
+def linear_feature(x):
+    """phi(x) = elu(x) + 1: x + 1 for x > 0, e^x below: positive, and smooth at 0 (value 1,
+    slope 1). test_model_linear_chunked_parallel_recurrent_agree checks it against those two
+    pieces."""
+    return F.elu(x) + 1.0
 
 
 def decay_matrix(log_decay, n, device=None):
@@ -1001,19 +1030,30 @@ def linear_attention_parallel(q, k, v, log_decay=None, doc=None):
     return w @ v, w
 
 
+def linear_attention_step(q, k, v, state=None, carry=1.0):
+    """One token of the recurrence: S = carry * S + k v^T, y = q S. q, k: (B, H, 1, D);
+    v: (B, H, 1, E); state (B, H, D, E) or None (nothing before); carry: gamma, times 0 where
+    a new document starts, broadcastable to the state. Returns y (B, H, 1, E) and the new S.
+    Decoding runs this (a few small ops per layer and token, at any context), and so does the
+    recurrent reference below."""
+    new = k.transpose(-2, -1) @ v                                             # outer(k, v): (B, H, D, E)
+    if state is not None:
+        new = new + (state if isinstance(carry, float) and carry == 1.0 else carry * state)
+    return q @ new, new
+
+
 def linear_attention_recurrent(q, k, v, log_decay=None, doc=None):
     """The token-by-token reference: S_t = gamma [same doc] S_{t-1} + k_t v_t^T, y_t = q_t S_t."""
     B, H, T, D = q.shape
-    S = q.new_zeros(B, H, D, v.size(-1))
     keep = torch.exp(log_decay)[:, None, None] if log_decay is not None else 1.0
-    ys = []
+    S, ys = None, []
     for t in range(T):
         carry = keep
         if doc is not None and t > 0:
             carry = carry * (doc[:, t] == doc[:, t - 1]).view(B, 1, 1, 1)
-        S = carry * S + k[:, :, t, :, None] * v[:, :, t, None, :]          # + outer(k_t, v_t)
-        ys.append((q[:, :, t, None, :] @ S)[:, :, 0])                        # (B, H, E)
-    return torch.stack(ys, dim=2)
+        y, S = linear_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], S, carry)
+        ys.append(y)
+    return torch.cat(ys, dim=2)
 
 
 def linear_attention_chunked(q, k, v, log_decay=None, chunk=64, state=None, doc=None,
@@ -1087,22 +1127,25 @@ class LinearAttention(AttentionLayer):
         return ("state", (self.n_head, self.head_dim, self.head_dim + extra))
 
     def features(self, x):
-        """x (B, T, C) -> q, k (B, H, T, D) and v (B, H, T, E), ready for the three forms."""
+        """x (B, T, C) -> q, k (B, H, T, D) and v (B, H, T, E), ready for the three forms.
+        The norms and phi act on each head's vector, so they run before the heads are moved
+        forward (one transpose each): decoding pays for every small op, once per layer and token."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)                # (B, H, T, D)
-        # the state is per query head (each head has its own decay), so shared kv heads are
-        # repeated: GQA saves parameters here, not state
-        k = k.view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)   # (B, H, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+        q, k, v = self.c_attn(x).view(B, T, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)  # (B, T, heads, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.kind == "kernel":
-            q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
-            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)   # (B, H, T, D + 1): [v, 1]
+            q, k = linear_feature(q), linear_feature(k)
         else:
             q = q * D ** -0.5
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, heads, T, D)
+        if Hkv != H:
+            # the state is per query head (each head has its own decay), so shared kv heads are
+            # repeated: GQA saves parameters here, not state
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        if self.kind == "kernel":
+            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)   # (B, H, T, D + 1): [v, 1]
         return q, k, v
 
     def forward(self, x, layout, cache=None, layer=0):
@@ -1119,6 +1162,11 @@ class LinearAttention(AttentionLayer):
                 y, w = linear_attention_parallel(q, k, v, log_decay, layout.doc)
                 w = w.abs()   # decay weights are signed: the picture shows their share of the row
                 self.record.append((w / w.sum(-1, keepdim=True)).detach())
+            elif T == 1 and store is not None:    # decoding: one step of the recurrence
+                carry = 1.0 if log_decay is None else torch.exp(log_decay)[:, None, None]
+                if state is not None and layout.prev_doc is not None:
+                    carry = carry * (layout.doc == layout.prev_doc).view(B, 1, 1, 1)
+                y, state = linear_attention_step(q, k, v, state, carry)
             else:
                 y, state = linear_attention_chunked(q, k, v, log_decay, self.chunk, state, layout.doc,
                                                     layout.prev_doc, need_state=store is not None)
@@ -1595,8 +1643,8 @@ class Block(nn.Module):
 # the form the layer's kind needs (its cache_spec):
 #   softmax (G W S)  keys and values after RoPE, (B, n_kv_head, max_len, D) each; with GQA only
 #                    the kv heads are stored, n_head / n_kv_head times less memory
-#   MLA (M)          the latent c_kv (B, 1, max_len, kv_lora_rank) and the rope key
-#                    (B, 1, max_len, qk_rope_head_dim): r + d_r numbers per token instead of 2 H D
+#   MLA (M)          the latent c_kv and the rope key side by side, (B, 1, max_len,
+#                    kv_lora_rank + qk_rope_head_dim): r + d_r numbers per token instead of 2 H D
 #   linear (L)       the state (B, n_head, D, Dv [+ 1]), float32: the same size at any context
 # The first two are SeqStores, preallocated for max_len positions and written at [pos, pos + T);
 # the last is a StateStore, replaced by every call. The prompt is run once ("prefill", many
