@@ -1684,7 +1684,7 @@ def settings_with(cls, base, changes, where=""):
             raise SettingsError(f"{where}{e}") from None
     try:
         return cls(**values)
-    except ValueError as e:  # __post_init__ validation
+    except (ValueError, UserError) as e:  # __post_init__ validation
         raise SettingsError(f"{where}{e}") from None
 
 

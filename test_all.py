@@ -23,6 +23,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -3873,6 +3874,134 @@ def test_train_bench_reports_speed_and_phases(_train_data, tmp_path, capsys):
     assert phases and all(float(v) > 0 for v in phases.groups())
 
 
+# -----------------------------------------------------------------------------
+# the attention family in training; fixed compute (--flops_budget) and sweeps
+
+_TRAIN_HYBRID = dict(n_layer=4, layer_pattern="LMSW", window=8, sparse_block=8, linear_chunk=8,
+                     attn_gate="output", n_head=2, n_kv_head=1)
+
+
+def test_train_ddp_hybrid_of_every_kind_equals_two_micro_steps(_train_data, tmp_path):
+    """DDP with linear, MLA, block-sparse and windowed layers and gates in one model: 2 gloo
+    ranks x 1 micro-batch give the weights of 1 rank x 2 micro-batches (every parameter of every
+    kind gets its gradient averaged; none goes unused)."""
+    one = _train_cfg(_train_data, tmp_path / "one", max_steps=1, grad_accum=2, threads=1, **_TRAIN_HYBRID)
+    train.train(one)
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), grad_accum=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_TRAIN_REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(_TRAIN_REPO, "train.py")] + _train_args(two)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    assert any(".wkv_b." in k for k in a) and any(k.endswith("attn.gate.weight") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_train_hybrid_resume_is_bitwise_exact_and_loads_in_sample(_train_data, tmp_path, monkeypatch):
+    """A hybrid of every kind, packed documents (linear states reset at each document), stopped
+    by SIGTERM and resumed, ends bitwise equal to the uninterrupted run; its checkpoint loads in
+    sample.py and decodes (cached, branched, past the context) as the uncached reference does."""
+    opts = dict(max_steps=4, batch_mode="packed", **_TRAIN_HYBRID)
+    full = train.train(_train_cfg(_train_data, tmp_path / "full", **opts))
+    _train_sigterm_at(monkeypatch, at_call=2)
+    part = train.train(_train_cfg(_train_data, tmp_path / "part", **opts))
+    assert part.stopped and part.step == 2
+    monkeypatch.undo()
+    rest = train.train(_train_cfg(_train_data, tmp_path / "part", resume=True, **opts))
+    assert part.losses + rest.losses == full.losses
+    model, tok, _ = sample.load_model(str(tmp_path / "part" / "last.pt"))
+    assert model.config.layer_pattern == "LMSW"
+    prompt = [tok.eot_id] + tok.encode("def func_3(a, b):")
+    ref = sample.generate_uncached(model, prompt, 40)                         # 32-token context: jumps
+    rows = torch.stack(list(sample.generate(model, prompt, 40, num_samples=2)), dim=1)
+    assert rows.tolist() == [ref, ref]
+
+
+def test_train_flops_budget_sets_the_steps(_train_data, tmp_path, capsys):
+    """--flops_budget: steps = the most steps whose FLOPs fit the budget (per stage of a seq_len
+    schedule), printed; the lr schedule is laid over those steps (the warmdown ends at the last);
+    a budget below one step is one line."""
+    cfg = _train_cfg(_train_data, tmp_path / "run", warmdown_frac=0.5, final_lr_frac=0.0)
+    model = M.GPT(M.gpt_config(cfg, vocab_size=300))
+    per_step = model.flops_per_token(32) * 4 * 32                       # batch 4 x seq_len 32
+    res = train.train(dataclasses.replace(cfg, flops_budget=3.5 * per_step, max_steps=1000))
+    assert res.step == 3 and f"flops_budget {3.5 * per_step:.3g} FLOPs: 3 steps of 128 tokens" in capsys.readouterr().out
+    lrs = [r["lr_mult"] for r in train.read_metrics(tmp_path / "run" / "metrics.jsonl")[0] if "lr_mult" in r]
+    assert lrs == [train.lr_multiplier(dataclasses.replace(cfg, max_steps=3), s) for s in range(3)]
+    assert lrs[-1] < lrs[0]                                              # warmdown over the 3 steps
+    # a schedule: 2 steps at seq_len 16, then seq_len 32; by hand
+    staged = dataclasses.replace(cfg, seq_len_schedule=[(0, 16), (2, 32)])
+    short = model.flops_per_token(16) * 4 * 16
+    budget = 2 * short + 5 * per_step + 0.5 * per_step
+    assert train.steps_for_budget(dataclasses.replace(staged, flops_budget=budget), model, 1) == 7
+    assert train.steps_for_budget(dataclasses.replace(staged, flops_budget=1.5 * short), model, 1) == 1
+    assert train.steps_for_budget(dataclasses.replace(staged, flops_budget=budget), model, 2) == 4  # 2 ranks
+    with pytest.raises(bpe.UserError, match="does not pay for one step"):
+        train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "tiny"), flops_budget=0.5 * per_step))
+
+
+def _train_sweep_table(text):
+    """The rows of sweep.md: {entry: [cells]}."""
+    rows = [l.strip("|").split("|") for l in text.splitlines() if l.startswith("| ") and "---" not in l]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_train_sweep_checks_first_writes_table_and_chart_and_resumes(_train_data, tmp_path, monkeypatch, capsys):
+    """--sweep: every entry is checked before the first run (a typo in the last one stops it,
+    nothing is run or written); entries x seeds run in their own folders at the same FLOPs; a
+    SIGTERM in the third run stops the sweep; --resume=True skips the finished runs, resumes the
+    interrupted one from its last.pt and runs the last; sweep.md and sweep.svg agree; a sweep is
+    never silently replaced, nor resumed with other shared settings."""
+    out = tmp_path / "sweep"
+    sweep = [{}, {"attn": "linear", "linear_chunk": 8}]
+    cfg = _train_cfg(_train_data, out, sweep=sweep + [{"atn": "mla"}], seeds=2)
+    with pytest.raises(bpe.UserError, match=r"--sweep entry 2 \(atn=mla\): unknown setting --atn \(did you mean --attn\?\)"):
+        train.run_sweep(cfg)
+    assert not out.exists()
+    with pytest.raises(bpe.SettingsError, match="--sweep entry 1 .*: window=8 applies to sliding-window"):
+        train.run_sweep(dataclasses.replace(cfg, sweep=[{}, {"attn": "linear", "window": 8}]))
+    with pytest.raises(bpe.UserError, match="--seed belongs to the sweep"):
+        train.run_sweep(dataclasses.replace(cfg, sweep=[{"seed": 3}]))
+    model = M.GPT(M.gpt_config(cfg, vocab_size=300))
+    cfg = dataclasses.replace(cfg, sweep=sweep, flops_budget=3.5 * model.flops_per_token(32) * 128)
+    _train_sigterm_at(monkeypatch, at_call=8)           # runs 1 and 2: 3 steps each; run 3: its 2nd step
+    assert train.run_sweep(cfg) is True
+    monkeypatch.undo()
+    first = out / "defaults" / "seed1337" / "result.json"
+    assert first.exists() and not (out / "attn=linear,linear_chunk=8" / "seed1337" / "result.json").exists()
+    with pytest.raises(bpe.UserError, match="already holds a sweep"):
+        train.run_sweep(cfg)
+    with pytest.raises(bpe.UserError, match="--n_embd=32"):
+        train.run_sweep(dataclasses.replace(cfg, resume=True, n_embd=64))
+    stamp = first.stat().st_mtime_ns
+    capsys.readouterr()
+    assert train.run_sweep(dataclasses.replace(cfg, resume=True)) is False
+    log = capsys.readouterr().out
+    assert log.count("finished before, skipped") == 2 and "seed 1337 (resuming)" in log
+    assert re.search(r"resumed from \S+seed1337/last.pt at step 2", log) and first.stat().st_mtime_ns == stamp
+    results = [json.loads((out / e / f"seed{s}" / "result.json").read_text())
+               for e in ("defaults", "attn=linear,linear_chunk=8") for s in (1337, 1338)]
+    assert [r["steps"] for r in results] == [3, 3, 3, 3] and results[0]["kv_bytes_per_token"] > 0
+    assert results[2]["kv_bytes_per_token"] == 0 and results[2]["state_bytes"] > 0   # linear: a state
+    table = _train_sweep_table((out / "sweep.md").read_text())
+    assert list(table) == ["defaults", "attn=linear,linear_chunk=8"] and all(r[-1] == "2/2" for r in table.values())
+    bpb = {e: [r["val_bpb"] for r in results[i:i + 2]] for i, e in ((0, "defaults"), (2, "attn=linear,linear_chunk=8"))}
+    for entry, cells in table.items():
+        mean, std = statistics.mean(bpb[entry]), statistics.stdev(bpb[entry])
+        assert cells[6] == f"{mean:.4f} ± {std:.4f}"
+    assert "noise)" in table["attn=linear,linear_chunk=8"][7]
+    svg = ET.fromstring((out / "sweep.svg").read_text())
+    ns = "{http://www.w3.org/2000/svg}"
+    groups = svg.findall(f"{ns}g[@class='entry']")
+    assert [g.get("data-label") for g in groups] == list(table)
+    for g, entry in zip(groups, table):
+        assert len(g.findall(f"{ns}circle[@class='seed']")) == 2
+        assert float(g.get("data-mean")) == pytest.approx(statistics.mean(bpb[entry]), abs=1e-6)
+
+
 # =============================================================================
 # 7. sample.py: generation
 # =============================================================================
@@ -4304,6 +4433,34 @@ def test_sample_bench_reports_all_figures(sample_run):
     assert set(med) == {"prefill", "cached", "uncached", "branched", "cache_gain", "branch_gain"}
     assert min(med.values()) > 0
     assert "KV cache speed-up" in out.getvalue() and "branching x4" in out.getvalue()
+
+
+def test_sample_bench_context_compares_architectures(sample_run, monkeypatch, capsys):
+    """--bench_context: decoding tokens/s after prefills of each length, for 1 and bench_samples
+    rows, per --arch entry (untrained models of --ckpt=random), with each model's ratio to the
+    first; bad settings are one line. And rows_per_batch counts a linear model's fixed state."""
+    out, _ = _sample_main(monkeypatch, capsys, "--ckpt=random", "--bench=True", "--bench_context=[8,24]",
+                          "--bench_tokens=2", "--bench_samples=3", "--bench_repeats=1",
+                          "--arch=[{}, {'attn': 'linear'}, {'layer_pattern': 'LG', 'n_layer': 2}]")
+    lines = out.splitlines()
+    assert "softmax (default)" in lines[1] and "attn=linear" in lines[1] and "layer_pattern=LG,n_layer=2" in lines[1]
+    rows = [l.split() for l in lines[2:6]]
+    assert [(r[0], r[1]) for r in rows] == [("8", "1"), ("8", "3"), ("24", "1"), ("24", "3")]
+    assert all(float(r[2]) > 0 and r[4].endswith("x)") and r[6].endswith("x)") for r in rows)
+    assert lines[6].startswith("  cost of a token (1 row) at 24 against 8 tokens of context:")
+    with pytest.raises(bpe.UserError, match=r"^--arch entry 1 \(attn=linaer\): attn='linaer': choose one of"):
+        _sample_main(monkeypatch, capsys, "--ckpt=random", "--bench=True", "--arch=[{}, {'attn': 'linaer'}]")
+    with pytest.raises(bpe.UserError, match="a checkpoint brings its own architecture"):
+        _sample_main(monkeypatch, capsys, f"--ckpt={sample_run[3]}", "--bench=True", "--arch={'attn': 'mla'}")
+    with pytest.raises(bpe.SettingsError, match="add --bench=True"):
+        bpe.parse_settings(sample.SampleConfig, ["--bench_context=[512]"])
+    with pytest.raises(bpe.UserError, match="exceed the context"):
+        sample.bench_contexts([("m", sample_run[2])], sample.setup_runtime("cpu"),
+                              sample.SampleConfig(bench=True, bench_context=[32], bench_tokens=4))
+    linear = M.GPT(_model_cfg(attn="linear", block_size=64))
+    assert linear.cache_bytes(64, torch.float32) == linear.cache_state_bytes() > 0
+    assert sample.rows_per_batch(linear, 5, 10, budget=10 ** 6) == 10 ** 6 // (
+        linear.cache_state_bytes() + 8 * 15 + 4 * 10 + sample.LOGIT_COPIES * 4 * 61 + 61)
 
 
 def test_sample_settings_validation():
