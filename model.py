@@ -694,10 +694,10 @@ def block_sparse_reference(q, k, v, pos, sparse, q_doc=None, k_doc=None, softcap
 # Initialisation: W_g = 0, so every gate starts at exactly sigmoid(0) = 0.5, for every input. Why
 # 0.5 and not near 1: the gate starts neutral (no channel or head preferred, none shut) where the
 # sigmoid is steepest (slope 1/4), so it learns to open or close fastest; near 1 it would sit on
-# the flat end and learn slowly. It costs nothing: c_proj starts at zero (the block is the
-# identity either way) and learns to write twice as much. test_model_gate_starts_at_one_half
-# checks that a fresh gate is exactly the ungated layer with c_proj halved, and that gradients
-# reach W_g.
+# the flat end and learn slowly. The start of training is the same as without a gate: c_proj
+# starts at zero, so the block is the identity either way, and 0.5 only scales what c_proj's
+# updates write. test_model_gate_starts_at_one_half checks that a fresh gate is exactly the
+# ungated layer with c_proj halved, and that gradients reach W_g.
 
 
 class AttentionLayer(nn.Module):
