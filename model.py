@@ -820,9 +820,12 @@ class CausalSelfAttention(AttentionLayer):
 #             after the weighted sum. Attention then runs on the cached latents directly: it is
 #             multi-query attention with ONE key head [c_kv, k_r] (r + d_r wide) and one value
 #             head c_kv. Per new token O(context * H * r): nothing rebuilt.
-# Training (no cache) takes the plain form: T queries against T keys, materialising the keys and
-# values once is the cheaper order. With a cache the absorbed form runs (self.absorb; the tests
-# switch it off to run the plain one). mla_reference below is the table above line by line.
+# Which form runs follows from the shapes of the call, by counting multiply-adds for T new queries
+# against Tk cached tokens: absorbed ~ T Tk H 2 (r + d_r) (scores against [c_kv, k_r] and the
+# weighted sum of them), plain ~ Tk H r (d_n + d_v) (the rebuild) + T Tk H (d_n + d_r + d_v).
+# Decoding (T = 1) and short chunks take the absorbed form, a long prefill and training (no
+# cache) the plain one (self.absorb = False forces plain: the tests run both).
+# mla_reference below is the table above line by line.
 # The cache keeps [c_kv, k_r] side by side in one (B, 1, max_len, r + d_r) tensor: the absorbed
 # form's keys as they are, its values a slice of them (c_kv), nothing concatenated per step. And as
 # all H heads read the same single key head, SDPA gets them stacked as H * T query rows of one head
@@ -882,9 +885,17 @@ class MultiHeadLatentAttention(AttentionLayer):
         latents = self.latents(x, layout)                                     # (B, 1, T, r + d_r)
         if cache is not None:
             (latents,) = cache.layers[layer].update([latents], layout.pos, 0)  # (B, 1, Tk, r + d_r)
-        form = self.absorbed if cache is not None and self.absorb else self.plain
+        absorb = cache is not None and self.absorb and self.absorbed_is_cheaper(T, layout.pos + T)
+        form = self.absorbed if absorb else self.plain
         y = form(q_nope, q_rope, latents, layout.views["full"])               # (B, H, T, d_v)
         return self.output(x, y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
+
+    def absorbed_is_cheaper(self, T, Tk):
+        """Whether T new queries against Tk cached tokens cost fewer multiply-adds absorbed than
+        plain (the counts above). Example, r = 128, d_n = d_v = 64, d_r = 32: T = 1 -> yes,
+        T = Tk = 4096 -> no (the crossing is near T = 100)."""
+        r, dn, dr, dv = self.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim
+        return T * 2 * (r + dr) < r * (dn + dv) + T * (dn + dr + dv)
 
     def plain(self, q_nope, q_rope, latents, seen):
         """Rebuild every head's keys and values from the latents, then ordinary attention."""

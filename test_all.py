@@ -2086,6 +2086,11 @@ def test_model_layer_pattern_repeats_and_builds_each_kind():
     moe = M.GPT(_model_cfg(layer_pattern="LG", n_layer=4, n_experts=4, top_k=1, moe_every=2))
     assert [type(b.mlp).__name__ for b in moe.transformer.h] == ["MLP", "MoE", "MLP", "MoE"]   # moe_every holds
     assert _model_cfg(window=4).layer_kinds == "WW" and _model_cfg(attn="linear").layer_kinds == "LL"
+    # the run-time window reaches the window layers only; a model without any refuses it
+    with pytest.raises(ValueError, match="no layer of this model .* is a sliding-window layer"):
+        M.GPT(_model_cfg(layer_pattern="GL"))(_model_tokens(1, 8), window=4)
+    with pytest.raises(bpe.SettingsError, match="--window_schedule changes the window of sliding-window layers"):
+        bpe.parse_settings(train.TrainConfig, ["--attn=linear", "--window_schedule=[(0, 64)]"])
 
 
 @pytest.mark.parametrize("kind", list(_MODEL_KINDS))
@@ -2185,6 +2190,7 @@ def test_model_mla_plain_absorbed_and_reference_agree():
             assert bool(calls) == (not absorb)      # the absorbed form never rebuilds K and V
             torch.testing.assert_close(outs[absorb], full, atol=_MODEL_ATOL, rtol=0)
         _, r, _, dr, _ = m.config.mla_dims
+        assert attn.absorbed_is_cheaper(1, 16) and not attn.absorbed_is_cheaper(400, 400)
         cache = m.make_cache(2, 16)
         assert [p.shape for p in cache.layers[0].parts] == [(2, 1, 16, r + dr)]
         assert m.kv_cache_bytes_per_token(torch.float32) == m.config.n_layer * (r + dr) * 4
