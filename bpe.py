@@ -1627,6 +1627,16 @@ def _coerce(name, text, default):
     return value
 
 
+def _check_known(key, fields, where=""):
+    """One line for an unknown setting: a near spelling first (--max_step -> --max_steps), else
+    keys containing what was typed (--lr -> --matrix_lr, --embed_lr, ...), else no guess."""
+    if key not in fields:
+        close = (difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+                 or [name for name in fields if key in name][:3])
+        hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
+        raise SettingsError(f"{where}unknown setting --{key}{hint}; see --help for the list")
+
+
 def parse_settings(cls, argv, description=""):
     """Build cls() from ['--key=value', ...]; --help prints the table and exits.
 
@@ -1650,16 +1660,6 @@ def parse_settings(cls, argv, description=""):
         return cls(**values)
     except ValueError as e:  # __post_init__ validation
         raise SettingsError(str(e)) from None
-
-
-def _check_known(key, fields, where=""):
-    """One line for an unknown setting: a near spelling first (--max_step -> --max_steps), else
-    keys containing what was typed (--lr -> --matrix_lr, --embed_lr, ...), else no guess."""
-    if key not in fields:
-        close = (difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-                 or [name for name in fields if key in name][:3])
-        hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
-        raise SettingsError(f"{where}unknown setting --{key}{hint}; see --help for the list")
 
 
 def settings_label(changes, default="defaults"):
