@@ -1979,12 +1979,17 @@ def sweep_markdown(cfg, rows, tokens_per_step):
     return "\n".join(lines) + "\n"
 
 
+LABEL_PX = 7          # width of one character of a 12 px sans-serif label, roughly
+SWEEP_PLOT_PX = 440   # width of the chart's plotting area
+
+
 def sweep_svg(rows, title="val bits per byte at equal compute (mean ± std over seeds)"):
     """The table's val bpb as a chart drawn by hand, like loss_svg: one row per entry, its label
     on the left; each seed a small circle, the mean a dot, mean ± std a line. x maps bpb to pixels
     with x_px = left + (v - v0) / (v1 - v0) * width."""
-    W, row_h, left, right, top, bottom = 720, 28, 260, 30, 40, 46
-    H = top + row_h * len(rows) + bottom
+    row_h, right, top, bottom = 28, 30, 40, 46
+    left = 20 + LABEL_PX * max([len(row["label"]) for row in rows] + [10])   # room for the longest label
+    W, H = left + SWEEP_PLOT_PX + right, top + row_h * len(rows) + bottom
     values = [v for row in rows for v in row["bpb"]] or [0.0, 1.0]
     v0, v1 = min(values), max(values)
     pad = max((v1 - v0) * 0.1, 1e-3)
