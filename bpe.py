@@ -1807,6 +1807,16 @@ def _coerce(name, text, default):
     return value
 
 
+def _check_known(key, fields, where=""):
+    """One line for an unknown setting: a near spelling first (--max_step -> --max_steps), else
+    keys containing what was typed (--lr -> --matrix_lr, --embed_lr, ...), else no guess."""
+    if key not in fields:
+        close = (difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+                 or [name for name in fields if key in name][:3])
+        hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
+        raise SettingsError(f"{where}unknown setting --{key}{hint}; see --help for the list")
+
+
 def parse_settings(cls, argv, description=""):
     """Build cls() from ['--key=value', ...]; --help prints the table and exits.
 
@@ -1824,18 +1834,38 @@ def parse_settings(cls, argv, description=""):
         if not arg.startswith("--") or "=" not in arg:
             raise SettingsError(f"bad argument {arg!r}: write settings as --key=value (see --help)")
         key, text = arg[2:].split("=", 1)  # split once: values may contain '='
-        if key not in fields:
-            # a near spelling first (--max_step -> --max_steps), else keys containing
-            # what was typed (--lr -> --matrix_lr, --embed_lr, ...), else no guess
-            close = (difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-                     or [name for name in fields if key in name][:3])
-            hint = f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
-            raise SettingsError(f"unknown setting --{key}{hint}; see --help for the list")
+        _check_known(key, fields)
         values[key] = _coerce(key, text, _default(fields[key]))
     try:
         return cls(**values)
     except ValueError as e:  # __post_init__ validation
         raise SettingsError(str(e)) from None
+
+
+def settings_label(changes, default="defaults"):
+    """A dict of setting changes as a short label, in its own order: {'attn': 'mla',
+    'kv_lora_rank': 64} -> "attn=mla,kv_lora_rank=64"; {} -> "defaults"."""
+    return ",".join(f"{k}={v}" for k, v in changes.items()) or default
+
+
+def settings_with(cls, base, changes, where=""):
+    """cls with the dict `changes` ({setting: value}) applied over `base` (an instance of cls,
+    or None for the defaults), each value checked as if it had been typed on the command line
+    after base's: unknown keys (with a guess), types, cls's own validation. `where` starts the
+    error's one line, e.g. "--sweep entry 2: ". For train.py's --sweep and sample.py's --arch.
+        settings_with(TrainConfig, cfg, {"n_layer": 6}) == dataclasses.replace(cfg, n_layer=6)"""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {} if base is None else {name: getattr(base, name) for name in fields}
+    for key, value in changes.items():
+        _check_known(key, fields, where)
+        try:
+            values[key] = _coerce(key, value if isinstance(value, str) else repr(value), _default(fields[key]))
+        except SettingsError as e:
+            raise SettingsError(f"{where}{e}") from None
+    try:
+        return cls(**values)
+    except (ValueError, UserError) as e:  # __post_init__ validation
+        raise SettingsError(f"{where}{e}") from None
 
 
 def main_guard(fn):

@@ -17,6 +17,10 @@ Every modern choice is a switch in GPTConfig, so a reader can turn it off and se
     recomputing backward; optional, needs triton)
   - masks: causal, sliding window (changeable at run time), global prefix tokens that are always
     visible, document masking for packed sequences
+  - the attention family (attn, layer_pattern): block-sparse softmax, multi-head latent attention
+    (MLA: a compressed KV cache, plain and absorbed decoding), linear attention (kernel and
+    decayed forms: a constant-size state, chunked training), an output gate for every kind
+    (attn_gate), and hybrids mixing them layer by layer (layer_pattern=LLLG)
   - MLP: ReLU^2, SwiGLU or GELU, hidden size configurable
   - pre-norm residual blocks, zero-initialised output projections, tied or untied embeddings,
     final norm, final-logit softcap
@@ -27,7 +31,8 @@ Every modern choice is a switch in GPTConfig, so a reader can turn it off and se
     with learned weights, static or dynamic, optionally kept doubly stochastic by Sinkhorn-Knopp (mHC)
   - Engram memory (engram_layers): hashed n-gram embedding tables looked up per token, gated by
     the hidden state; the tables are "memory" in the accounting, trained as embeddings
-  - a KV cache: preallocated, prefill + one-token decode, branching one prompt into N samples
+  - a KV cache: preallocated, prefill + one-token decode, branching one prompt into N samples;
+    for linear layers a fixed-size state behind the same interface
   - accounting: parameters per component, FLOPs per token, KV-cache bytes per token, and the
     optimizer parameter groups (Muon for hidden matrices, AdamW for the rest)
   - the runtime that train.py and sample.py share: device, precision, compile, threads and
@@ -42,6 +47,8 @@ Run it:
   python model.py --n_experts=8 --top_k=2 --moe_hidden=256      # MoE: total vs active params
   python model.py --hc_streams=4 --hc_dynamic=True --hc_sinkhorn=True   # 4 residual streams (mHC)
   python model.py --engram_layers=1 --engram_rows=20480         # n-gram memory: dense vs memory params
+  python model.py --attn=mla --kv_lora_rank=64     # MLA: its KV bytes per token against the default
+  python model.py --layer_pattern=LLLG --attn_gate=output       # hybrid: 3 linear layers, 1 softmax
   python model.py --bench=True                     # time SDPA vs hand-written attention
   python model.py --bench_attention=True           # Triton kernel vs SDPA vs hand-written, fwd+bwd,
                                                    # bf16, T = 512..4096 (a GPU; on CPU it needs
@@ -61,16 +68,21 @@ Sections:
   1. Configuration (GPTConfig: what the model computes; Kernels: how, on this hardware)
   2. RMSNorm
   3. Rotary position embeddings (RoPE, linear interpolation, YaRN)
-  4. Attention masks (causal, sliding window, global prefix, documents)
-  5. Attention (merged QKV, GQA, QK-norm, softcap, SDPA and hand-written paths,
-     recording the attention probabilities)
+  4. Attention masks (causal, sliding window, global prefix, documents, sparse blocks)
+  5. Attention, the shared pieces (GQA, softcap, SDPA and hand-written paths)
+     5.1 Block-sparse attention: computing only the visible blocks
+     5.2 The output gate (attn_gate), and what every attention layer shares
+     5.3 Softmax attention layers: global, sliding window, block-sparse (merged QKV, QK-norm)
+     5.4 Multi-head latent attention (MLA): latent cache, plain and absorbed decoding
+     5.5 Linear attention: kernel and decayed forms; parallel, recurrent and chunked
+     5.6 Layer patterns, and recording the attention probabilities
   5b. A flash-attention kernel in Triton (FlashAttention-2 forward and backward, attn_impl=triton)
   6. MLP (ReLU^2, SwiGLU, GELU)
   7. Mixture of experts (routing, capacity, balancing, statistics)
   7b. Hyper-connections: n residual streams, static / dynamic, Sinkhorn-Knopp (mHC)
   7c. Engram: hashed n-gram memory (the hash, the lookup, the gate)
   8. Transformer block
-  9. KV cache
+  9. KV cache (keys and values, MLA latents, linear-attention states)
  10. The GPT model (init, forward, loss, multi-token prediction)
  11. Accounting (parameters, FLOPs, KV bytes) and optimizer groups
  12. Runtime: device, precision, compile, threads, determinism (decided once)
@@ -79,11 +91,13 @@ Sections:
  15. The Hugging Face format: config and weights by name, export, import (hf:DIR)
  16. main: print the architecture, run a forward/backward, optional benchmarks
 """
+import collections
 import contextlib
 import ctypes
 import dataclasses
 import datetime
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -112,6 +126,13 @@ MLP_KINDS = ("relu2", "swiglu", "gelu")
 ROPE_SCALINGS = ("none", "linear", "yarn")
 YARN_RAMPS = ("turns", "index")
 ATTN_IMPLS = ("sdpa", "manual", "triton")
+ATTN_KINDS = ("softmax", "mla", "linear")
+ATTN_GATES = ("none", "output", "output_head")
+LINEAR_KINDS = ("kernel", "decay")
+# The letters of layer_pattern: which attention each layer computes (sections 5.3 to 5.6).
+LAYER_KINDS = {"G": "global softmax", "W": "sliding-window softmax", "S": "block-sparse softmax",
+               "M": "multi-head latent attention", "L": "linear attention"}
+SOFTMAX_LETTERS = "GWSM"   # the kinds that compute softmax(q k^T) over cached keys
 SWIGLU_ROUND = 64  # hidden sizes that are multiples of 64 map well onto matmul tiles
 FLASH_MAX_HEAD_DIM = 128  # largest head_dim the Triton kernel's tiles are sized for (section 5b)
 ENGRAM_MAX_ORDER = 8      # longest n-gram the memory hashes (section 7c numbers its multipliers by it)
@@ -165,6 +186,20 @@ class GPTConfig:
     n_global: int = 0               # first n_global positions stay visible to every query (with a window)
     mtp: bool = False               # multi-token prediction head: extra loss predicting token t+2
     attn_impl: str = "sdpa"         # sdpa = F.scaled_dot_product_attention where it applies | manual | triton (5b)
+    # The attention family (sections 5.1 to 5.6); the defaults keep every layer softmax as above.
+    attn: str = "softmax"           # attention of every layer: softmax | mla (latent KV cache) | linear (constant-size state)
+    layer_pattern: str = ""         # one letter per layer, repeated to n_layer: G global, W window, S block-sparse, M MLA, L linear; '' = all as attn
+    attn_gate: str = "none"         # sigmoid gate on the attention output: none | output (per channel) | output_head (per head)
+    kv_lora_rank: int = 0           # MLA: width of the cached key/value latent c_kv; 0 = n_embd/2
+    q_lora_rank: int = 0            # MLA: width of the query latent c_q; 0 = full-rank queries
+    qk_rope_head_dim: int = 0       # MLA: rotated part of each query/key head (one rope key shared by all heads); 0 = head_dim/2
+    qk_nope_head_dim: int = 0       # MLA: part of each query/key head without RoPE; 0 = head_dim
+    v_head_dim: int = 0             # MLA: width of each value head; 0 = head_dim
+    linear_kind: str = "kernel"     # linear attention: kernel (elu+1 features, normalised) | decay (learned per-head decay)
+    linear_chunk: int = 64          # linear attention: training chunk in tokens (quadratic inside, a state carried between)
+    sparse_block: int = 0           # block-sparse attention: block size in tokens (S layers); 0 = off
+    sparse_local: int = 1           # block-sparse: how many previous blocks each block sees (besides its own)
+    sparse_global: int = 1          # block-sparse: the first blocks, seen by every block
     # Mixture of experts (section 7); n_experts = 0 keeps every MLP dense.
     n_experts: int = 0              # routed experts per MoE layer; 0 = dense model
     moe_every: int = 1              # every k-th block uses MoE (blocks with index % k == k-1)
@@ -211,9 +246,9 @@ class GPTConfig:
         if self.attn_impl == "triton" and self.attn_softcap != 0:
             raise ValueError(f"attn_impl=triton has no attention softcap (attn_softcap="
                              f"{self.attn_softcap}); use attn_impl=manual, or attn_softcap=0")
-        if self.attn_impl == "triton" and self.n_embd // self.n_head > FLASH_MAX_HEAD_DIM:
+        if self.attn_impl == "triton" and self.head_dim > FLASH_MAX_HEAD_DIM:
             raise ValueError(f"attn_impl=triton supports head_dim = n_embd/n_head up to "
-                             f"{FLASH_MAX_HEAD_DIM}, not {self.n_embd // self.n_head}; use attn_impl=sdpa, "
+                             f"{FLASH_MAX_HEAD_DIM}, not {self.head_dim}; use attn_impl=sdpa, "
                              "or more heads")
         if not self.rope_factor >= 1.0:
             raise ValueError(f"rope_factor={self.rope_factor} must be >= 1 (it stretches the context)")
@@ -241,7 +276,99 @@ class GPTConfig:
         if self.n_experts > 0 and self.moe_every > self.n_layer:
             raise ValueError(f"moe_every={self.moe_every} > n_layer={self.n_layer}: no block would "
                              "use the experts; lower moe_every")
+        self._check_attention()
         self._check_hc_and_engram()
+
+    def _check_attention(self):
+        """The attention family's settings: each bad combination is one line that names the
+        setting and a valid choice (test_model_attention_settings_rejected_with_one_line)."""
+        for name, kinds in (("attn", ATTN_KINDS), ("attn_gate", ATTN_GATES), ("linear_kind", LINEAR_KINDS)):
+            if getattr(self, name) not in kinds:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(kinds)}")
+        for name in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                     "v_head_dim", "sparse_block", "sparse_local", "sparse_global"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.linear_chunk < 1:
+            raise ValueError(f"linear_chunk={self.linear_chunk} must be at least 1 (64 is typical)")
+        pattern = self.layer_pattern
+        if pattern:
+            bad = [c for c in pattern if c not in LAYER_KINDS]
+            if bad:
+                raise ValueError(f"layer_pattern={pattern!r}: {bad[0]!r} is not a layer kind; use the "
+                                 f"letters {' '.join(LAYER_KINDS)}, e.g. LLLG")
+            if len(pattern) > self.n_layer:
+                raise ValueError(f"layer_pattern={pattern!r} has more letters than n_layer={self.n_layer}; "
+                                 f"shorten it (it is repeated to fill n_layer)")
+            if self.attn != "softmax":
+                raise ValueError(f"attn={self.attn}: layer_pattern={pattern!r} chooses every layer's "
+                                 f"attention; leave attn=softmax (M and L are the letters of mla and linear)")
+        kinds = self.layer_kinds
+        if "W" in kinds and pattern and self.window == 0:
+            raise ValueError(f"layer_pattern={pattern!r} has W layers: set window > 0 (their window in tokens)")
+        if not pattern and self.window > 0 and self.sparse_block > 0:
+            raise ValueError(f"window={self.window} and sparse_block={self.sparse_block}: choose one of "
+                             f"them, or mix W and S layers with layer_pattern")
+        if self.window > 0 and not self.has_window_layers:
+            where = ("add W to layer_pattern" if pattern else "use attn=softmax or a layer_pattern with W layers")
+            raise ValueError(f"window={self.window} applies to sliding-window softmax layers, and this "
+                             f"model has none: set window=0, or {where}")
+        if "S" in kinds and self.sparse_block == 0:
+            raise ValueError(f"layer_pattern={pattern!r} has S layers: set sparse_block > 0 (block size in tokens, e.g. 64)")
+        if self.sparse_block > 0 and "S" not in kinds:
+            why = "add S to layer_pattern" if pattern else "use attn=softmax for block-sparse layers"
+            raise ValueError(f"sparse_block={self.sparse_block} is used by block-sparse layers only: set "
+                             f"sparse_block=0, or {why}")
+        if self.attn_softcap > 0 and not any(c in SOFTMAX_LETTERS for c in kinds):
+            raise ValueError(f"attn_softcap={self.attn_softcap} caps softmax scores and every layer is "
+                             f"linear: set attn_softcap=0")
+        mla_set = [n for n in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                               "v_head_dim") if getattr(self, n)]
+        if mla_set and "M" not in kinds:
+            raise ValueError(f"{mla_set[0]}={getattr(self, mla_set[0])} is an MLA setting and no layer is "
+                             f"MLA: set attn=mla (or M letters in layer_pattern), or {mla_set[0]}=0")
+        if "M" in kinds:
+            q_lora, kv_lora, nope, rope, v = self.mla_dims
+            if rope < 2 or rope % 2:
+                raise ValueError(f"qk_rope_head_dim={rope} must be even and at least 2 (RoPE rotates "
+                                 f"pairs of channels){'; set it, as head_dim/2 is odd' if not self.qk_rope_head_dim else ''}")
+            if kv_lora > self.n_head * (nope + v):
+                raise ValueError(f"kv_lora_rank={kv_lora} is wider than the keys and values it compresses "
+                                 f"(n_head*(qk_nope_head_dim+v_head_dim) = {self.n_head * (nope + v)}); "
+                                 f"choose kv_lora_rank <= {self.n_head * (nope + v)}")
+            if q_lora > self.n_head * (nope + rope):
+                raise ValueError(f"q_lora_rank={q_lora} is wider than the queries it compresses "
+                                 f"(n_head*(qk_nope_head_dim+qk_rope_head_dim) = {self.n_head * (nope + rope)}); "
+                                 f"choose q_lora_rank <= {self.n_head * (nope + rope)} (0 = full rank)")
+
+    @property
+    def layer_kinds(self):
+        """One letter per layer (LAYER_KINDS): layer_pattern repeated to n_layer, or, without a
+        pattern, every layer as attn says (softmax layers are S with sparse_block, W with a
+        window, else G). Example: layer_pattern='LLLG', n_layer=6 -> 'LLLGLL'."""
+        if self.layer_pattern:
+            repeats = -(-self.n_layer // len(self.layer_pattern))
+            return (self.layer_pattern * repeats)[:self.n_layer]
+        letter = {"mla": "M", "linear": "L"}.get(self.attn)
+        if letter is None:
+            letter = "S" if self.sparse_block else "W" if self.window else "G"
+        return letter * self.n_layer
+
+    @property
+    def has_window_layers(self):
+        """Whether some layer follows the window setting (and forward's window= override): every
+        softmax layer of a model without a pattern and sparse_block, or the W layers of one."""
+        if self.layer_pattern:
+            return "W" in self.layer_pattern
+        return self.attn == "softmax" and not self.sparse_block
+
+    @property
+    def mla_dims(self):
+        """MLA's widths with the defaults filled in: (q_lora_rank, kv_lora_rank, qk_nope_head_dim,
+        qk_rope_head_dim, v_head_dim); a 0 in q_lora_rank stays 0 (full-rank queries)."""
+        D = self.head_dim
+        return (self.q_lora_rank, self.kv_lora_rank or self.n_embd // 2, self.qk_nope_head_dim or D,
+                self.qk_rope_head_dim or D // 2, self.v_head_dim or D)
 
     def _check_hc_and_engram(self):
         """Sections 7b and 7c: one line naming the setting and what would be valid."""
@@ -422,10 +549,11 @@ def rope_frequencies(head_dim, theta, scaling="none", factor=1.0, train_len=None
     return w, 1.0
 
 
-def rope_tables(config):
+def rope_tables(config, head_dim=None):
     """cos and sin of p * w_i for every position p < config.max_context: two (max_context, D/2)
-    float32 tensors, already multiplied by the YaRN attention scale."""
-    w, scale = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
+    float32 tensors, already multiplied by the YaRN attention scale. head_dim: the rotated width
+    (default config.head_dim; MLA rotates its qk_rope_head_dim channels)."""
+    w, scale = rope_frequencies(head_dim or config.head_dim, config.rope_theta, config.rope_scaling,
                                 config.rope_factor, train_len=config.block_size, ramp=config.yarn_ramp)
     angles = torch.outer(torch.arange(config.max_context, dtype=torch.float64), w)  # (L, D/2)
     return (angles.cos() * scale).float(), (angles.sin() * scale).float()
@@ -447,16 +575,25 @@ def apply_rope(x, cos, sin):
 #              stay visible, an "attention sink" that keeps long sliding-window runs stable)
 #   documents: doc[i] == doc[j]                         (packed sequences: never attend across a
 #              document start; this holds for the global prefix too)
+#   blocks:    i//b - j//b <= local, or j//b < global   (block-sparse layers, section 5.1: the
+#              sequence is cut into blocks of b = sparse_block tokens; a query sees its own block
+#              (causally), the `local` = sparse_local blocks before it, and the first `global` =
+#              sparse_global blocks)
 # Every query can at least see itself, so no row of the mask is empty (an empty row would make
 # softmax divide 0 by 0).
 
+VISIBLE_ROWS = 512  # mean_visible_keys builds the mask this many query rows at a time
 
-def attention_mask(q_pos, k_pos, window=0, n_global=0, q_doc=None, k_doc=None):
+
+def attention_mask(q_pos, k_pos, window=0, n_global=0, q_doc=None, k_doc=None, sparse=None):
     """Boolean mask, True where the query may attend the key.
-    q_pos: (Tq,) and k_pos: (Tk,) absolute positions; q_doc: (B, Tq), k_doc: (B, Tk) doc ids.
+    q_pos: (Tq,) and k_pos: (Tk,) absolute positions; q_doc: (B, Tq), k_doc: (B, Tk) doc ids;
+    sparse: (sparse_block, sparse_local, sparse_global) for a block-sparse layer, or None.
     Returns (1, 1, Tq, Tk), or (B, 1, Tq, Tk) with documents; broadcasts over heads.
 
-    Example: positions 0..3, window=2 -> [[1,0,0,0],[1,1,0,0],[0,1,1,0],[0,0,1,1]]."""
+    Example: positions 0..3, window=2 -> [[1,0,0,0],[1,1,0,0],[0,1,1,0],[0,0,1,1]].
+    Example: positions 0..5, sparse=(2, 0, 1) (blocks {0,1} {2,3} {4,5}; each sees itself and
+    block 0) -> row 5 is [1,1,0,0,1,1], row 3 is [1,1,1,1,0,0]."""
     qp, kp = q_pos[:, None], k_pos[None, :]                   # (Tq, 1), (1, Tk)
     allowed = kp <= qp
     if window > 0:
@@ -464,11 +601,28 @@ def attention_mask(q_pos, k_pos, window=0, n_global=0, q_doc=None, k_doc=None):
         if n_global > 0:
             near = near | (kp < n_global)
         allowed = allowed & near
+    if sparse is not None:
+        block, local, n_global_blocks = sparse
+        qb, kb = qp // block, kp // block                     # block index of every position
+        allowed = allowed & ((qb - kb <= local) | (kb < n_global_blocks))
     allowed = allowed[None, None]                             # (1, 1, Tq, Tk)
     if q_doc is not None:
         same_doc = q_doc[:, :, None] == k_doc[:, None, :]     # (B, Tq, Tk)
         allowed = allowed & same_doc[:, None]                 # (B, 1, Tq, Tk)
     return allowed
+
+
+@functools.lru_cache(maxsize=64)
+def mean_visible_keys(T, window=0, n_global=0, sparse=None):
+    """How many keys a query sees on average in a sequence of T tokens under attention_mask's rule
+    (no documents): the ctx of the attention FLOPs (section 11). Counted from the mask itself, a
+    few hundred rows at a time, so the accounting can never disagree with what attention does.
+    Example: T=4, no window -> (1+2+3+4)/4 = 2.5; window=2 -> (1+2+2+2)/4 = 1.75."""
+    pos, total = torch.arange(T), 0
+    for start in range(0, T, VISIBLE_ROWS):
+        total += int(attention_mask(pos[start:start + VISIBLE_ROWS], pos, window, n_global,
+                                    sparse=sparse).sum())
+    return total / T
 
 
 def doc_ids_from_bos(idx, bos_id):
@@ -479,11 +633,8 @@ def doc_ids_from_bos(idx, bos_id):
     return (idx == bos_id).long().cumsum(dim=1)
 
 
-class AttnLayout(NamedTuple):
-    """What every attention layer of one forward call shares (built once in GPT.forward)."""
-    cos: torch.Tensor            # (T, D/2) RoPE table rows for the new tokens
-    sin: torch.Tensor
-    pos: int                     # absolute position of the first new token (cache.pos or 0)
+class Visibility(NamedTuple):
+    """Which keys the new tokens see, for one kind of softmax layer (built once per forward)."""
     k_start: int                 # first cached position the new tokens can see (sliding window)
     mask: Optional[torch.Tensor]  # bool (1|B, 1, T, Tk); None = every key visible
     is_causal: bool              # mask is exactly the square causal mask: SDPA's is_causal flag
@@ -491,15 +642,30 @@ class AttnLayout(NamedTuple):
     window: int = 0              # sliding window of this call (0 = none, also when it spans everything)
     docs: Optional[tuple] = None  # (q_doc (B, T), k_doc (B, Tk)) document ids; None = no documents
 
+
+class AttnLayout(NamedTuple):
+    """What every attention layer of one forward call shares (built once in GPT.forward)."""
+    cos: torch.Tensor            # (T, D/2) RoPE table rows for the new tokens (softmax layers)
+    sin: torch.Tensor
+    pos: int                     # absolute position of the first new token (cache.pos or 0)
+    views: dict                  # "full" / "window" -> Visibility of the layers of that kind
+    doc: Optional[torch.Tensor] = None       # (B, T) document ids of the new tokens, or None
+    k_doc: Optional[torch.Tensor] = None     # (B, pos + T) document ids of every position so far
+    prev_doc: Optional[torch.Tensor] = None  # (B, 1) document of the token before pos (linear layers)
+    mla_cos: Optional[torch.Tensor] = None   # (T, d_r/2) RoPE rows of MLA's rotary channels
+    mla_sin: Optional[torch.Tensor] = None
+
 # -----------------------------------------------------------------------------
-# 5. Attention
+# 5. Attention: the shared pieces
 #
 # softmax(q k^T / sqrt(D) + mask) v, with n_head query heads and n_kv_head key/value heads.
 # Grouped-query attention (Ainslie et al., 2023): query head h reads key/value head
 # h // (n_head / n_kv_head). Fewer kv heads shrink the KV cache (and its memory traffic while
 # decoding) by n_head / n_kv_head, at little cost in quality.
-# One merged projection c_attn computes q, k and v in a single matmul (one kernel launch, one read
-# of x), then the columns are split.
+# This section holds what every softmax layer (G, W, S and M) computes with: the soft cap, the
+# hand-written path (scores, mask, softmax, weighted sum, which can hand out its probabilities)
+# and the call of F.scaled_dot_product_attention (SDPA: the same result, fused). Sections 5.1 to
+# 5.5 build the kinds of layers from them, and 5.6 chooses one per layer.
 
 
 def tanh_softcap(x, cap, sigmoid=False):
@@ -514,13 +680,15 @@ def tanh_softcap(x, cap, sigmoid=False):
     return cap * torch.tanh(x / cap)
 
 
-def attention_probs(q, k, mask=None, softcap=0.0, softcap_sigmoid=False):
-    """softmax(q k^T / sqrt(D)) over the visible keys, in float32. q: (B, H, Tq, D); k: (B, Hkv,
-    Tk, D); mask: bool, broadcastable to (B, H, Tq, Tk), True = visible (None = all visible).
-    Returns (B, H, Tq, Tk): row i holds how much query i reads from each key (the row sums to 1)."""
+def attention_probs(q, k, mask=None, softcap=0.0, softcap_sigmoid=False, scale=None):
+    """softmax(q k^T * scale) over the visible keys, in float32; scale defaults to 1/sqrt(D).
+    q: (B, H, Tq, D); k: (B, Hkv, Tk, D); mask: bool, broadcastable to (B, H, Tq, Tk), True =
+    visible (None = all visible). Returns (B, H, Tq, Tk): row i holds how much query i reads from
+    each key (the row sums to 1)."""
     group = q.size(1) // k.size(1)
     k = k.repeat_interleave(group, dim=1)                     # (B, H, Tk, D): head h -> kv h//group
-    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, H, Tq, Tk)
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale                # (B, H, Tq, Tk)
     if softcap > 0:
         # Gemma 2's softcap: scores stay in (-cap, cap), smoothly, so no single logit can blow up.
         scores = tanh_softcap(scores, softcap, softcap_sigmoid)
@@ -529,29 +697,173 @@ def attention_probs(q, k, mask=None, softcap=0.0, softcap_sigmoid=False):
     return F.softmax(scores.float(), dim=-1)
 
 
-def manual_attention(q, k, v, mask=None, softcap=0.0, record=None, softcap_sigmoid=False):
+def manual_attention(q, k, v, mask=None, softcap=0.0, record=None, softcap_sigmoid=False, scale=None):
     """The hand-written path: attention_probs, then the probability-weighted sum of the values.
-    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). Returns (B, H, Tq, D). record: a list that receives
-    the (B, H, Tq, Tk) probabilities (see record_attention)."""
-    probs = attention_probs(q, k, mask, softcap, softcap_sigmoid)
+    q: (B, H, Tq, D); k: (B, Hkv, Tk, D); v: (B, Hkv, Tk, Dv). Returns (B, H, Tq, Dv). record: a
+    list that receives the (B, H, Tq, Tk) probabilities (see record_attention)."""
+    probs = attention_probs(q, k, mask, softcap, softcap_sigmoid, scale)
     if record is not None:
         record.append(probs.detach())
-    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)    # (B, H, Tk, D)
-    return probs.type_as(v) @ v                               # (B, H, Tq, D)
+    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)    # (B, H, Tk, Dv)
+    return probs.type_as(v) @ v                               # (B, H, Tq, Dv)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config, kernels=Kernels()):
+def sdpa_attention(q, k, v, mask, is_causal, kernels, scale=None):
+    """The same as manual_attention (without softcap or recording) through SDPA's fused kernels.
+    q: (B, H, Tq, D); k: (B, Hkv, Tk, D); v: (B, Hkv, Tk, Dv); mask as in attention_probs."""
+    H, Hkv = q.size(1), k.size(1)
+    gqa = H != Hkv
+    if gqa and mask is not None:
+        # SDPA runs GQA only in its flash and math kernels (torch docs), and flash takes no mask:
+        # a masked GQA call would fall back to the slow math kernel on GPUs. Repeating the kv
+        # heads lets the masked kernels run. One shared head (MQA, MLA's latent) is a broadcast
+        # view instead: no copy of K and V at all.
+        if Hkv == 1:
+            k, v = k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1)
+        else:
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        gqa = False
+    dtype, upcast = q.dtype, kernels.sdpa_fp32 and q.dtype != torch.float32
+    if upcast:
+        # Kernels.sdpa_fp32 (the CPU with bf16 autocast): PyTorch's CPU flash kernel is much
+        # slower backward in bf16 than in float32, and attention is a small share of the FLOPs,
+        # so it runs in float32 (autocast would cast the inputs back to bf16: it is switched off
+        # around the call).
+        q, k, v = q.float(), k.float(), v.float()
+    with torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, enable_gqa=gqa,
+            scale=scale).to(dtype)
+
+# -----------------------------------------------------------------------------
+# 5.1 Block-sparse attention: computing only the blocks a query may see
+#
+# A block-sparse layer (letter S) cuts the sequence into blocks of b = sparse_block tokens. Block
+# i sees itself (causally), the sparse_local blocks before it and the first sparse_global blocks
+# (section 4's rule). With b = 64, local = 1, global = 1, the query at position 4000 reads at most
+# 3 blocks = 192 keys instead of 4001: the cost per token stays flat as the context grows, and the
+# global blocks keep a short path from every token to the start (like n_global's sink).
+#
+# That rule as a dense (T, T) mask into SDPA gives the right numbers but computes every score and
+# throws most away. The fast form gathers, for each block of queries, the K = global + local + 1
+# blocks of keys it may see and attends within those only:
+#   q: (B, H, T, D)   -> (B, H, nq, b, D)                  nq blocks of b queries
+#   k: (B, Hkv, Tk, D) -> (B, Hkv, nk, b, D) -> [:, :, ids] -> (B, Hkv, nq, K b, D)
+#   each query block: (b, D) x (K b, D) scores, masked by: a real block, causal, same document
+# ids (nq, K) lists the key blocks of each query block: 0 .. global-1, then i-local .. i. A local
+# block below `global` is already in the global list (or below 0, before the start), so it is
+# marked invalid instead of read twice (a key counted twice would get twice its softmax weight).
+# Worked example (b=2, local=1, global=1): query block 3 reads ids [0, 2, 3], all valid; query
+# block 1 reads [0, 0, 1] and the middle one is invalid (block 0 is already there as global).
+# Cost: nq * b * K * b scores, linear in T. Queries that do not start or end on a block boundary
+# (a cached prefill, one-token decoding) are padded to whole blocks and the padding is dropped.
+# Documents mask as everywhere (doc[i] == doc[j]); the blocks themselves are counted from the
+# row's position 0, so in a packed row a document's blocks depend on where it starts (like
+# n_global's prefix, and unlike a window, which only looks at offsets).
+# block_sparse_reference is the same pattern as a dense mask (section 4's attention_mask);
+# test_model_block_sparse_equals_dense_mask checks that the two agree.
+
+
+def sparse_block_table(first, last, local, n_global, device=None):
+    """The key blocks read by query blocks first..last: ids (nq, K) and valid (nq, K) bools,
+    K = n_global + local + 1 (see the worked example above)."""
+    qb = torch.arange(first, last + 1, device=device)[:, None]                  # (nq, 1)
+    glob = torch.arange(n_global, device=device)[None, :].expand(qb.size(0), -1)  # (nq, global)
+    loc = qb - torch.arange(local, -1, -1, device=device)[None, :]            # (nq, local+1): i-local..i
+    ids = torch.cat([glob, loc], dim=1)
+    valid = torch.cat([glob <= qb, loc >= n_global], dim=1)
+    return ids.clamp(min=0), valid
+
+
+def block_sparse_attention(q, k, v, pos, sparse, k_doc=None, softcap=0.0, manual=False,
+                           kernels=Kernels()):
+    """q: (B, H, T, D), the new tokens at positions pos..pos+T-1; k, v: (B, Hkv, Tk, D) hold every
+    key 0..Tk-1 (Tk = pos + T); sparse = (sparse_block, sparse_local, sparse_global); k_doc (B, Tk)
+    document ids or None. Returns (B, H, T, D): attention under attention_mask(..., sparse=sparse),
+    computed on the visible blocks only."""
+    block, local, n_global = sparse
+    B, H, T, D = q.shape
+    Hkv, Tk = k.size(1), k.size(2)
+    first, last = pos // block, (pos + T - 1) // block
+    nq, nk = last - first + 1, -(-Tk // block)
+    lead, tail = pos - first * block, (last + 1) * block - (pos + T)   # pad queries to whole blocks
+    q = F.pad(q, (0, 0, lead, tail)).view(B, H, nq, block, D)
+    k = F.pad(k, (0, 0, 0, nk * block - Tk)).view(B, Hkv, nk, block, D)
+    v = F.pad(v, (0, 0, 0, nk * block - Tk)).view(B, Hkv, nk, block, v.size(-1))
+    ids, valid = sparse_block_table(first, last, local, n_global, q.device)   # (nq, K)
+    K = ids.size(1)
+    kg = k[:, :, ids].reshape(B, Hkv, nq, K * block, D)                       # gathered key blocks
+    vg = v[:, :, ids].reshape(B, Hkv, nq, K * block, v.size(-1))
+    q_pos = first * block + torch.arange(nq * block, device=q.device).view(nq, block)
+    k_pos = (ids[:, :, None] * block + torch.arange(block, device=q.device)).view(nq, K * block)
+    mask = (valid.repeat_interleave(block, dim=1)[:, None, :]                 # (nq, b, K b)
+            & (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] < Tk))
+    mask = mask[None].expand(B, -1, -1, -1)                                   # (B, nq, b, K b)
+    if k_doc is not None:
+        # padded query rows take real document ids (the lead rows are cached tokens: their own;
+        # the tail rows the last token's), so every row keeps a visible key and softmax stays finite
+        q_doc = torch.cat([k_doc[:, first * block:], k_doc[:, -1:].expand(B, tail)], 1).view(B, nq, block)
+        k_doc = torch.cat([k_doc, k_doc[:, -1:].expand(B, nk * block - Tk)], 1).view(B, nk, block)
+        k_doc = k_doc[:, ids].reshape(B, nq, K * block)
+        mask = mask & (q_doc[..., None] == k_doc[:, :, None, :])
+    # the query blocks become batch rows: (B, H, nq, ...) -> (B * nq, H, ...)
+    q = q.transpose(1, 2).reshape(B * nq, H, block, D)
+    kg = kg.transpose(1, 2).reshape(B * nq, Hkv, K * block, D)
+    vg = vg.transpose(1, 2).reshape(B * nq, Hkv, K * block, vg.size(-1))
+    mask = mask.reshape(B * nq, 1, block, K * block)
+    if manual:
+        y = manual_attention(q, kg, vg, mask, softcap, None, kernels.softcap_sigmoid)
+    else:
+        y = sdpa_attention(q, kg, vg, mask, False, kernels)
+    y = y.view(B, nq, H, block, -1).transpose(1, 2).reshape(B, H, nq * block, -1)
+    return y[:, :, lead:lead + T]                                              # (B, H, T, Dv)
+
+
+def block_sparse_reference(q, k, v, pos, sparse, q_doc=None, k_doc=None, softcap=0.0, record=None,
+                           softcap_sigmoid=False):
+    """The same attention with the pattern written as a dense (T, Tk) mask: every score computed,
+    the invisible ones masked. For the tests, and for record_attention (which needs every
+    probability)."""
+    T, Tk = q.size(2), k.size(2)
+    mask = attention_mask(torch.arange(pos, pos + T, device=q.device), torch.arange(Tk, device=q.device),
+                          q_doc=q_doc, k_doc=k_doc, sparse=sparse)
+    return manual_attention(q, k, v, mask, softcap, record, softcap_sigmoid)
+
+# -----------------------------------------------------------------------------
+# 5.2 The output gate (attn_gate), and what every attention layer shares
+#
+# Gated attention (Qwen3-Next; Qiu et al., 2025, "Gated Attention for Large Language Models"):
+# before the output projection, the attention output is multiplied elementwise by a sigmoid gate
+# computed from the layer's own input x (the normed residual stream):
+#     y = c_proj(attn(x) * sigmoid(x W_g))
+#   output:       W_g is (C, H*Dv): one gate per channel of every head
+#   output_head:  W_g is (C, H): one gate per head, shared by the head's Dv channels
+# Why it helps: softmax weights sum to 1, so a head with nothing to add must still put its weight
+# somewhere (often on the first token, an "attention sink"); the gate lets it say (nearly)
+# nothing instead. It also puts a nonlinearity between the value and output projections, which
+# are otherwise one low-rank linear map. It works alike on every kind (softmax, MLA, linear).
+# Initialisation: W_g = 0, so every gate starts at exactly sigmoid(0) = 0.5, for every input. Why
+# 0.5 and not near 1: the gate starts neutral (no channel or head preferred, none shut) where the
+# sigmoid is steepest (slope 1/4), so it learns to open or close fastest; near 1 it would sit on
+# the flat end and learn slowly. The start of training is the same as without a gate: c_proj
+# starts at zero, so the block is the identity either way, and 0.5 only scales what c_proj's
+# updates write. test_model_gate_starts_at_one_half checks that a fresh gate is exactly the
+# ungated layer with c_proj halved, and that gradients reach W_g.
+
+
+class AttentionLayer(nn.Module):
+    """What every attention kind shares: the output gate, the output projection c_proj (zero at
+    init), the hand-written-path switch and record_attention's hook. Subclasses compute the heads'
+    outputs y (B, T, H * Dv) and call self.output(x, y)."""
+
+    def __init__(self, config, kernels, n_head, head_out):
         super().__init__()
         self.kernels = kernels
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
-        # QK-norm (Dehghani et al., 2023): normalise every query and key vector, so the attention
-        # logits stay bounded by ~sqrt(D) no matter how large the weights grow.
-        self.q_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
+        self.gate = None
+        if config.attn_gate != "none":
+            width = n_head * head_out if config.attn_gate == "output" else n_head
+            self.gate = nn.Linear(config.n_embd, width, bias=False)
+        self.c_proj = nn.Linear(n_head * head_out, config.n_embd, bias=False)
         self.softcap = config.attn_softcap
         # SDPA cannot express a softcap (it is applied between q k^T and softmax), so softcapped
         # attention always takes the hand-written path.
@@ -566,6 +878,42 @@ class CausalSelfAttention(nn.Module):
             # torch.compiler.disable imports torch._dynamo, which takes seconds.
             self.flash_attention = torch.compiler.disable(flash_attention)
 
+    def output(self, x, y):
+        """x (B, T, C) the layer input, y (B, T, H * Dv) the heads side by side -> (B, T, C)."""
+        if self.gate is not None:
+            g = torch.sigmoid(self.gate(x))                   # (B, T, H * Dv) or (B, T, H)
+            if g.size(-1) != y.size(-1):
+                g = g.repeat_interleave(y.size(-1) // g.size(-1), dim=-1)  # a head's channels share it
+            y = y * g
+        return self.c_proj(y)
+
+# -----------------------------------------------------------------------------
+# 5.3 Softmax attention layers: global (G), sliding window (W), block-sparse (S)
+#
+# One merged projection c_attn computes q, k and v in a single matmul (one kernel launch, one read
+# of x), then the columns are split. The three kinds differ only in which keys a query sees
+# (self.view): "full" (G: every earlier token), "window" (W: config.window, or forward's window=
+# override; every softmax layer of a model without layer_pattern follows it, 0 = full) or
+# "sparse" (S: section 5.1's blocks).
+
+
+class CausalSelfAttention(AttentionLayer):
+    def __init__(self, config, kernels=Kernels(), view="window"):
+        super().__init__(config, kernels, config.n_head, config.head_dim)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=False)
+        # QK-norm (Dehghani et al., 2023): normalise every query and key vector, so the attention
+        # logits stay bounded by ~sqrt(D) no matter how large the weights grow.
+        self.q_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
+        self.view = view
+        self.sparse = (config.sparse_block, config.sparse_local, config.sparse_global) if view == "sparse" else None
+
+    def cache_spec(self):
+        """What the KV cache keeps for this layer (section 9): keys and values per kv head."""
+        return ("seq", [(self.n_kv_head, self.head_dim), (self.n_kv_head, self.head_dim)])
+
     def forward(self, x, layout, cache=None, layer=0):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -576,51 +924,470 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, layout.cos, layout.sin), apply_rope(k, layout.cos, layout.sin)
+        seen = layout.views.get(self.view)                    # None for the sparse view
         if cache is not None:
             # keys and values are stored after RoPE, so cached ones never need rotating again
-            k, v = cache.update(layer, k, v, layout.pos, layout.k_start)  # (B, Hkv, Tk, D)
-        if self.triton and self.record is None:
+            k, v = cache.layers[layer].update([k, v], layout.pos, seen.k_start if seen else 0)
+        if self.sparse is not None:
+            if self.record is not None:   # a picture needs every probability: the dense form
+                y = block_sparse_reference(q, k, v, layout.pos, self.sparse, layout.doc, layout.k_doc,
+                                           self.softcap, self.record, self.kernels.softcap_sigmoid)
+            else:
+                y = block_sparse_attention(q, k, v, layout.pos, self.sparse, layout.k_doc,
+                                           self.softcap, self.manual, self.kernels)
+        elif self.triton and self.record is None:
             # the kernel of section 5b builds the mask itself from positions (and skips the key
-            # blocks it hides entirely), so it reads the layout's parts, not layout.mask
-            q_doc, k_doc = layout.docs if layout.docs is not None else (None, None)
-            y = self.flash_attention(q, k, v, layout.pos, layout.k_start, layout.window,
+            # blocks it hides entirely), so it reads the view's parts, not seen.mask
+            q_doc, k_doc = seen.docs if seen.docs is not None else (None, None)
+            y = self.flash_attention(q, k, v, layout.pos, seen.k_start, seen.window,
                                      self.n_global, q_doc, k_doc)
         elif self.manual or self.record is not None:
-            mask = layout.mask
-            if layout.is_causal:
+            mask = seen.mask
+            if seen.is_causal:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             y = manual_attention(q, k, v, mask, self.softcap, self.record, self.kernels.softcap_sigmoid)
         else:
-            gqa = H != Hkv
-            if gqa and layout.mask is not None:
-                # SDPA runs GQA only in its flash and math kernels (torch docs), and flash takes
-                # no mask: a masked GQA call would fall back to the slow math kernel on GPUs.
-                # Repeating the kv heads (one copy of K and V) lets the masked kernels run.
-                k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-                gqa = False
-            dtype, upcast = q.dtype, self.kernels.sdpa_fp32 and q.dtype != torch.float32
-            if upcast:
-                # Kernels.sdpa_fp32 (the CPU with bf16 autocast): PyTorch's CPU flash kernel is
-                # much slower backward in bf16 than in float32, and attention is a small share
-                # of the FLOPs, so it runs in float32 (autocast would cast the inputs back to
-                # bf16: it is switched off around the call).
-                q, k, v = q.float(), k.float(), v.float()
-            with torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext():
-                y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=None if layout.is_causal else layout.mask,
-                    is_causal=layout.is_causal, enable_gqa=gqa).to(dtype)
+            y = sdpa_attention(q, k, v, seen.mask, seen.is_causal, self.kernels)
         y = y.transpose(1, 2).reshape(B, T, H * D)            # (B, T, C) heads side by side
-        return self.c_proj(y)
+        return self.output(x, y)
+
+# -----------------------------------------------------------------------------
+# 5.4 Multi-head latent attention (MLA, letter M): a compressed KV cache
+#
+# DeepSeek-V2 (2024) and V3. GQA shrinks the KV cache by sharing key/value heads; MLA instead
+# caches, per token, ONE latent vector c_kv (kv_lora_rank wide) from which every head's key and
+# value are rebuilt by up-projections, plus one small rotary key shared by all heads. In the
+# papers' names (C = n_embd, H heads, d_n = qk_nope_head_dim, d_r = qk_rope_head_dim,
+# d_v = v_head_dim, r = kv_lora_rank):
+#
+#   queries  c_q = RMSNorm(x W^DQ)           q_lora_rank wide (q_lora_rank = 0: no c_q, q = x W^Q)
+#            [q_n,h , q_r,h] = c_q W^UQ      per head h: d_n channels, then d_r channels
+#            q_r,h = RoPE(q_r,h)
+#   latent   c_kv = RMSNorm(x W^DKV)         r wide                 } the cache holds these two:
+#            k_r = RoPE(x W^KR)              d_r wide, ONE head      } r + d_r numbers per token
+#   keys     k_h = [c_kv W^UK_h , k_r]       d_n + d_r per head
+#   values   v_h = c_kv W^UV_h               d_v per head
+#   output   o_h = softmax(q_h . k_h / sqrt(d_n + d_r)) v_h,    y = [o_1 .. o_H] W^O
+#
+# Why a separate rotary part ("decoupled RoPE"): RoPE multiplies each key by a rotation that
+# depends on its position, so a rotated key could not be rebuilt from a position-free latent by
+# one fixed matrix, and the absorbed form below would break. Position reaches the scores only
+# through the d_r extra channels, computed apart and shared by every head.
+# The latents are RMSNorm-ed as in the papers (their scale then does not drift with the weights).
+# MLA layers ignore qk_norm: a per-head norm of c_kv W^UK is not linear in c_kv and could not be
+# folded into the query; n_kv_head does not apply either (every head has its own key from c_kv).
+#
+# Decoding: two forms of the same numbers (test_model_mla_plain_absorbed_and_reference_agree).
+#   plain     rebuild k_h and v_h of every cached token from c_kv, then ordinary attention:
+#             per new token O(context * r * H (d_n + d_v)) for the rebuild alone.
+#   absorbed  q_h . (c_kv W^UK_h) = (q_n,h W^UK_h^T) . c_kv: fold W^UK into the query, once per
+#             new token; and sum_s p_s (c_kv,s W^UV_h) = (sum_s p_s c_kv,s) W^UV_h: apply W^UV
+#             after the weighted sum. Attention then runs on the cached latents directly: it is
+#             multi-query attention with ONE key head [c_kv, k_r] (r + d_r wide) and one value
+#             head c_kv. Per new token O(context * H * r): nothing rebuilt.
+# Which form runs follows from the shapes of the call, by counting multiply-adds for T new queries
+# against Tk cached tokens: absorbed ~ T Tk H 2 (r + d_r) (scores against [c_kv, k_r] and the
+# weighted sum of them), plain ~ Tk H r (d_n + d_v) (the rebuild) + T Tk H (d_n + d_r + d_v).
+# Decoding (T = 1) and short chunks take the absorbed form, a long prefill and training (no
+# cache) the plain one (self.absorb = False forces plain: the tests run both).
+# mla_reference below is the table above line by line.
+# The cache keeps [c_kv, k_r] side by side in one (B, 1, max_len, r + d_r) tensor: the absorbed
+# form's keys as they are, its values a slice of them (c_kv), nothing concatenated per step. And as
+# all H heads read the same single key head, SDPA gets them stacked as H * T query rows of one head
+# (the same numbers as broadcasting the keys to H heads, without a copy of the cache per head).
+# Weights are nn.Linear (out, in), named as in DeepSeek-V3's code: wq_a = W^DQ, q_norm,
+# wq_b = W^UQ (or wq = W^Q), wkv_a = [W^DKV; W^KR] (one matmul), kv_norm, wkv_b = [W^UK_h; W^UV_h]
+# head by head, and c_proj = W^O.
+# With YaRN the rope tables carry its attention scale s (section 3), so the rotary part of each
+# score grows by s^2; q_n is multiplied by s^2 too, so that the whole score does (as DeepSeek does).
+
+
+class MultiHeadLatentAttention(AttentionLayer):
+    def __init__(self, config, kernels=Kernels()):
+        q_lora, r, dn, dr, dv = config.mla_dims
+        super().__init__(config, kernels, config.n_head, dv)
+        C, H = config.n_embd, config.n_head
+        self.n_head, self.q_lora_rank, self.kv_lora_rank = H, q_lora, r
+        self.nope_dim, self.rope_dim, self.v_dim = dn, dr, dv
+        if q_lora:
+            self.wq_a = nn.Linear(C, q_lora, bias=False)                      # W^DQ
+            self.q_norm = RMSNorm(q_lora, config.norm_gain, config.norm_eps)
+            self.wq_b = nn.Linear(q_lora, H * (dn + dr), bias=False)          # W^UQ
+        else:
+            self.wq = nn.Linear(C, H * (dn + dr), bias=False)                 # W^Q
+        self.wkv_a = nn.Linear(C, r + dr, bias=False)                         # [W^DKV; W^KR]
+        self.kv_norm = RMSNorm(r, config.norm_gain, config.norm_eps)
+        self.wkv_b = nn.Linear(r, H * (dn + dv), bias=False)                  # [W^UK_h; W^UV_h]
+        _, yarn = rope_frequencies(dr, config.rope_theta, config.rope_scaling, config.rope_factor,
+                                   train_len=config.block_size)
+        self.nope_scale = yarn ** 2
+        self.absorb = True
+
+    def cache_spec(self):
+        """What the KV cache keeps for this layer (section 9): [c_kv, k_r] per token."""
+        return ("seq", [(1, self.kv_lora_rank + self.rope_dim)])
+
+    def queries(self, x, layout):
+        """x (B, T, C) -> q_n (B, H, T, d_n) and the rotated q_r (B, H, T, d_r)."""
+        B, T, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q = q.view(B, T, self.n_head, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        if self.nope_scale != 1.0:
+            q_nope = q_nope * self.nope_scale
+        return q_nope, apply_rope(q_rope, layout.mla_cos, layout.mla_sin)
+
+    def latents(self, x, layout):
+        """x (B, T, C) -> [c_kv, k_r] (B, 1, T, r + d_r): the normed latent and the rotated rope
+        key side by side, one "head" (what the cache keeps)."""
+        c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope[:, None], layout.mla_cos, layout.mla_sin)
+        return torch.cat([self.kv_norm(c_kv)[:, None], k_rope], dim=-1)
+
+    def forward(self, x, layout, cache=None, layer=0):
+        B, T, _ = x.shape
+        q_nope, q_rope = self.queries(x, layout)
+        latents = self.latents(x, layout)                                     # (B, 1, T, r + d_r)
+        if cache is not None:
+            (latents,) = cache.layers[layer].update([latents], layout.pos, 0)  # (B, 1, Tk, r + d_r)
+        absorb = cache is not None and self.absorb and self.absorbed_is_cheaper(T, layout.pos + T)
+        form = self.absorbed if absorb else self.plain
+        y = form(q_nope, q_rope, latents, layout.views["full"])               # (B, H, T, d_v)
+        return self.output(x, y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
+
+    def absorbed_is_cheaper(self, T, Tk):
+        """Whether T new queries against Tk cached tokens cost fewer multiply-adds absorbed than
+        plain (the counts above). Example, r = 128, d_n = d_v = 64, d_r = 32: T = 1 -> yes,
+        T = Tk = 4096 -> no (the crossing is near T = 100)."""
+        r, dn, dr, dv = self.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim
+        return T * 2 * (r + dr) < r * (dn + dv) + T * (dn + dr + dv)
+
+    def plain(self, q_nope, q_rope, latents, seen):
+        """Rebuild every head's keys and values from the latents, then ordinary attention."""
+        B, H, T, _ = q_nope.shape
+        Tk = latents.size(2)
+        c_kv, k_rope = latents.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.wkv_b(c_kv[:, 0]).view(B, Tk, H, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)              # (B, H, Tk, d_n), (.., d_v)
+        q = torch.cat([q_nope, q_rope], dim=-1)                                # (B, H, T, d_n + d_r)
+        k = torch.cat([k_nope, k_rope.expand(-1, H, -1, -1)], dim=-1)          # (B, H, Tk, d_n + d_r)
+        if self.manual or self.record is not None:
+            return self.attend_manual(q, k, v, seen, None)
+        return sdpa_attention(q, k, v, seen.mask, seen.is_causal, self.kernels)
+
+    def absorbed(self, q_nope, q_rope, latents, seen):
+        """W^UK folded into the queries, W^UV applied after the weighted sum of latents."""
+        B, H, T, _ = q_nope.shape
+        r, Tk = self.kv_lora_rank, latents.size(2)
+        w_uk, w_uv = self.wkv_b.weight.view(H, self.nope_dim + self.v_dim, r).split(
+            [self.nope_dim, self.v_dim], dim=1)                                # (H, d_n, r), (H, d_v, r)
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)                   # (B, H, T, r)
+        q = torch.cat([q_lat, q_rope], dim=-1)                                 # (B, H, T, r + d_r)
+        scale = (self.nope_dim + self.rope_dim) ** -0.5
+        if self.manual or self.record is not None:
+            o = self.attend_manual(q, latents, latents[..., :r], seen, scale)  # values c_kv: (B, H, T, r)
+        else:
+            mask = seen.mask
+            if seen.is_causal:
+                mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril()[None, None]
+            if mask is not None:                                               # the rows of every head
+                mask = mask[:, :, None].expand(-1, -1, H, -1, -1).reshape(mask.size(0), 1, H * T, Tk)
+            # values = the whole latents: keys and values of one width let SDPA take its fused
+            # kernel; the last d_r output columns (a weighted sum of rope keys) are dropped
+            o = sdpa_attention(q.reshape(B, 1, H * T, r + self.rope_dim), latents, latents, mask, False,
+                               self.kernels, scale)[..., :r].view(B, H, T, r)  # heads stacked as rows
+        return torch.einsum("bhtr,hvr->bhtv", o, w_uv)                         # (B, H, T, d_v)
+
+    def attend_manual(self, q, k, v, seen, scale):
+        mask = seen.mask
+        if seen.is_causal:
+            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+        return manual_attention(q, k, v, mask, self.softcap, self.record,
+                                self.kernels.softcap_sigmoid, scale)
+
+
+def mla_reference(attn, x, cos, sin):
+    """MLA as the table above writes it, one head at a time, with every head's full keys and
+    values materialised; causal, no cache. The slow reference of the tests.
+    x: (B, T, C) layer input; cos, sin: (T, d_r/2) rope rows. Returns (B, T, C)."""
+    B, T, _ = x.shape
+    H, r, dn, dr, dv = attn.n_head, attn.kv_lora_rank, attn.nope_dim, attn.rope_dim, attn.v_dim
+    if attn.q_lora_rank:
+        q_all = attn.q_norm(x @ attn.wq_a.weight.T) @ attn.wq_b.weight.T    # c_q W^UQ
+    else:
+        q_all = x @ attn.wq.weight.T                                          # x W^Q
+    down = x @ attn.wkv_a.weight.T
+    c_kv = attn.kv_norm(down[..., :r])                                        # (B, T, r)
+    k_rope = apply_rope(down[..., None, :, r:], cos, sin)[:, 0]               # (B, T, d_r)
+    w_b = attn.wkv_b.weight                                                   # (H (d_n + d_v), r)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    heads = []
+    for h in range(H):
+        q_h = q_all[..., h * (dn + dr):(h + 1) * (dn + dr)]
+        q_h = torch.cat([q_h[..., :dn] * attn.nope_scale,
+                         apply_rope(q_h[..., None, :, dn:], cos, sin)[:, 0]], dim=-1)  # (B, T, d_n + d_r)
+        rows = w_b[h * (dn + dv):(h + 1) * (dn + dv)]
+        k_h = torch.cat([c_kv @ rows[:dn].T, k_rope], dim=-1)                # (B, T, d_n + d_r)
+        v_h = c_kv @ rows[dn:].T                                              # (B, T, d_v)
+        scores = (q_h @ k_h.transpose(-2, -1)) / math.sqrt(dn + dr)
+        if attn.softcap > 0:
+            scores = tanh_softcap(scores, attn.softcap)
+        heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v_h)
+    return attn.output(x, torch.cat(heads, dim=-1))
+
+# -----------------------------------------------------------------------------
+# 5.5 Linear attention (letter L): a constant-size state instead of a growing cache
+#
+# Softmax's weight exp(q . k) does not split into a part of q times a part of k, so every new
+# token is compared with every old key: O(context) work and memory per token. Replace it by a
+# product of features, phi(q) . phi(k) (Katharopoulos et al., 2020, "Transformers are RNNs"),
+# and the sum over the past regroups:
+#     y_t = sum_{s<=t} (phi(q_t) . phi(k_s)) v_s = phi(q_t) S_t,     S_t = sum_{s<=t} phi(k_s) v_s^T
+# S_t is a (D, Dv) matrix per head that takes in each token as it comes: the whole past, in a
+# fixed size. Two forms (linear_kind):
+#   kernel  phi(x) = elu(x) + 1 > 0, so every weight is positive, and they are normalised to sum
+#           to 1 like softmax's:  y_t = phi(q_t) S_t / (phi(q_t) . z_t),  z_t = sum_{s<=t} phi(k_s).
+#           The normaliser rides along as an extra value column of ones: with v' = [v, 1] the
+#           state holds [S, z], and one matmul gives numerator and denominator.
+#   decay   no feature map; each head forgets at its own learned rate gamma_h in (0, 1):
+#               S_t = gamma_h S_{t-1} + k_t v_t^T,     y_t = q_t S_t / sqrt(D)
+#           so token s counts gamma^(t-s) (q_t . k_s): recent tokens weigh more (RetNet, Sun et al.,
+#           2023; GLA makes the decay depend on the input). gamma_h = sigmoid(decay_h), learned,
+#           initialised at RetNet's 1 - 2^(-5-h): memories of about 32, 64, 128, ... tokens.
+#           The weights are signed and not normalised, so each head's output is RMSNorm-ed
+#           (RetNet's group norm).
+# Neither form uses RoPE: causality (and the decay) carry the order, and rotating q or k would
+# make the kernel form's weights negative. qk_norm applies before phi (or the 1/sqrt(D) scale).
+#
+# Three ways to the same y (test_model_linear_chunked_parallel_recurrent_agree):
+#   parallel   (reference) W = (q k^T) * gamma^(t-s) * [s <= t], y = W v: O(T^2), like softmax
+#   recurrent  (reference) the S_t recursion, one token at a time: O(T), in T tiny steps
+#   chunked    (training, prefill and decoding) cut T into chunks of c = linear_chunk tokens; the
+#              parallel form inside a chunk (c x c matmuls), the state between chunks:
+#                y[i]   = sum_{j<=i} gamma^(i-j) (q_i . k_j) v_j  +  gamma^(i+1) q_i S_before
+#                S_after = gamma^c S_before + sum_j gamma^(c-1-j) k_j v_j^T
+#              (i, j: positions inside the chunk). O(T c D) + O(T D Dv) work in big matmuls.
+# Decoding one token is one step of the recurrence (linear_attention_step): the state is updated
+# in place of a cache that grows, so the cost per token is the same at any context length.
+# Documents: a document start resets the state, so no token reads another document (the same as
+# the mask doc[i] == doc[j] as long as document ids never return to an earlier value, which
+# doc_ids_from_bos guarantees). Inside a chunk that is the same-document mask; a query reads
+# S_before only if its document began before the chunk, and only the chunk's last document is
+# carried on. Windows do not apply: the state holds the whole past (GPTConfig refuses a window
+# for linear layers). The state is float32 under any autocast: it is a running sum over the whole
+# context, and bf16's 8-bit mantissa would lose the small terms added to a large sum.
+
+
+def linear_feature(x):
+    """phi(x) = elu(x) + 1: x + 1 for x > 0, e^x below: positive, and smooth at 0 (value 1,
+    slope 1). test_model_linear_chunked_parallel_recurrent_agree checks it against those two
+    pieces."""
+    return F.elu(x) + 1.0
+
+
+def decay_matrix(log_decay, n, device=None):
+    """(H, n, n): gamma_h^(i-j) where j <= i, else 0; without decay (log_decay None) the causal
+    0/1 matrix (1, n, n). log_decay: (H,) log gamma_h (negative). Example, gamma = 0.5, n = 3:
+    [[1, 0, 0], [0.5, 1, 0], [0.25, 0.5, 1]]."""
+    i = torch.arange(n, device=device)
+    diff = i[:, None] - i[None, :]                                            # i - j
+    causal = diff >= 0
+    if log_decay is None:
+        return causal.float()[None]
+    return torch.exp(diff.clamp(min=0) * log_decay[:, None, None]) * causal
+
+
+def linear_attention_parallel(q, k, v, log_decay=None, doc=None):
+    """The O(T^2) reference. q, k: (B, H, T, D) features; v: (B, H, T, E); doc: (B, T) or None.
+    Returns y (B, H, T, E) and the weights W (B, H, T, T)."""
+    w = (q @ k.transpose(-2, -1)) * decay_matrix(log_decay, q.size(2), q.device)
+    if doc is not None:
+        w = w * (doc[:, :, None] == doc[:, None, :])[:, None]
+    return w @ v, w
+
+
+def linear_attention_step(q, k, v, state=None, carry=1.0):
+    """One token of the recurrence: S = carry * S + k v^T, y = q S. q, k: (B, H, 1, D);
+    v: (B, H, 1, E); state (B, H, D, E) or None (nothing before); carry: gamma, times 0 where
+    a new document starts, broadcastable to the state. Returns y (B, H, 1, E) and the new S.
+    Decoding runs this (a few small ops per layer and token, at any context), and so does the
+    recurrent reference below."""
+    new = k.transpose(-2, -1) @ v                                             # outer(k, v): (B, H, D, E)
+    if state is not None:
+        new = new + (state if isinstance(carry, float) and carry == 1.0 else carry * state)
+    return q @ new, new
+
+
+def linear_attention_recurrent(q, k, v, log_decay=None, doc=None):
+    """The token-by-token reference: S_t = gamma [same doc] S_{t-1} + k_t v_t^T, y_t = q_t S_t."""
+    B, H, T, D = q.shape
+    keep = torch.exp(log_decay)[:, None, None] if log_decay is not None else 1.0
+    S, ys = None, []
+    for t in range(T):
+        carry = keep
+        if doc is not None and t > 0:
+            carry = carry * (doc[:, t] == doc[:, t - 1]).view(B, 1, 1, 1)
+        y, S = linear_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], S, carry)
+        ys.append(y)
+    return torch.cat(ys, dim=2)
+
+
+def linear_attention_chunked(q, k, v, log_decay=None, chunk=64, state=None, doc=None,
+                             prev_doc=None, need_state=False):
+    """The chunked form. q, k: (B, H, T, D); v: (B, H, T, E); state: (B, H, D, E) carried in from
+    the tokens before (None = nothing before); doc (B, T) and prev_doc (B, 1), the document of the
+    token before, or None. Returns y (B, H, T, E) and the state after the last token (None unless
+    need_state: without a cache the last chunk's state is not needed, nor computed)."""
+    B, H, T, D = q.shape
+    ys = []
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        n = b - a
+        qc, kc, vc = q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]
+        dc = doc[:, a:b] if doc is not None else None
+        w = (qc @ kc.transpose(-2, -1)) * decay_matrix(log_decay, n, q.device)   # (B, H, n, n)
+        if dc is not None:
+            w = w * (dc[:, :, None] == dc[:, None, :])[:, None]
+        y = w @ vc                                                            # inside the chunk
+        i = torch.arange(n, device=q.device, dtype=q.dtype)[:, None]          # (n, 1)
+        if state is not None:
+            qw = qc if log_decay is None else qc * torch.exp((i + 1) * log_decay[:, None, None])
+            if dc is not None and prev_doc is not None:
+                qw = qw * (dc == prev_doc)[:, None, :, None]                  # its document goes on
+            y = y + qw @ state                                                # from the chunks before
+        ys.append(y)
+        if b < T or need_state:
+            kw = kc if log_decay is None else kc * torch.exp((n - 1 - i) * log_decay[:, None, None])
+            if dc is not None:
+                kw = kw * (dc == dc[:, -1:])[:, None, :, None]                # the last document only
+            new_state = kw.transpose(-2, -1) @ vc                            # (B, H, D, E)
+            if state is not None:
+                carry = 1.0 if log_decay is None else torch.exp(n * log_decay)[:, None, None]
+                if dc is not None and prev_doc is not None:
+                    carry = carry * (dc[:, -1:] == prev_doc).view(B, 1, 1, 1)
+                new_state = new_state + carry * state
+            state = new_state
+            if dc is not None:
+                prev_doc = dc[:, -1:]
+    return torch.cat(ys, dim=2), state
+
+
+LINEAR_DECAY_BASE = 5.0   # RetNet's decays 1 - 2^-(5 + h): head h remembers ~2^(5+h) tokens
+
+
+class LinearAttention(AttentionLayer):
+    def __init__(self, config, kernels=Kernels()):
+        super().__init__(config, kernels, config.n_head, config.head_dim)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
+        self.kind, self.chunk = config.linear_kind, config.linear_chunk
+        decay = self.kind == "decay"
+        self.decay = nn.Parameter(torch.empty(config.n_head)) if decay else None   # logit of gamma_h
+        self.out_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if decay else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """decay_h = logit(1 - 2^-(5+h)), so gamma_h = sigmoid(decay_h) is RetNet's decay.
+        GPT.init_weights calls this after its own pass (which sets every 1-D parameter to 1)."""
+        if self.decay is not None:
+            gamma = 1.0 - 2.0 ** (-LINEAR_DECAY_BASE - torch.arange(self.n_head, dtype=torch.float64))
+            self.decay.copy_(torch.log(gamma / (1.0 - gamma)))
+
+    def cache_spec(self):
+        """What the cache keeps for this layer (section 9): the state, (n_head, D, E) per row."""
+        extra = 1 if self.kind == "kernel" else 0             # the normaliser's column
+        return ("state", (self.n_head, self.head_dim, self.head_dim + extra))
+
+    def features(self, x):
+        """x (B, T, C) -> q, k (B, H, T, D) and v (B, H, T, E), ready for the three forms.
+        The norms and phi act on each head's vector, so they run before the heads are moved
+        forward (one transpose each): decoding pays for every small op, once per layer and token."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).view(B, T, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)  # (B, T, heads, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.kind == "kernel":
+            q, k = linear_feature(q), linear_feature(k)
+        else:
+            q = q * D ** -0.5
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, heads, T, D)
+        if Hkv != H:
+            # the state is per query head (each head has its own decay), so shared kv heads are
+            # repeated: GQA saves parameters here, not state
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        if self.kind == "kernel":
+            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)   # (B, H, T, D + 1): [v, 1]
+        return q, k, v
+
+    def forward(self, x, layout, cache=None, layer=0):
+        B, T, _ = x.shape
+        q, k, v = self.features(x)
+        log_decay = F.logsigmoid(self.decay.float()) if self.decay is not None else None
+        store = cache.layers[layer] if cache is not None else None
+        state = store.state if store is not None and layout.pos > 0 else None
+        with torch.autocast(x.device.type, enabled=False):     # float32: see the section's end
+            q, k, v = q.float(), k.float(), v.float()
+            if self.record is not None:
+                if cache is not None:
+                    raise ValueError("record_attention runs without a KV cache for linear layers")
+                y, w = linear_attention_parallel(q, k, v, log_decay, layout.doc)
+                w = w.abs()   # decay weights are signed: the picture shows their share of the row
+                self.record.append((w / w.sum(-1, keepdim=True)).detach())
+            elif T == 1 and store is not None:    # decoding: one step of the recurrence
+                carry = 1.0 if log_decay is None else torch.exp(log_decay)[:, None, None]
+                if state is not None and layout.prev_doc is not None:
+                    carry = carry * (layout.doc == layout.prev_doc).view(B, 1, 1, 1)
+                y, state = linear_attention_step(q, k, v, state, carry)
+            else:
+                y, state = linear_attention_chunked(q, k, v, log_decay, self.chunk, state, layout.doc,
+                                                    layout.prev_doc, need_state=store is not None)
+            if self.kind == "kernel":
+                y = y[..., :-1] / y[..., -1:]                 # numerator / normaliser
+            else:
+                y = self.out_norm(y)
+        if store is not None:
+            store.state = state
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.output(x, y.to(x.dtype))
+
+# -----------------------------------------------------------------------------
+# 5.6 Layer patterns, and recording the attention
+#
+# layer_pattern gives each layer its kind, one letter per layer, repeated to n_layer: "LLLG"
+# with 8 layers is L L L G L L L G (three linear layers, then a global one, twice). Hybrids like
+# it keep a few softmax layers for exact recall over the context while most layers carry a
+# constant-size state. Without a pattern every layer is what attn says. MoE's moe_every counts
+# layers the same way whatever their attention (section 8).
+
+
+def make_attention(config, kind, kernels=Kernels()):
+    """The attention module of one layer of kind `kind` (a letter of LAYER_KINDS)."""
+    if kind == "M":
+        return MultiHeadLatentAttention(config, kernels)
+    if kind == "L":
+        return LinearAttention(config, kernels)
+    # without a pattern, every softmax layer follows the window setting (0 = full), so that
+    # forward's window= override reaches it; in a pattern G is always global
+    view = {"G": "full" if config.layer_pattern else "window", "W": "window", "S": "sparse"}[kind]
+    return CausalSelfAttention(config, kernels, view)
 
 
 @contextlib.contextmanager
 def record_attention(model):
     """Inside `with record_attention(model) as probs:` every attention layer takes the
-    hand-written path and appends its probabilities, (B, n_head, Tq, Tk) float32, to the list
+    hand-written path and appends its attention weights, (B, n_head, Tq, Tk) float32, to the list
     `probs`: one entry per layer per forward call, in the order the layers ran. It is how
-    sample.py draws attention maps. SDPA never materialises the probabilities (that is why it is
-    fast), so recording needs the manual path; outside the context nothing changes."""
-    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    sample.py draws attention maps. Softmax layers (G W S M) hand out their probabilities;
+    linear layers (no cache) their weights of the parallel form, normalised per row (for the
+    kernel form exactly its attention; decay weights are signed: their magnitudes). SDPA never
+    materialises the probabilities (that is why it is fast), so recording needs the manual path;
+    outside the context nothing changes."""
+    layers = [m for m in model.modules() if isinstance(m, AttentionLayer)]
     probs = []
     for layer in layers:
         layer.record = probs
@@ -1644,7 +2411,7 @@ class HyperConnection(nn.Module):
         self.mix = nn.Parameter(torch.empty(n, n))
         self.norm = self.dyn = self.dyn_scale = None
         if config.hc_dynamic:
-            self.norm = RMSNorm(C, config.norm_gain)
+            self.norm = RMSNorm(C, config.norm_gain, config.norm_eps)
             self.dyn = nn.Linear(C, n + 2, bias=False)
             self.dyn_scale = nn.Parameter(torch.empty(3))
         self.reset_parameters()
@@ -1824,8 +2591,8 @@ class Engram(nn.Module):
         self.tables = nn.Parameter(torch.empty(n_tables * R, D))
         self.c_key = nn.Linear(n_tables * D, C, bias=False)
         self.c_proj = nn.Linear(n_tables * D, C, bias=False)
-        self.norm_h = RMSNorm(C, config.norm_gain)
-        self.norm_k = RMSNorm(C, config.norm_gain)
+        self.norm_h = RMSNorm(C, config.norm_gain, config.norm_eps)
+        self.norm_k = RMSNorm(C, config.norm_gain, config.norm_eps)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -1877,17 +2644,18 @@ def engram_reference(layer, idx, x, pad):
 # Normalising the branch inputs (not the residual stream itself) keeps an identity path from the
 # embedding to the output, which is what lets deep stacks train without warm-up tricks.
 # The feed-forward is an MoE layer in blocks with layer_index % moe_every == moe_every - 1
-# (when n_experts > 0), else the dense MLP; both are called self.mlp.
+# (when n_experts > 0), else the dense MLP; both are called self.mlp. The attention is the kind
+# config.layer_kinds gives the layer (section 5.6); every kind has the same forward signature.
 # In the blocks of engram_layers the memory of section 7c comes first: x = x + engram(x, grams).
 # With hc_streams > 1 (section 7b) x is n streams (B, T, n, C) and each of the (two or three)
 # sublayers reaches them through its own HyperConnection instead of "x = x + ...".
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_index=0, kernels=Kernels()):
+    def __init__(self, config, layer_index=0, kernels=Kernels(), kind=None):
         super().__init__()
         self.ln_1 = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
-        self.attn = CausalSelfAttention(config, kernels)
+        self.attn = make_attention(config, kind or config.layer_kinds[layer_index], kernels)
         self.ln_2 = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
         self.mlp = MoE(config, kernels) if config.is_moe_layer(layer_index) else MLP(config)
         # sections 7b and 7c: n-gram memory, one HyperConnection per sublayer (None when off).
@@ -1922,47 +2690,94 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # 9. KV cache
 #
-# Generating token t+1 needs the keys and values of all tokens <= t in every layer; recomputing them
-# costs a full forward per new token. The cache keeps them: one preallocated buffer per layer of
-# shape (B, n_kv_head, max_len, D) for keys and for values (with GQA only the kv heads are stored,
-# n_head / n_kv_head times less memory). The prompt is run once ("prefill", many tokens at
-# cache.pos = 0), then each decode step feeds one new token at cache.pos; every layer writes its
-# new keys at [pos, pos + T) and attends to [k_start, pos + T). RoPE uses the absolute position
-# pos + t, so cached and uncached runs rotate every token identically.
-# Document ids are stored too, so a cache prefilled with packed documents keeps masking them.
+# Generating token t+1 needs, in every layer, what that layer remembers of tokens <= t;
+# recomputing it costs a full forward per new token. The cache keeps it: one store per layer, in
+# the form the layer's kind needs (its cache_spec):
+#   softmax (G W S)  keys and values after RoPE, (B, n_kv_head, max_len, D) each; with GQA only
+#                    the kv heads are stored, n_head / n_kv_head times less memory
+#   MLA (M)          the latent c_kv and the rope key side by side, (B, 1, max_len,
+#                    kv_lora_rank + qk_rope_head_dim): r + d_r numbers per token instead of 2 H D
+#   linear (L)       the state (B, n_head, D, Dv [+ 1]), float32: the same size at any context
+# The first two are SeqStores, preallocated for max_len positions and written at [pos, pos + T);
+# the last is a StateStore, replaced by every call. The prompt is run once ("prefill", many
+# tokens at cache.pos = 0), then each decode step feeds one new token at cache.pos; a softmax
+# layer writes its new keys and attends to [k_start, pos + T), a linear layer folds the new tokens
+# into its state. RoPE uses the absolute position pos + t, so cached and uncached runs rotate every
+# token identically. The same operations serve every kind: prefill and decode (forward with
+# cache=), branch(n) (row 0 copied into n rows: one prompt, n samples) and reset() (pos = 0 and
+# the states cleared; sample.py re-prefills a window when the text outgrows the context).
+# Document ids are kept too, so a cache prefilled with packed documents keeps masking them: per
+# position for the softmax layers' masks (only if the model has such layers), and the last one
+# for the linear layers (a new document resets their state).
 # With Engram memory (section 7c) the cache also keeps each row's last few token ids (ngram), for
 # the n-grams of the next call; branch copies them and reset forgets them, like the keys.
 
 
+class SeqStore:
+    """What one softmax or MLA layer keeps per token: tensors (B, heads, max_len, dim)."""
+
+    def __init__(self, parts, batch_size, max_len, device=None, dtype=None):
+        """parts: [(heads, dim), ...], e.g. keys and values: [(n_kv_head, D), (n_kv_head, D)]."""
+        self.parts = [torch.zeros(batch_size, h, max_len, d, device=device, dtype=dtype) for h, d in parts]
+
+    def update(self, new, pos, k_start):
+        """Write the new entries (B, heads, T, dim) at [pos, pos + T) and return every part's
+        visible slice [k_start, pos + T), in the dtype of the new entries."""
+        T = new[0].size(2)
+        for buf, x in zip(self.parts, new):
+            buf[:, :, pos:pos + T] = x
+        return [buf[:, :, k_start:pos + T].to(x.dtype) for buf, x in zip(self.parts, new)]
+
+    def branch(self, n, pos):
+        p0 = self.parts[0]
+        new = SeqStore([(p.size(1), p.size(3)) for p in self.parts], n, p0.size(2), p0.device, p0.dtype)
+        for dst, src in zip(new.parts, self.parts):
+            dst[:, :, :pos] = src[:1, :, :pos]                # broadcasts row 0 over n rows
+        return new
+
+    def reset(self):
+        pass  # positions at or past cache.pos are never read before being written
+
+
+class StateStore:
+    """What one linear-attention layer keeps: a fixed-size float32 state per row."""
+
+    def __init__(self, shape, batch_size, device=None):
+        self.state = torch.zeros(batch_size, *shape, device=device, dtype=torch.float32)
+
+    def branch(self, n, pos):
+        new = StateStore(self.state.shape[1:], n, self.state.device)
+        new.state[:] = self.state[:1]
+        return new
+
+    def reset(self):
+        self.state = torch.zeros_like(self.state)
+
+
 class KVCache:
-    def __init__(self, n_layer, batch_size, max_len, n_kv_head, head_dim, device=None, dtype=None):
+    def __init__(self, specs, batch_size, max_len, device=None, dtype=None):
+        """specs: one (kind, shape) per layer, from each attention module's cache_spec():
+        ("seq", [(heads, dim), ...]) or ("state", (heads, D, E))."""
         self.batch_size, self.max_len = batch_size, max_len
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.doc = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.layers = [SeqStore(shape, batch_size, max_len, device, dtype) if kind == "seq"
+                       else StateStore(shape, batch_size, device) for kind, shape in specs]
+        seq = any(isinstance(s, SeqStore) for s in self.layers)
+        self.doc = torch.zeros(batch_size, max_len, dtype=torch.long, device=device) if seq else None
+        self.last_doc = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = 0             # number of positions filled (the same for every row)
         self.uses_docs = False   # whether any call passed doc_ids (only then is doc masking applied)
         self.ngram = None        # section 7c: (ids, doc ids), each (B, largest order - 1); None = nothing yet
 
-    def update(self, layer, k, v, pos, k_start):
-        """Write the new keys/values (B, Hkv, T, D) at [pos, pos + T) and return the visible ones
-        [k_start, pos + T), in the dtype of the queries."""
-        T = k.size(2)
-        self.k[layer, :, :, pos:pos + T] = k
-        self.v[layer, :, :, pos:pos + T] = v
-        return (self.k[layer, :, :, k_start:pos + T].to(k.dtype),
-                self.v[layer, :, :, k_start:pos + T].to(v.dtype))
-
     def branch(self, n):
         """A new cache of batch n whose rows are all copies of row 0 up to pos: prefill a prompt
         once with batch 1, then draw n samples from it without recomputing the prompt."""
-        new = KVCache(self.k.size(0), n, self.max_len, self.k.size(2), self.k.size(4),
-                      self.k.device, self.k.dtype)
+        new = KVCache([], n, self.max_len)
         p = self.pos
-        new.k[:, :, :, :p] = self.k[:, :1, :, :p]                # broadcasts row 0 over n rows
-        new.v[:, :, :, :p] = self.v[:, :1, :, :p]
-        new.doc[:, :p] = self.doc[:1, :p]
+        new.layers = [store.branch(n, p) for store in self.layers]
+        if self.doc is not None:
+            new.doc = torch.zeros(n, self.max_len, dtype=torch.long, device=self.doc.device)
+            new.doc[:, :p] = self.doc[:1, :p]
+        new.last_doc = self.last_doc[:1].expand(n, 1).clone()
         new.pos, new.uses_docs = p, self.uses_docs
         if self.ngram is not None:
             new.ngram = tuple(t[:1].expand(n, -1).clone() for t in self.ngram)
@@ -1970,6 +2785,9 @@ class KVCache:
 
     def reset(self):
         self.pos, self.uses_docs, self.ngram = 0, False, None
+        self.last_doc.zero_()
+        for store in self.layers:
+            store.reset()
 
 # -----------------------------------------------------------------------------
 # 10. The GPT model
@@ -1994,10 +2812,11 @@ class MTPHead(nn.Module):
         self.norm_h = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
         self.norm_e = RMSNorm(config.n_embd, config.norm_gain, config.norm_eps)
         self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
-        # the MTP block is always a dense block on one stream, without memory
+        # the MTP block is always a dense block on one stream, without memory, with the attention
+        # of the last layer, whose hidden states it continues
         dense = dataclasses.replace(config, n_experts=0, hc_streams=1, hc_dynamic=False,
                                     hc_sinkhorn=False, engram_layers="")
-        self.block = Block(dense, kernels=kernels)
+        self.block = Block(dense, kernels=kernels, kind=config.layer_kinds[-1])
 
     def forward(self, h, next_emb, layout):
         x = self.proj(torch.cat([self.norm_h(h), self.norm_e(next_emb)], dim=-1))  # (B, T, C)
@@ -2022,6 +2841,13 @@ class GPT(nn.Module):
         # loaded with a different rope_scaling / rope_factor for context extension
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        mla = rope_tables(config, config.mla_dims[3]) if "M" in config.layer_kinds else (None, None)
+        self.register_buffer("mla_rope_cos", mla[0], persistent=False)   # None without MLA layers
+        self.register_buffer("mla_rope_sin", mla[1], persistent=False)
+        # the views of the keys that this model's softmax layers need, built once per forward
+        self.views = {m.view for m in self.modules() if isinstance(m, CausalSelfAttention)} - {"sparse"}
+        if "M" in config.layer_kinds:
+            self.views.add("full")
         self.init_weights()
 
     @torch.no_grad()
@@ -2033,10 +2859,13 @@ class GPT(nn.Module):
             wte = lm_head (tied)                    N(0, TIED_EMBED_STD^2)
             lm_head (untied)                        N(0, LM_HEAD_STD^2)
             c_attn, c_fc, mtp.proj (input side)     N(0, 1/fan_in): unit-variance outputs for
-                                                    unit-variance inputs (inputs are RMS-normed)
+            MLA's wq, wq_a, wq_b, wkv_a, wkv_b      unit-variance inputs (inputs are RMS-normed)
             c_proj (attention and MLP outputs)      0: every block starts as the identity, and
                                                     the residual stream is the embedding
+            attention output gate (attn_gate)       0: every gate starts at sigmoid(0) = 0.5
+                                                    (section 5.2 says why)
             RMSNorm gains                           1
+            linear attention decay                  gamma_h = 1 - 2^-(5+h) (RetNet; section 5.5)
             MoE router, expert inputs               N(0, 1/n_embd); expert outputs 0
             hyper-connections (7b)                  read e_(k mod n), write 1, mix I (or logits 0
                                                     with hc_sinkhorn), dynamic projection 0:
@@ -2049,15 +2878,18 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=LM_HEAD_STD)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("c_proj.weight", "attn.gate.weight")):
                 nn.init.zeros_(p)
-            elif name.endswith(("c_attn.weight", "c_fc.weight", "proj.weight")):
+            elif name.endswith(("c_attn.weight", "c_fc.weight", "proj.weight", "wq.weight",
+                                "wq_a.weight", "wq_b.weight", "wkv_a.weight", "wkv_b.weight")):
                 nn.init.normal_(p, mean=0.0, std=p.size(-1) ** -0.5)   # p: (out, in)
             elif p.ndim == 1:
                 nn.init.ones_(p)                                        # norm gains
         for layer in self.moe_layers():
             layer.reset_parameters()   # router, experts: see MoE.reset_parameters
         for m in self.modules():
+            if isinstance(m, LinearAttention):
+                m.reset_parameters()   # the decays: see LinearAttention.reset_parameters
             if isinstance(m, (HyperConnection, Engram)):
                 m.reset_parameters()   # sections 7b and 7c
 
@@ -2066,49 +2898,70 @@ class GPT(nn.Module):
         loaded from a checkpoint on another machine. The weights are untouched."""
         self.kernels = kernels
         for m in self.modules():
-            if isinstance(m, (CausalSelfAttention, MoE)):
+            if isinstance(m, (AttentionLayer, MoE)):
                 m.kernels = kernels
         return self
 
     # -- forward ------------------------------------------------------------------------------
 
     def _layout(self, B, T, pos, window, doc_ids, cache, device):
-        """Build the RoPE rows and the attention mask shared by all layers of this call."""
+        """Build what the layers of this call share: the RoPE rows, the document ids, and the
+        Visibility (which keys, which mask) of each view of the keys the model's layers use."""
         cfg = self.config
         end = pos + T
         if window < 0:
             raise ValueError(f"window={window} must be >= 0 (0 = full causal attention)")
+        if window > 0 and not cfg.has_window_layers:
+            raise ValueError(f"window={window}: no layer of this model ({cfg.layer_kinds}) is a "
+                             f"sliding-window layer; use window=0")
         if end > cfg.max_context:
             raise bpe.UserError(
                 f"{end} positions exceed the model's context of {cfg.max_context} tokens; "
                 "use a shorter input, or extend the context with --rope_scaling=yarn --rope_factor=S")
         if window >= end:
             window = 0  # the window reaches back to position 0: plain causal (and SDPA's fast flag)
+        prev_doc = None
         if cache is not None:
             if end > cache.max_len:
                 raise bpe.UserError(f"the KV cache holds {cache.max_len} positions, {end} needed; "
                                     "make a longer cache with model.make_cache(max_len=...)")
             if doc_ids is None and cache.uses_docs:
-                doc_ids = cache.doc[:, pos - 1:pos].expand(B, T)  # new tokens continue the last doc
+                doc_ids = cache.last_doc.expand(B, T)   # new tokens continue the last document
             if doc_ids is not None:
-                cache.doc[:, pos:end] = doc_ids
+                prev_doc = cache.last_doc if pos > 0 else None
+                cache.last_doc = doc_ids[:, -1:].clone()
+                if cache.doc is not None:
+                    cache.doc[:, pos:end] = doc_ids
                 cache.uses_docs = True
-        # A sliding window lets a cached query skip everything older than pos - window + 1.
-        k_start = max(0, pos - window + 1) if window and not cfg.n_global else 0
-        q_pos = torch.arange(pos, end, device=device)
-        k_pos = torch.arange(k_start, end, device=device)
         k_doc = None
         if doc_ids is not None:
-            k_doc = cache.doc[:, k_start:end] if cache is not None else doc_ids
+            k_doc = cache.doc[:, :end] if cache is not None and cache.doc is not None else doc_ids
+        views = {}
+        if "window" in self.views:
+            views["window"] = self._visibility(pos, T, window, cfg.n_global, doc_ids, k_doc, device)
+        if "full" in self.views:
+            views["full"] = self._visibility(pos, T, 0, 0, doc_ids, k_doc, device)
+        mla = (self.mla_rope_cos[pos:end], self.mla_rope_sin[pos:end]) if self.mla_rope_cos is not None else (None, None)
+        return AttnLayout(self.rope_cos[pos:end], self.rope_sin[pos:end], pos, views, doc_ids, k_doc,
+                          prev_doc, *mla)
+
+    @staticmethod
+    def _visibility(pos, T, window, n_global, doc_ids, k_doc, device):
+        """Which keys new tokens pos..pos+T-1 see under a window (0 = all earlier ones)."""
+        end = pos + T
+        # A sliding window lets a cached query skip everything older than pos - window + 1.
+        k_start = max(0, pos - window + 1) if window and not n_global else 0
         is_causal = window == 0 and doc_ids is None and pos == 0
         if is_causal:
             mask = None                     # SDPA's is_causal; the manual path builds a tril
         elif window == 0 and doc_ids is None and T == 1:
             mask = None                     # one new token sees every cached key
         else:
-            mask = attention_mask(q_pos, k_pos, window, cfg.n_global, doc_ids, k_doc)
-        return AttnLayout(self.rope_cos[pos:end], self.rope_sin[pos:end], pos, k_start, mask,
-                          is_causal, window, None if doc_ids is None else (doc_ids, k_doc))
+            mask = attention_mask(torch.arange(pos, end, device=device),
+                                  torch.arange(k_start, end, device=device), window, n_global,
+                                  doc_ids, k_doc[:, k_start:] if k_doc is not None else None)
+        docs = None if doc_ids is None else (doc_ids, k_doc[:, k_start:])
+        return Visibility(k_start, mask, is_causal, window, docs)
 
     def _logits(self, h):
         logits = self.lm_head(self.transformer.ln_f(h)).float()    # (B, T, V) float32
@@ -2166,8 +3019,7 @@ class GPT(nn.Module):
     def _ngrams(self, idx, layout, cache):
         """Section 7c: the last engram_span tokens at every position (B, T, span), within each
         document; with a cache, the tokens of earlier calls come from (and go back to) cache.ngram."""
-        docs = layout.docs[0] if layout.docs is not None else None
-        grams, history = ngram_context(idx, self.config.engram_span, self.config.vocab_size, docs,
+        grams, history = ngram_context(idx, self.config.engram_span, self.config.vocab_size, layout.doc,
                                        cache.ngram if cache is not None else None)
         if cache is not None:
             cache.ngram = history
@@ -2191,10 +3043,10 @@ class GPT(nn.Module):
 
     def make_cache(self, batch_size, max_len, device=None, dtype=None):
         """A KV cache for batch_size rows and up to max_len positions (prompt + new tokens).
-        device/dtype default to the model's."""
+        device/dtype default to the model's (linear layers' states are float32 always)."""
         p = self.lm_head.weight
-        return KVCache(self.config.n_layer, batch_size, max_len, self.config.n_kv_head,
-                       self.config.head_dim, device or p.device, dtype or p.dtype)
+        specs = [block.attn.cache_spec() for block in self.transformer.h]
+        return KVCache(specs, batch_size, max_len, device or p.device, dtype or p.dtype)
 
     # -----------------------------------------------------------------------------------------
     # 11. Accounting and optimizer groups
@@ -2203,26 +3055,58 @@ class GPT(nn.Module):
     # architecture's arithmetic (test_model_param_and_flops_formulas_match_count checks them
     # against model.parameters()).
 
+    def _attention_params(self, kind):
+        """Parameters of one attention layer of kind `kind`: (matrices, norm gains, decays).
+        C = n_embd, H heads of D, Hkv kv heads; MLA's widths as in section 5.4."""
+        c = self.config
+        C, D, H, Hkv = c.n_embd, c.head_dim, c.n_head, c.n_kv_head
+        g = 1 if c.norm_gain else 0
+        if kind == "M":
+            q_lora, r, dn, dr, dv = c.mla_dims
+            wq = C * q_lora + q_lora * H * (dn + dr) if q_lora else C * H * (dn + dr)
+            matrices = wq + C * (r + dr) + r * H * (dn + dv) + H * dv * C   # wq, wkv_a, wkv_b, c_proj
+            gains, out = (q_lora + r) * g, dv                                 # q_norm, kv_norm
+        else:
+            matrices = C * (H + 2 * Hkv) * D + H * D * C                      # c_attn + c_proj
+            gains, out = (2 * D * g if c.qk_norm else 0), D                   # q_norm, k_norm
+        decays = 0
+        if kind == "L" and c.linear_kind == "decay":
+            gains, decays = gains + D * g, H                                  # out_norm; gamma_h
+        gate = {"none": 0, "output": C * H * out, "output_head": C * H}[c.attn_gate]
+        return matrices, gate, gains, decays
+
     def _param_table(self):
         """component -> (total params, params active per token)."""
         c = self.config
-        C, D, H, Hkv, V = c.n_embd, c.head_dim, c.n_head, c.n_kv_head, c.vocab_size
+        C, V = c.n_embd, c.vocab_size
         g = 1 if c.norm_gain else 0
-        attn = C * (H + 2 * Hkv) * D + H * D * C              # c_attn + c_proj
-        qk = 2 * D * g if c.qk_norm else 0                     # q_norm, k_norm gains
         mlp = (3 if c.mlp == "swiglu" else 2) * C * c.hidden_size
-        n_blocks = c.n_layer + (1 if c.mtp else 0)           # the MTP head has one more block
-        gains = n_blocks * (2 * C * g + qk) + C * g + (2 * C * g if c.mtp else 0)  # + ln_f, mtp norms
-        n_engram = len(c.engram_layer_ids)
-        gains += n_engram * 2 * C * g                         # Engram's norm_h, norm_k (7c)
         n_moe = c.n_moe_layers
-        table = {
-            "embedding (wte)": (V * C, V * C),
-            "attention": (c.n_layer * attn,) * 2,
+        kinds = c.layer_kinds + (c.layer_kinds[-1] if c.mtp else "")   # the MTP block's kind last
+        names = {"M": "attention (mla)", "L": "attention (linear)"}     # G W S: "attention"
+        attn, gates, gains, decays = collections.Counter(), 0, 0, 0
+        for i, kind in enumerate(kinds):
+            matrices, gate, norm, decay = self._attention_params(kind)
+            if i < c.n_layer:                 # the MTP block's attention is in "mtp head"
+                attn[names.get(kind, "attention")] += matrices
+                gates += gate
+            gains += 2 * C * g + norm         # ln_1, ln_2 and the attention's own norms
+            decays += decay
+        gains += C * g + (2 * C * g if c.mtp else 0)                     # ln_f, the mtp norms
+        gains += len(c.engram_layer_ids) * 2 * C * g                     # Engram's norm_h, norm_k (7c)
+        table = {"embedding (wte)": (V * C, V * C)}
+        for name in ("attention", "attention (mla)", "attention (linear)"):
+            if attn[name]:
+                table[name] = (attn[name], attn[name])
+        if gates:
+            table["attention gates"] = (gates, gates)
+        table.update({
             "mlp": ((c.n_layer - n_moe) * mlp,) * 2,
             "norm gains": (gains, gains),
             "lm_head": (0, 0) if c.tie_embeddings else (V * C, V * C),
-        }
+        })
+        if decays:
+            table["linear decays"] = (decays, decays)
         if n_moe:
             # per MoE layer: router (C x E), E routed experts of which top_k run per token,
             # n_shared shared experts that always run; each expert is an MLP of width moe_hidden
@@ -2232,7 +3116,8 @@ class GPT(nn.Module):
             if c.n_shared_experts:
                 table["moe shared experts"] = (n_moe * c.n_shared_experts * expert,) * 2
         if c.mtp:
-            n = 2 * C * C + attn + mlp                        # proj + its block's matrices
+            matrices, gate, _, _ = self._attention_params(kinds[-1])
+            n = 2 * C * C + matrices + gate + mlp             # proj + its block's matrices
             table["mtp head"] = (n, n)
         table.update(self._hc_engram_params())
         return table
@@ -2273,17 +3158,42 @@ class GPT(nn.Module):
         total, active = self.num_params(), self.num_params(active=True)
         memory = self._param_table().get("engram tables (memory)", (0, 0))[0]
         return {"dense": total - memory, "memory": memory, "total": total, "active": active}
+    def attention_flops(self, kind, T):
+        """Training FLOPs (forward + backward) per token of one attention layer's core, the part
+        that is not a weight matmul, in a sequence of T tokens:
+          G W S  12 * H * D * ctx: q k^T and probs v are 2 D FLOPs each per visible key, x3 for
+                 the backward; ctx = mean_visible_keys under the layer's window or blocks
+          M      6 * H * (d_n + d_r + d_v) * ctx: the same with MLA's key and value widths
+          L      the chunked form (section 5.5) with E = D (+1 for the kernel form's normaliser):
+                 inside chunks 6 H (D + E) ctx_c, ctx_c = mean visible keys of the chunk's causal
+                 square; between chunks 6 H D E for the query reading the state (tokens after the
+                 first chunk) and 6 H D E for writing it (tokens before the last chunk)."""
+        c = self.config
+        H, D = c.n_head, c.head_dim
+        if kind == "L":
+            E = D + (1 if c.linear_kind == "kernel" else 0)
+            sizes = [min(c.linear_chunk, T - a) for a in range(0, T, c.linear_chunk)]
+            ctx = sum(n * (n + 1) / 2 for n in sizes) / T
+            between = (T - sizes[0] + T - sizes[-1]) / T
+            return 6 * H * ((D + E) * ctx + D * E * between)
+        if kind == "M":
+            _, _, dn, dr, dv = c.mla_dims
+            return 6 * H * (dn + dr + dv) * mean_visible_keys(T)
+        if kind == "S":
+            return 12 * H * D * mean_visible_keys(T, sparse=(c.sparse_block, c.sparse_local, c.sparse_global))
+        if kind == "W" or not c.layer_pattern:
+            return 12 * H * D * mean_visible_keys(T, c.window if c.window < T else 0, c.n_global)
+        return 12 * H * D * mean_visible_keys(T)
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs (forward + backward) per token:
-            6 * N_matmul + 12 * L_attn * n_head * head_dim * ctx
-        N_matmul counts the active parameters used in matmuls (everything but the wte lookup and
-        the norm gains; a tied wte still counts once, as lm_head). Each such weight costs 2 FLOPs
-        per token forward (multiply + add) and 4 backward (grads of input and weight): 6.
-        Attention adds q k^T and probs v: 2 * 2 * head_dim * n_head FLOPs per attended key
-        forward, times 3 for fwd + bwd. ctx is the mean number of keys a query attends to in a
-        seq_len window (causal: (seq_len+1)/2; a sliding window caps it). This counts useful
-        FLOPs: nanoGPT's estimate_mfu uses ctx = seq_len (the masked half too).
+            6 * N_matmul + sum over layers of attention_flops(kind, seq_len)
+        N_matmul counts the active parameters used in matmuls (everything but the wte lookup, the
+        norm gains and linear attention's decays; a tied wte still counts once, as lm_head). Each
+        such weight costs 2 FLOPs per token forward (multiply + add) and 4 backward (grads of
+        input and weight): 6. The attention term counts the keys a query really sees (causal:
+        (seq_len+1)/2 on average; a window or sparse blocks cap it): useful FLOPs. nanoGPT's
+        estimate_mfu uses ctx = seq_len (the masked half too).
         Multi-token prediction adds its block (in the table), its attention, and a second pass
         through lm_head for the T-1 positions that have a token t+2 to predict.
         Hyper-connections (7b) count 6 per multiply-add of their reads, mixes and dynamic
@@ -2293,16 +3203,15 @@ class GPT(nn.Module):
         c = self.config
         T = seq_len or c.block_size
         table = self.num_params(by_component=True, active=True)
-        not_matmul = ("norm gains", "embedding (wte)", "hyper-connections", "engram tables (memory)")
+        not_matmul = ("norm gains", "embedding (wte)", "linear decays", "hyper-connections",
+                      "engram tables (memory)")
         n_matmul = sum(v for k, v in table.items() if k not in not_matmul)
         if c.tie_embeddings:
             n_matmul += c.vocab_size * c.n_embd                        # wte used as lm_head
         if c.mtp:
             n_matmul += c.vocab_size * c.n_embd * (T - 1) / T          # lm_head again, T-1 rows
-        w = c.window if 0 < c.window < T else T
-        ctx = sum(min(t + 1, w) for t in range(T)) / T
-        n_attn_layers = c.n_layer + (1 if c.mtp else 0)
-        return int(6 * n_matmul + 12 * n_attn_layers * c.n_head * c.head_dim * ctx
+        kinds = c.layer_kinds + (c.layer_kinds[-1] if c.mtp else "")
+        return int(6 * n_matmul + sum(self.attention_flops(kind, T) for kind in kinds)
                    + self.hc_flops_per_token())
 
     def hc_flops_per_token(self):
@@ -2315,10 +3224,26 @@ class GPT(nn.Module):
         return 6 * self.n_hc_sublayers * per
 
     def kv_cache_bytes_per_token(self, dtype=torch.bfloat16):
-        """Bytes of KV cache per token of context: keys + values, per layer, per kv head."""
+        """Bytes of cache per token of context, summed over layers: softmax layers keep keys and
+        values (2 * n_kv_head * D numbers), MLA layers the latent and the rope key
+        (kv_lora_rank + qk_rope_head_dim), linear layers nothing per token (their state has a
+        fixed size: cache_state_bytes)."""
         c = self.config
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * c.n_layer * c.n_kv_head * c.head_dim * itemsize
+        q_lora, r, dn, dr, dv = c.mla_dims
+        per_layer = {"M": r + dr, "L": 0}
+        return sum(per_layer.get(kind, 2 * c.n_kv_head * c.head_dim) for kind in c.layer_kinds) * itemsize
+
+    def cache_state_bytes(self):
+        """Bytes of fixed-size state per sequence (linear layers: n_head * D * E float32 numbers
+        each, E = D + 1 for the kernel form's normaliser, D for the decay form), whatever the context."""
+        c = self.config
+        E = c.head_dim + (1 if c.linear_kind == "kernel" else 0)
+        return c.layer_kinds.count("L") * c.n_head * c.head_dim * E * 4
+
+    def cache_bytes(self, context, dtype=torch.bfloat16):
+        """Cache memory of one sequence of `context` tokens: per token, plus the fixed states."""
+        return self.kv_cache_bytes_per_token(dtype) * context + self.cache_state_bytes()
 
     def cache_bytes_per_row(self):
         """Bytes a cache keeps per row whatever the context length: Engram's n-gram history (7c),
@@ -3320,6 +4245,9 @@ def export_hf(model, tokenizer, folder, dtype=torch.float32, overwrite=False, ma
 # 16. main: print the architecture, run a forward/backward on random tokens
 
 
+ARCH_TABLE_CONTEXT = 4096   # the context at which the architecture table gives the cache memory
+
+
 def architecture_table(model):
     """The default architecture as text: parameters per component, FLOPs/token, KV bytes/token."""
     c = model.config
@@ -3336,10 +4264,20 @@ def architecture_table(model):
                      f"FLOPs); active per token {s['active']:,}")
     f = model.flops_per_token()
     lines.append(f"FLOPs/token (fwd+bwd, T={c.block_size}): {f:,} ({f / 1e6:.1f} MFLOP)")
+    kinds = c.layer_kinds
+    if kinds != kinds[0] * len(kinds) or kinds[0] != "G":
+        counts = ", ".join(f"{kinds.count(k)} {LAYER_KINDS[k]}" for k in LAYER_KINDS if k in kinds)
+        lines.append(f"layers: {kinds} ({counts})")
     lines.append(f"KV cache per token: {model.kv_cache_bytes_per_token(torch.bfloat16):,} bytes "
                  f"(bf16), {model.kv_cache_bytes_per_token(torch.float32):,} bytes (fp32)"
                  + (f"; n-gram history {model.cache_bytes_per_row():,} bytes per row"
                     if model.cache_bytes_per_row() else ""))
+    if model.cache_state_bytes():
+        # linear layers: a state of fixed size, the same at every context length
+        lines.append(f"  + linear attention state: {model.cache_state_bytes():,} bytes per sequence "
+                     f"(fp32), at any context")
+    context = ARCH_TABLE_CONTEXT
+    lines.append(f"cache of one {context}-token sequence: {model.cache_bytes(context) / 2 ** 20:.2f} MiB (bf16)")
     return "\n".join(lines)
 
 

@@ -14,6 +14,8 @@ trained with, and continues a prompt one token at a time, printing text as it is
     python sample.py --interactive=True                     # prompt, generate, repeat (Ctrl-D exits)
     python sample.py --prompt="ROMEO:" --token_healing=False  # no healing: continue right after the ':' token
     python sample.py --bench=True --ckpt=random             # speed: cache vs recompute, branching
+    python sample.py --bench=True --ckpt=random --bench_context=[512,1024,2048,4096] \
+        --arch="[{}, {'attn': 'linear'}, {'layer_pattern': 'LLLG'}]"    # decoding at long contexts
     python sample.py --eval=builtin                         # multiple-choice accuracy on held-out val text
     python sample.py --eval=hellaswag_val.jsonl             # HellaSwag, or any {"context", "choices", "answer"} JSONL
     python sample.py --stress=True                          # past the context, repetition, drift, odd prompts
@@ -114,6 +116,8 @@ class SampleConfig:
     bench_tokens: int = 500          # --bench: tokens decoded per run
     bench_samples: int = 8           # --bench: continuations drawn by branching one prefill
     bench_repeats: int = 5           # --bench: timed repeats per measurement (the median is reported)
+    bench_context: object = None     # --bench: decoding tokens/s after prefills of these lengths instead, e.g. [512, 1024, 2048, 4096]
+    arch: object = None              # --ckpt=random: GPTConfig settings of the model, e.g. {'attn': 'linear'}; a list of them is benched side by side
     eval: str = ""                   # builtin and/or path/to/file.jsonl, comma-separated: multiple-choice accuracy
     eval_examples: int = 200         # --eval: at most this many examples per task (0 = all there are)
     data_dir: str = "data/stdlib"    # prepare.py output whose val split feeds --eval=builtin, --stress and --show
@@ -144,6 +148,16 @@ class SampleConfig:
             raise ValueError(f"--threads={self.threads}: must be >= 0 (0 = torch's default)")
         if min(self.bench_tokens, self.bench_samples, self.bench_repeats) < 1:
             raise ValueError("--bench_tokens, --bench_samples and --bench_repeats must be at least 1")
+        self.bench_context = [self.bench_context] if isinstance(self.bench_context, int) else self.bench_context or []
+        if not (isinstance(self.bench_context, (list, tuple)) and all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in self.bench_context)):
+            raise ValueError(f"--bench_context={self.bench_context!r}: give context lengths, e.g. [512, 1024, 2048, 4096]")
+        self.arch = [self.arch] if isinstance(self.arch, dict) else self.arch or [{}]
+        if not (isinstance(self.arch, (list, tuple)) and all(isinstance(a, dict) for a in self.arch)):
+            raise ValueError(f"--arch={self.arch!r}: give a dict of model settings, e.g. {{'attn': 'linear'}}, "
+                             f"or a list of them")
+        if self.bench_context and not self.bench:
+            raise ValueError("--bench_context measures decoding speed: add --bench=True")
         if self.sample_batch < 0 or self.eval_examples < 0:
             raise ValueError("--sample_batch and --eval_examples must be >= 0 (0 = automatic / all)")
         unknown = [k for k in self.show.split(",") if k.strip() and k.strip() not in SHOW_KINDS]
@@ -251,10 +265,23 @@ def export(model, tokenizer, cfg, out=None):
           f"AutoTokenizer.from_pretrained({cfg.export_hf!r}); here: --ckpt={HF_PREFIX}{cfg.export_hf}", file=out)
 
 
-def random_model(device="cpu", seed=0, **overrides):
-    """An untrained model of NANOGPT_CPU_SHAKESPEARE's size, so --bench runs without any training."""
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**NANOGPT_CPU_SHAKESPEARE, **overrides})).to(device).eval()
+
+def random_models(cfg, rt):
+    """--ckpt=random: [(label, model)], one untrained model per --arch entry, each with the same
+    seed. The settings of an entry apply over NANOGPT_CPU_SHAKESPEARE and are checked like typed
+    settings (one line for a bad one); with --bench_context the context grows to fit the longest
+    prefill plus the decoded tokens, unless the entry sets block_size itself."""
+    base = GPTConfig(**NANOGPT_CPU_SHAKESPEARE)
+    if cfg.bench_context:
+        base = dataclasses.replace(base, block_size=max(cfg.bench_context) + cfg.bench_tokens)
+    models = []
+    for i, arch in enumerate(cfg.arch):
+        where = f"--arch entry {i} ({bpe.settings_label(arch)}): " if len(cfg.arch) > 1 else "--arch: "
+        config = bpe.settings_with(GPTConfig, base, arch, where)
+        torch.manual_seed(cfg.seed)
+        models.append((bpe.settings_label(arch, "softmax (default)"),
+                       GPT(config, rt.kernels).to(rt.device).eval()))
+    return models
 
 
 # -----------------------------------------------------------------------------
@@ -788,18 +815,19 @@ def generate_text(model, tokenizer, prompt_ids, max_new_tokens, sampling=GREEDY,
 def rows_per_batch(model, n_prompt, max_new_tokens, cache_dtype=torch.float32, budget=None):
     """How many samples one batch may hold so that their memory stays under budget (default
     SAMPLE_MEMORY_BYTES). Per row:
-        KV cache    kv_cache_bytes_per_token * context     (keys and values of every layer)
+        KV cache    model.cache_bytes(context)             (keys and values of every layer)
         tokens      8 * (prompt + new tokens)              (int64 ids, kept for re-prefills)
         uniforms    4 * new tokens                         (the row's random numbers)
         one step    LOGIT_COPIES * 4 * vocab + vocab       (float32 logits and their filtered
                                                             copies, the bool seen mask)
     Example: 2 layers, 2 kv heads of 32, float32 cache, context 64, vocab 300, prompt 5, 500 new
     tokens: 2*2*2*32*4*64 + 8*505 + 4*500 + 6*4*300 + 300 = 65536 + 4040 + 2000 + 7500 = 79076 bytes
-    a row -> 13578 rows per GiB (the issue's --num_samples=100000 runs as 8 batches)."""
+    a row -> 13578 rows per GiB (the issue's --num_samples=100000 runs as 8 batches). Linear
+    attention layers add their fixed-size state instead (model.cache_bytes counts both)."""
     budget = budget or SAMPLE_MEMORY_BYTES
     context_len = context_length(model.config)
     V = model.config.vocab_size
-    per_row = (model.kv_cache_bytes_per_token(cache_dtype) * context_len + 8 * (n_prompt + max_new_tokens)
+    per_row = (model.cache_bytes(context_len, cache_dtype) + 8 * (n_prompt + max_new_tokens)
                + 4 * max_new_tokens + LOGIT_COPIES * 4 * V + V)
     return max(1, budget // per_row)
 
@@ -905,6 +933,16 @@ def interactive(model, tokenizer, cfg, rt, read=input, out=None):
 #                      equals the single-run figure, which the ratio compares against.
 # End-of-text is not a stop here: every run decodes exactly bench_tokens tokens. What the figures
 # were on our machines, and against nanoGPT's generate, is in the README's performance notes.
+# --ckpt=random --arch=... benches other architectures (a list of them: one after the other), and
+# --bench_context measures decoding at long contexts instead (below).
+
+def sync(rt):
+    """Wait for the device, so that a clock read after it times the work, not its launch."""
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    elif rt.device.type == "mps":
+        torch.mps.synchronize()
+
 
 def bench(model, rt, cfg, bos_id=0, out=None):
     out = sys.stdout if out is None else out
@@ -912,12 +950,6 @@ def bench(model, rt, cfg, bos_id=0, out=None):
     V, T, N = model.config.vocab_size, cfg.bench_tokens, cfg.bench_samples
     sampling = Sampling(temperature=1.0)
     full_prompt = torch.randint(V, (1, context_len), generator=torch.Generator().manual_seed(cfg.seed)).to(rt.device)
-
-    def sync():
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-        elif rt.device.type == "mps":
-            torch.mps.synchronize()
 
     @torch.inference_mode()
     def prefill():
@@ -942,10 +974,10 @@ def bench(model, rt, cfg, bos_id=0, out=None):
         for rep in range(1 + cfg.bench_repeats):        # rep 0 is the warm-up
             print(f"bench: round {rep}/{cfg.bench_repeats}{' (warm-up)' if rep == 0 else ''}", file=sys.stderr)
             for name, (fn, n_tokens) in runs.items():
-                sync()
+                sync(rt)
                 t0 = time.perf_counter()
                 fn()
-                sync()
+                sync(rt)
                 if rep > 0:
                     speeds[name].append(n_tokens / (time.perf_counter() - t0))
     med = {name: statistics.median(v) for name, v in speeds.items()}
@@ -966,6 +998,74 @@ def bench(model, rt, cfg, bos_id=0, out=None):
     ]
     out.write("\n".join(lines) + "\n")
     return {**med, "cache_gain": cache_gain, "branch_gain": branch_gain}
+
+
+# Decoding at long contexts (--bench_context): what a token costs once the context is long. A
+# softmax layer reads every cached key and value for every new token, so its cost grows with the
+# context; a linear layer updates a state of fixed size, so its cost should not (section 5.5 of
+# model.py); MLA reads a smaller cache. For each context c, each model, and 1 or bench_samples
+# rows (one prompt branched, as --num_samples decodes): a cache prefilled with c random tokens
+# (not timed), then bench_tokens one-token steps, greedy (timed). With one row much of a step is
+# the work every model does alike (norms, MLP, head: many small ops); rows share those ops but
+# each reads its own cache, which shows what the attention itself costs. Models and contexts
+# alternate within each round; ratios to the first model are taken within each round (runs
+# seconds apart see the same load), and medians over rounds are reported.
+
+@torch.inference_mode()
+def decode_at_context(model, rt, context, n_tokens, rows, seed):
+    """Tokens/s (all rows) of n_tokens one-token steps after a prefill of `context` random tokens."""
+    V = model.config.vocab_size
+    prompt = torch.randint(V, (1, context), generator=torch.Generator().manual_seed(seed)).to(rt.device)
+    cache = model.make_cache(1, context + n_tokens, device=rt.device, dtype=rt.dtype)
+    token = model(prompt, cache=cache)[:, -1:].argmax(-1).expand(rows, 1)      # (rows, 1)
+    cache = cache.branch(rows) if rows > 1 else cache
+    sync(rt)
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        token = model(token, cache=cache)[:, -1:].argmax(-1)
+    sync(rt)
+    return rows * n_tokens / (time.perf_counter() - t0)
+
+
+def bench_contexts(models, rt, cfg, out=None):
+    """models: [(label, model)]. Prints tokens/s per context, rows and model, each model's ratio
+    to the first one, and how much a token of one row costs at the longest context against the
+    shortest (1.0x = flat). Returns {(label, context, rows): median tokens/s}."""
+    out = sys.stdout if out is None else out
+    contexts, T = sorted(cfg.bench_context), cfg.bench_tokens
+    row_counts = sorted({1, cfg.bench_samples})
+    for label, model in models:
+        if contexts[-1] + T > context_length(model.config):
+            raise bpe.UserError(f"--bench_context={contexts[-1]} + {T} new tokens exceed the context of "
+                                f"{context_length(model.config)} tokens of {label}; use shorter contexts")
+    runs = [(c, rows) for c in contexts for rows in row_counts]
+    speed = {(label, c, rows): [] for label, _ in models for c, rows in runs}
+    with rt.autocast():
+        for rep in range(1 + cfg.bench_repeats):        # rep 0 is the warm-up
+            print(f"bench: round {rep}/{cfg.bench_repeats}{' (warm-up)' if rep == 0 else ''}", file=sys.stderr)
+            for c, rows in runs:
+                for label, model in models:
+                    tok_s = decode_at_context(model, rt, c, T, rows, cfg.seed)
+                    if rep > 0:
+                        speed[label, c, rows].append(tok_s)
+    first = models[0][0]
+    med = {key: statistics.median(v) for key, v in speed.items()}
+    width = max(24, *(len(label) + 2 for label, _ in models))
+    lines = [f"bench: decoding {T} tokens after a prefill of each context, {rt}, {torch.get_num_threads()} "
+             f"threads, median of {cfg.bench_repeats} rounds (alternating); tokens/s of all rows, and in "
+             f"brackets x the first model (ratios within each round)",
+             f"  {'context':<9}{'rows':>5}" + "".join(f"{label:>{width}}" for label, _ in models)]
+    for c, rows in runs:
+        cells = []
+        for label, _ in models:
+            ratio = statistics.median(a / b for a, b in zip(speed[label, c, rows], speed[first, c, rows]))
+            cells.append(f"{med[label, c, rows]:.1f}" + (f" ({ratio:.2f}x)" if label != first else ""))
+        lines.append(f"  {c:<9}{rows:>5}" + "".join(f"{cell:>{width}}" for cell in cells))
+    flat = ", ".join(f"{label} {med[label, contexts[0], 1] / med[label, contexts[-1], 1]:.2f}x"
+                     for label, _ in models)
+    lines.append(f"  cost of a token (1 row) at {contexts[-1]} against {contexts[0]} tokens of context: {flat}")
+    out.write("\n".join(lines) + "\n")
+    return med
 
 
 # -----------------------------------------------------------------------------
@@ -1789,8 +1889,17 @@ def main():
         if not cfg.bench:
             raise bpe.UserError("--ckpt=random is an untrained model without a tokenizer: it only serves "
                                 "--bench=True; pass a trained --ckpt=PATH")
-        bench(random_model(rt.device, cfg.seed).use_kernels(rt.kernels), rt, cfg, 0)
+        models = random_models(cfg, rt)
+        if cfg.bench_context:
+            bench_contexts(models, rt, cfg)
+        for label, model in ([] if cfg.bench_context else models):
+            if len(models) > 1:
+                print(f"--- {label}")
+            bench(model, rt, cfg, 0)
         return
+    if cfg.arch != [{}]:
+        raise bpe.UserError("--arch describes the untrained model of --ckpt=random; a checkpoint brings its "
+                            "own architecture")
     path = cfg.ckpt or os.path.join(cfg.out_dir, "best.pt")
     factor = 1.0 if cfg.rope_scaling == "none" else cfg.rope_factor
     overrides = dict(rope_scaling=cfg.rope_scaling, rope_factor=factor) if cfg.rope_scaling else None
@@ -1808,7 +1917,10 @@ def main():
                             f"every prompt (nanostack's documents start with it); a tokenizer whose documents "
                             f"start with another token (Llama 3's <|begin_of_text|>) is not supported")
     if cfg.bench:
-        bench(model, rt, cfg, tokenizer.eot_id)
+        if cfg.bench_context:
+            bench_contexts([(os.path.basename(path), model)], rt, cfg)
+        else:
+            bench(model, rt, cfg, tokenizer.eot_id)
         return
     if cfg.eval:
         suite = load_suite(cfg.eval, tokenizer, cfg.data_dir, cfg.eval_examples, cfg.seed, log)

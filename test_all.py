@@ -28,6 +28,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -1936,7 +1937,8 @@ def test_model_cached_decode_equals_full_forward(kw):
     torch.testing.assert_close(_model_decode(m, idx, 7), full, atol=_MODEL_ATOL, rtol=0)
     torch.testing.assert_close(_model_decode(m, idx, 1, chunk=5), full, atol=_MODEL_ATOL, rtol=0)
     cache = m.make_cache(2, 24)
-    assert cache.k.shape == (2, 2, m.config.n_kv_head, 24, 8)   # only the kv heads are cached
+    for store in cache.layers:                                   # keys and values of each layer:
+        assert [p.shape for p in store.parts] == [(2, m.config.n_kv_head, 24, 8)] * 2   # kv heads only
 
 
 @_model_one_thread
@@ -1978,7 +1980,7 @@ def test_model_kv_cache_bytes_per_token_matches_cache():
     m = _model_make(n_kv_head=2)
     for dtype in (torch.float32, torch.bfloat16):
         cache = m.make_cache(1, 10, dtype=dtype)
-        real = (cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()) / 10
+        real = sum(p.numel() * p.element_size() for store in cache.layers for p in store.parts) / 10
         assert m.kv_cache_bytes_per_token(dtype) == real
 
 # ---------------------------------------------------------------------------- loss, MTP, accounting
@@ -2133,6 +2135,388 @@ def test_model_tiny_overfits_one_batch():
         if loss.item() < 0.1:
             break
     assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step + 1} steps"
+
+# ---------------------------------------------------------------------------- the attention family
+
+# One config per kind of layer (and a hybrid of all five letters): the parity tests run each.
+_MODEL_KINDS = {
+    "mla": dict(attn="mla", kv_lora_rank=12, qk_rope_head_dim=4),
+    "mla_q_lora": dict(attn="mla", q_lora_rank=16, attn_gate="output", norm_gain=True),
+    "linear_kernel": dict(attn="linear", linear_chunk=4),
+    "linear_decay": dict(attn="linear", linear_kind="decay", linear_chunk=5, n_kv_head=2),
+    "sparse": dict(sparse_block=4, sparse_local=1, sparse_global=1, n_kv_head=2),
+    "hybrid": dict(layer_pattern="GWSML", n_layer=5, window=5, sparse_block=4, sparse_local=0,
+                   linear_chunk=3, attn_gate="output_head", n_kv_head=2),
+}
+
+
+@pytest.mark.parametrize("case, bad, words", [
+    ("a window with linear attention", dict(attn="linear", window=8), "window=8"),
+    ("a letter that is no kind", dict(layer_pattern="LXG"), "'X' is not a layer kind"),
+    ("a pattern longer than the model", dict(layer_pattern="LLLGG", n_layer=4), "more letters than n_layer"),
+    ("a pattern and attn at once", dict(layer_pattern="LG", attn="mla"), "leave attn=softmax"),
+    ("W layers without a window", dict(layer_pattern="WG"), "set window > 0"),
+    ("a window no layer uses", dict(layer_pattern="GL", window=8), "add W to layer_pattern"),
+    ("S layers without blocks", dict(layer_pattern="SG"), "set sparse_block > 0"),
+    ("blocks no layer uses", dict(attn="mla", sparse_block=8), "sparse_block=0"),
+    ("window and blocks at once", dict(window=8, sparse_block=8), "choose one of them"),
+    ("an MLA width without MLA", dict(kv_lora_rank=16), "attn=mla"),
+    ("an odd rope width", dict(attn="mla", qk_rope_head_dim=3), "qk_rope_head_dim=3 must be even"),
+    ("a latent wider than K and V", dict(attn="mla", kv_lora_rank=999), "choose kv_lora_rank <= 64"),
+    ("a query latent too wide", dict(attn="mla", q_lora_rank=999), "choose q_lora_rank <="),
+    ("softcap on linear layers only", dict(attn="linear", attn_softcap=5.0), "attn_softcap=0"),
+    ("an unknown kind", dict(attn="flash"), "choose one of softmax, mla, linear"),
+    ("an unknown gate", dict(attn_gate="input"), "none, output, output_head"),
+    ("an unknown linear form", dict(attn="linear", linear_kind="elu"), "kernel, decay"),
+    ("an empty chunk", dict(attn="linear", linear_chunk=0), "linear_chunk=0"),
+])
+def test_model_attention_settings_rejected_with_one_line(case, bad, words):
+    """Every bad combination of the attention family is one line that names the setting and says
+    what to choose instead (through the command line too: a SettingsError)."""
+    with pytest.raises(ValueError) as e:
+        _model_cfg(**bad)
+    assert words in str(e.value) and "\n" not in str(e.value), case
+    argv = [f"--{k}={v}" for k, v in {**dict(vocab_size=61, n_embd=32), **bad}.items()]
+    with pytest.raises(bpe.SettingsError, match=re.escape(words)):
+        bpe.parse_settings(M.GPTConfig, argv)
+
+
+@_model_one_thread
+def test_model_layer_pattern_repeats_and_builds_each_kind():
+    cfg = _model_cfg(layer_pattern="LLG", n_layer=5)
+    assert cfg.layer_kinds == "LLGLL"
+    m = M.GPT(_model_cfg(**_MODEL_KINDS["hybrid"]))
+    kinds = [type(b.attn).__name__ + ":" + getattr(b.attn, "view", "") for b in m.transformer.h]
+    assert kinds == ["CausalSelfAttention:full", "CausalSelfAttention:window", "CausalSelfAttention:sparse",
+                     "MultiHeadLatentAttention:", "LinearAttention:"]
+    moe = M.GPT(_model_cfg(layer_pattern="LG", n_layer=4, n_experts=4, top_k=1, moe_every=2))
+    assert [type(b.mlp).__name__ for b in moe.transformer.h] == ["MLP", "MoE", "MLP", "MoE"]   # moe_every holds
+    assert _model_cfg(window=4).layer_kinds == "WW" and _model_cfg(attn="linear").layer_kinds == "LL"
+    # the run-time window reaches the window layers only; a model without any refuses it
+    with pytest.raises(ValueError, match="no layer of this model .* is a sliding-window layer"):
+        M.GPT(_model_cfg(layer_pattern="GL"))(_model_tokens(1, 8), window=4)
+    with pytest.raises(bpe.SettingsError, match="--window_schedule changes the window of sliding-window layers"):
+        bpe.parse_settings(train.TrainConfig, ["--attn=linear", "--window_schedule=[(0, 64)]"])
+
+
+@pytest.mark.parametrize("kind", list(_MODEL_KINDS))
+@_model_one_thread
+def test_model_cached_decode_equals_full_forward_every_kind(kind):
+    """The cache, for every kind and a hybrid of all five: prefill then one token at a time,
+    prefill of 1 then chunks of 5 (past the window of 5, across sparse blocks and linear chunks),
+    with packed documents, and branching one prompt into 3 rows; float32, tight."""
+    m = _model_make(**_MODEL_KINDS[kind])
+    idx = _model_tokens(2, 24)
+    full = m(idx)
+    torch.testing.assert_close(_model_decode(m, idx, 7), full, atol=_MODEL_ATOL, rtol=0)
+    torch.testing.assert_close(_model_decode(m, idx, 1, chunk=5), full, atol=_MODEL_ATOL, rtol=0)
+    idx[:, [0, 6, 13]] = 0
+    docs = M.doc_ids_from_bos(idx, 0)
+    torch.testing.assert_close(_model_decode(m, idx, 9, doc_ids=docs, chunk=2), m(idx, doc_ids=docs),
+                               atol=_MODEL_ATOL, rtol=0)
+    prompt, cont = idx[:1, :9], _model_tokens(3, 6, seed=5)
+    cache = m.make_cache(1, 20)
+    m(prompt, cache=cache)
+    branched = cache.branch(3)
+    got = torch.cat([m(cont[:, t:t + 1], cache=branched) for t in range(6)], dim=1)
+    torch.testing.assert_close(got, m(torch.cat([prompt.expand(3, -1), cont], 1))[:, 9:],
+                               atol=_MODEL_ATOL, rtol=0)
+    cache.reset()      # after a reset the cache must forget everything (linear states too)
+    torch.testing.assert_close(torch.cat([m(cont[:1, :4], cache=cache), m(cont[:1, 4:], cache=cache)], 1),
+                               m(cont[:1]), atol=_MODEL_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["mla", "linear_kernel", "linear_decay"])
+@_model_one_thread
+def test_model_document_masking_equals_separate_documents_every_kind(kind):
+    """Packed documents with doc_ids give each document's logits as if it ran alone (for linear
+    layers: a document start resets the state, inside a chunk and across chunks). Block-sparse
+    layers are not in the list: their blocks are counted from the row's position 0, so a packed
+    document's blocks depend on where it starts (section 5.1)."""
+    m = _model_make(**_MODEL_KINDS[kind])
+    docs = [torch.tensor(d) for d in ([0, 5, 9, 11, 4, 3, 8], [0, 7, 7, 2], [0, 1, 2, 3, 8, 6, 5, 9, 4])]
+    packed = torch.cat(docs)[None]                                             # (1, 20)
+    apart = torch.cat([m(d[None]) for d in docs], dim=1)
+    torch.testing.assert_close(m(packed, doc_ids=M.doc_ids_from_bos(packed, 0)), apart, atol=_MODEL_ATOL, rtol=0)
+    assert (m(packed) - apart).abs().max() > 1e-4                              # without doc_ids they differ
+
+
+@_model_one_thread
+def test_model_block_sparse_equals_dense_mask():
+    """The gathered-blocks form of section 5.1 equals the same pattern as a dense mask, for
+    queries at block boundaries or not (a cached chunk, one decoded token), with GQA, documents,
+    both inner paths; and the worked examples of sparse_block_table and attention_mask hold."""
+    ids, valid = M.sparse_block_table(1, 3, local=1, n_global=1)
+    assert ids.tolist() == [[0, 0, 1], [0, 1, 2], [0, 2, 3]]
+    assert valid.tolist() == [[True, False, True], [True, True, True], [True, True, True]]
+    mask = M.attention_mask(torch.arange(6), torch.arange(6), sparse=(2, 0, 1))[0, 0]
+    assert mask[5].tolist() == [1, 1, 0, 0, 1, 1] and mask[3].tolist() == [1, 1, 1, 1, 0, 0]
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D = 2, 4, 2, 8
+    for sparse in [(4, 1, 1), (4, 0, 2), (3, 2, 0), (5, 0, 0)]:
+        for pos, T in [(0, 23), (9, 1), (5, 11), (16, 4)]:
+            q = torch.randn(B, H, T, D, generator=g)
+            k, v = torch.randn(B, Hkv, pos + T, D, generator=g), torch.randn(B, Hkv, pos + T, D, generator=g)
+            docs = torch.randint(0, 2, (B, pos + T), generator=g).cumsum(1) // 3     # a few documents
+            for k_doc in (None, docs):
+                q_doc = None if k_doc is None else k_doc[:, pos:]
+                ref = M.block_sparse_reference(q, k, v, pos, sparse, q_doc, k_doc)
+                for manual in (False, True):
+                    got = M.block_sparse_attention(q, k, v, pos, sparse, k_doc, manual=manual)
+                    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0, msg=f"{sparse} {pos} {T}")
+    # and it is sparse: a full causal mask gives other numbers at T = 23
+    full = M.manual_attention(q, k, v, torch.ones(T, pos + T, dtype=torch.bool).tril(pos))
+    assert (full - ref).abs().max() > 1e-3
+
+
+@_model_one_thread
+def test_model_mla_plain_absorbed_and_reference_agree():
+    """MLA three ways: mla_reference (every head's keys and values materialised, one head at a
+    time, as the paper writes it) == the layer's training form == cached decoding in the plain
+    form (keys and values rebuilt from the cached latents) == cached decoding in the absorbed form
+    (W_UK folded into the query, W_UV after the weighted sum; wkv_b never runs as a layer). The
+    cache holds only the latent and the shared rope key per token."""
+    for kw in (_MODEL_KINDS["mla"], _MODEL_KINDS["mla_q_lora"], dict(attn="mla", attn_softcap=3.0)):
+        m = _model_make(**kw)
+        attn = m.transformer.h[0].attn
+        x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(2))
+        layout = m._layout(2, 12, 0, 0, None, None, x.device)
+        ref = M.mla_reference(attn, x, layout.mla_cos, layout.mla_sin)
+        torch.testing.assert_close(attn(x, layout), ref, atol=_MODEL_ATOL, rtol=0)
+        idx = _model_tokens(2, 16)
+        full = m(idx)
+        outs = {}
+        for absorb in (False, True):
+            for layer in m.transformer.h:
+                layer.attn.absorb = absorb
+            calls = []
+            hook = attn.wkv_b.register_forward_hook(lambda *a: calls.append(1))
+            outs[absorb] = _model_decode(m, idx, 5)
+            hook.remove()
+            assert bool(calls) == (not absorb)      # the absorbed form never rebuilds K and V
+            torch.testing.assert_close(outs[absorb], full, atol=_MODEL_ATOL, rtol=0)
+        _, r, _, dr, _ = m.config.mla_dims
+        assert attn.absorbed_is_cheaper(1, 16) and not attn.absorbed_is_cheaper(400, 400)
+        cache = m.make_cache(2, 16)
+        assert [p.shape for p in cache.layers[0].parts] == [(2, 1, 16, r + dr)]
+        assert m.kv_cache_bytes_per_token(torch.float32) == m.config.n_layer * (r + dr) * 4
+
+
+@_model_one_thread
+def test_model_linear_chunked_parallel_recurrent_agree():
+    """Linear attention three ways (section 5.5): the O(T^2) parallel form, the token-by-token
+    recurrence and the chunked form (any chunk size, with and without decay and documents, and
+    split into two calls that hand the state over) give the same outputs; decay_matrix's worked
+    example holds; and the kernel form's weights, normalised, are a causal distribution."""
+    half = math.log(0.5)
+    torch.testing.assert_close(M.decay_matrix(torch.tensor([half]), 3)[0],
+                               torch.tensor([[1, 0, 0], [0.5, 1, 0], [0.25, 0.5, 1]]))
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D, E = 2, 3, 13, 4, 5
+    q, k = torch.rand(B, H, T, D, generator=g), torch.rand(B, H, T, D, generator=g)
+    v = torch.randn(B, H, T, E, generator=g)
+    docs = torch.tensor([[0] * 5 + [1] * 8, [0] * 2 + [1] * 9 + [2] * 2])
+    for log_decay in (None, -torch.rand(H, generator=g)):
+        for doc in (None, docs):
+            par, w = M.linear_attention_parallel(q, k, v, log_decay, doc)
+            torch.testing.assert_close(M.linear_attention_recurrent(q, k, v, log_decay, doc), par,
+                                       atol=1e-5, rtol=0)
+            for chunk in (1, 4, 6, 13, 20):
+                y, _ = M.linear_attention_chunked(q, k, v, log_decay, chunk, doc=doc)
+                torch.testing.assert_close(y, par, atol=1e-5, rtol=0)
+            y1, state = M.linear_attention_chunked(q[:, :, :7], k[:, :, :7], v[:, :, :7], log_decay, 3,
+                                                   doc=None if doc is None else doc[:, :7], need_state=True)
+            y2, _ = M.linear_attention_chunked(q[:, :, 7:], k[:, :, 7:], v[:, :, 7:], log_decay, 4, state,
+                                               None if doc is None else doc[:, 7:],
+                                               None if doc is None else doc[:, 6:7])
+            torch.testing.assert_close(torch.cat([y1, y2], 2), par, atol=1e-5, rtol=0)
+    w = w / w.sum(-1, keepdim=True)            # the kernel form's weights (no decay, last doc set)
+    assert (w >= 0).all() and w.triu(1).abs().max() == 0
+    torch.testing.assert_close(w.sum(-1), torch.ones(B, H, T))
+    x = torch.linspace(-30, 30, 121, dtype=torch.float64)
+    torch.testing.assert_close(M.linear_feature(x), torch.where(x > 0, x + 1, x.exp()), rtol=0, atol=1e-12)
+
+
+@_model_one_thread
+def test_model_linear_decoding_state_has_a_constant_size():
+    """A linear layer's cache is its state: the same tensor shape after 1 or 40 tokens, no
+    per-position storage (no keys, no document ids), 0 KV bytes per token; and the decay form
+    starts at RetNet's decays 1 - 2^-(5+h)."""
+    m = _model_make(attn="linear", linear_kind="decay", block_size=64)
+    cache = m.make_cache(1, 64)
+    assert cache.doc is None and all(isinstance(s, M.StateStore) for s in cache.layers)
+    m(_model_tokens(1, 1), cache=cache)
+    shapes = [s.state.shape for s in cache.layers]
+    for _ in range(39):
+        m(_model_tokens(1, 1), cache=cache)
+    assert [s.state.shape for s in cache.layers] == shapes == [(1, 4, 8, 8)] * 2
+    assert m.kv_cache_bytes_per_token() == 0 and m.cache_state_bytes() == 2 * 4 * 8 * 8 * 4
+    assert m.cache_bytes(4096) == m.cache_bytes(16)
+    fresh = M.GPT(_model_cfg(attn="linear", linear_kind="decay"))
+    gamma = torch.sigmoid(fresh.transformer.h[0].attn.decay.double())
+    torch.testing.assert_close(gamma, 1 - 2.0 ** -torch.arange(5.0, 9.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gate", ["output", "output_head"])
+@_model_one_thread
+def test_model_gate_starts_at_one_half(gate):
+    """The output gate's initialisation (section 5.2): a fresh model's gate weights are zero, so
+    every gate is exactly sigmoid(0) = 0.5 and a gated layer computes what the ungated one does
+    with c_proj halved (for every kind); gradients reach the gate weights."""
+    fresh = M.GPT(_model_cfg(layer_pattern="GML", n_layer=3, attn_gate=gate))
+    assert all((b.attn.gate.weight == 0).all() for b in fresh.transformer.h)
+    for kw in (dict(), dict(attn="mla"), dict(attn="linear"), dict(sparse_block=4)):
+        plain = _model_make(**kw)
+        gated = M.GPT(_model_cfg(attn_gate=gate, **kw))
+        state = dict(plain.state_dict())
+        for i, b in enumerate(gated.transformer.h):
+            state[f"transformer.h.{i}.attn.gate.weight"] = b.attn.gate.weight.detach().clone()
+        gated.load_state_dict(state)
+        with torch.no_grad():
+            for b in plain.transformer.h:
+                b.attn.c_proj.weight.mul_(0.5)
+        idx = _model_tokens(2, 12)
+        torch.testing.assert_close(gated(idx), plain(idx), atol=_MODEL_ATOL, rtol=0)
+        loss, _ = gated(idx, idx.roll(-1, 1))
+        loss.backward()
+        assert all(b.attn.gate.weight.grad.abs().sum() > 0 for b in gated.transformer.h), kw
+
+
+@_model_one_thread
+def test_model_record_attention_every_kind():
+    """record_attention hands out one (B, H, T, T) map per layer for every kind: softmax layers'
+    probabilities (the sparse layer's zeros exactly where its blocks are invisible), MLA's, and
+    the linear kernel layer's normalised weights: every row a causal distribution."""
+    m = _model_make(layer_pattern="SML", n_layer=3, sparse_block=4, sparse_local=0, sparse_global=1)
+    idx = _model_tokens(2, 12)
+    with M.record_attention(m) as probs:
+        logits = m(idx)
+    torch.testing.assert_close(logits, m(idx), atol=_MODEL_ATOL, rtol=0)
+    assert len(probs) == 3 and all(p.shape == (2, 4, 12, 12) for p in probs)
+    for p in probs:
+        assert p.triu(1).abs().max() == 0 and (p >= 0).all()
+        torch.testing.assert_close(p.sum(-1), torch.ones(2, 4, 12))
+    visible = M.attention_mask(torch.arange(12), torch.arange(12), sparse=(4, 0, 1))[0, 0]
+    assert (probs[0][..., ~visible] == 0).all() and (probs[0][..., visible] > 0).all()
+
+
+def _model_core_bmm_flops(m, T):
+    """What the hand-written attention cores really compute per token (forward + backward), by
+    hand from the shapes of their bmm calls: every score of a T x T (or chunk x chunk, or
+    gathered-block) square, masked or not. flops_per_token counts only the visible ones."""
+    c = m.config
+    H, D = c.n_head, c.head_dim
+    total = 0
+    for kind in c.layer_kinds + (c.layer_kinds[-1] if c.mtp else ""):
+        if kind == "M":
+            _, _, dn, dr, dv = c.mla_dims
+            total += 6 * H * (dn + dr + dv) * T                        # q k^T and p v over T keys
+        elif kind == "L":
+            E = D + (c.linear_kind == "kernel")
+            sizes = [min(c.linear_chunk, T - a) for a in range(0, T, c.linear_chunk)]
+            total += 6 * H * (D + E) * sum(n * n for n in sizes) / T   # chunk squares
+            total += 6 * H * D * E * (2 * T - sizes[0] - sizes[-1]) / T  # read and write the state
+        elif kind == "S":
+            K = c.sparse_global + c.sparse_local + 1                   # gathered key blocks
+            total += 12 * H * D * K * c.sparse_block
+        else:
+            total += 12 * H * D * T
+    return total
+
+
+@_model_one_thread
+@pytest.mark.parametrize("kw", [dict(attn="mla", q_lora_rank=16), dict(attn="linear", linear_chunk=6),
+                                dict(attn="linear", linear_kind="decay", linear_chunk=8, attn_gate="output"),
+                                dict(sparse_block=4, sparse_local=1, sparse_global=1),
+                                dict(layer_pattern="MLSG", n_layer=4, sparse_block=4, sparse_global=0,
+                                     linear_chunk=5, attn_gate="output_head", mtp=True)])
+def test_model_attention_flops_counted_by_torch(kw):
+    """flops_per_token for every kind against torch.utils.flop_counter (as
+    test_model_flops_counted_by_torch does for softmax): the weight matmuls (mm, addmm) are
+    6 N_matmul per token exactly, gates and MLA's matrices included; the attention cores' bmm
+    calls are what _model_core_bmm_flops works out by hand from their shapes; and the formula
+    keeps the visible share of those (useful FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    m = M.GPT(_model_cfg(attn_impl="manual", **kw))
+    c, B, T = m.config, 2, 16
+    idx = torch.randint(c.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        loss, aux = m(idx, idx)
+        (loss + sum(aux.values())).backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    weights = (by_op.pop("aten.mm", 0) + by_op.pop("aten.addmm", 0)) / (B * T)
+    cores = by_op.pop("aten.bmm", 0) / (B * T)
+    assert not by_op, by_op
+    table = m.num_params(by_component=True, active=True)
+    n_matmul = (sum(table.values()) - table["norm gains"] - table["embedding (wte)"]
+                - table.get("linear decays", 0) + (c.vocab_size * c.n_embd * (T - 1) / T if c.mtp else 0))
+    assert weights == pytest.approx(6 * n_matmul, abs=1)
+    assert cores == pytest.approx(_model_core_bmm_flops(m, T), abs=1)
+    useful = sum(m.attention_flops(k, T) for k in c.layer_kinds + (c.layer_kinds[-1] if c.mtp else ""))
+    assert 0 < useful < cores and m.flops_per_token(T) == pytest.approx(weights + useful, abs=1)
+
+
+@_model_one_thread
+def test_model_attention_accounting_by_hand():
+    """One small config of each kind, counted on paper. C=8, 2 heads of D=4, V=10, 1 layer,
+    relu2 MLP (8 -> 32 -> 8: 512 weights), lm_head 80; T = 4 unless said.
+    softmax (the baseline): c_attn 8*24 + c_proj 64 = 256; 6*(256+512+80) + 12*2*4*2.5 = 5328.
+    gate output: + W_g 8*8 = 64 -> + 6*64 = 384: 5712; output_head: W_g 8*2 = 16: 5424.
+    MLA, kv_lora_rank 4, qk_rope 2 (nope 4, v 4): wq 8*2*6 = 96, wkv_a 8*6 = 48, wkv_b 4*2*8 = 64,
+      c_proj 64 -> 272; 6*(272+592) = 5184 + 6*2*(4+2+4)*2.5 = 300 -> 5484.
+      KV cache: 4 + 2 = 6 numbers per token (softmax: 2*2*4 = 16): 24 bytes fp32.
+    linear kernel, chunk 2: matrices as softmax (256); chunks [2, 2], visible pairs (1+2)*2/4 = 1.5
+      per token, E = 5 (the normaliser column), state read by 2 of 4 tokens, written by 2 of 4:
+      6*2*((4+5)*1.5 + 4*5*1) = 402 -> 5088 + 402 = 5490. KV bytes per token 0; state
+      2 heads * 4 * 5 * 4 bytes = 160 bytes at any context.
+    linear decay, chunk 4 (one chunk): E = 4, 6*2*(8*2.5) = 240 -> 5328; + 2 decays (not FLOPs).
+    sparse, block 2, local 0, global 1, T = 6: keys seen 1, 2, 3, 4, 2+1, 2+2 = 17 in all:
+      12*2*4*17/6 = 272 -> 5088 + 272 = 5360 (full causal: 12*2*4*3.5 = 336)."""
+    base = dict(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_kv_head=2, n_embd=8)
+    count = lambda **kw: M.GPT(M.GPTConfig(**{**base, **kw}))
+    assert count().flops_per_token() == 5328
+    assert count(attn_gate="output").flops_per_token() == 5712
+    assert count(attn_gate="output_head").flops_per_token() == 5424
+    mla = count(attn="mla", kv_lora_rank=4, qk_rope_head_dim=2)
+    assert mla.num_params(by_component=True)["attention (mla)"] == 272 and mla.flops_per_token() == 5484
+    assert mla.kv_cache_bytes_per_token(torch.float32) == 24 and count().kv_cache_bytes_per_token(torch.float32) == 64
+    lin = count(attn="linear", linear_chunk=2)
+    assert lin.flops_per_token() == 5490 and lin.kv_cache_bytes_per_token() == 0 and lin.cache_state_bytes() == 160
+    decay = count(attn="linear", linear_kind="decay", linear_chunk=4)
+    assert decay.flops_per_token() == 5328 and decay.num_params(by_component=True)["linear decays"] == 2
+    assert count(block_size=6, sparse_block=2, sparse_local=0, sparse_global=1).flops_per_token() == 5360
+    assert count(block_size=6).flops_per_token() == 5088 + 336
+    for kw in _MODEL_KINDS.values():       # and the formulas count every real parameter
+        m = M.GPT(_model_cfg(**kw))
+        assert m.num_params() == sum(p.numel() for p in m.parameters()), kw
+
+
+@_model_one_thread
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's imports
+def test_model_compile_and_bf16_every_kind():
+    """The new kinds under torch.compile (block-sparse, MLA and linear layers with a gate, traced
+    whole: fullgraph, forward and backward through AOT autograd, the same numbers and gradients
+    as eager; the softmax layers are compiled by the default-settings training tests) and every
+    kind under CPU bf16 autocast (finite, and close to float32)."""
+    m = _model_make(layer_pattern="SML", n_layer=3, sparse_block=4, linear_chunk=8, attn_gate="output",
+                    n_kv_head=2).train()
+    idx = _model_tokens(2, 16)
+    torch.compiler.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    loss_c, _ = compiled(idx, idx.roll(-1, 1))
+    loss_c.backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    loss_e, _ = m(idx, idx.roll(-1, 1))
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=0)
+    for gc, (name, p) in zip(grads, m.named_parameters()):
+        torch.testing.assert_close(gc, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+    torch.compiler.reset()
+    m = _model_make(**_MODEL_KINDS["hybrid"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m(idx)
+    assert torch.isfinite(low).all() and (low - m(idx)).abs().max() < 0.2
 
 # ---------------------------------------------------------------------------- mixture of experts
 
@@ -4615,6 +4999,134 @@ def test_train_bench_reports_speed_and_phases(_train_data, tmp_path, capsys):
     assert phases and all(float(v) > 0 for v in phases.groups())
 
 
+# -----------------------------------------------------------------------------
+# the attention family in training; fixed compute (--flops_budget) and sweeps
+
+_TRAIN_HYBRID = dict(n_layer=4, layer_pattern="LMSW", window=8, sparse_block=8, linear_chunk=8,
+                     attn_gate="output", n_head=2, n_kv_head=1)
+
+
+def test_train_ddp_hybrid_of_every_kind_equals_two_micro_steps(_train_data, tmp_path):
+    """DDP with linear, MLA, block-sparse and windowed layers and gates in one model: 2 gloo
+    ranks x 1 micro-batch give the weights of 1 rank x 2 micro-batches (every parameter of every
+    kind gets its gradient averaged; none goes unused)."""
+    one = _train_cfg(_train_data, tmp_path / "one", max_steps=1, grad_accum=2, threads=1, **_TRAIN_HYBRID)
+    train.train(one)
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), grad_accum=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_TRAIN_REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(_TRAIN_REPO, "train.py")] + _train_args(two)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    assert any(".wkv_b." in k for k in a) and any(k.endswith("attn.gate.weight") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_train_hybrid_resume_is_bitwise_exact_and_loads_in_sample(_train_data, tmp_path, monkeypatch):
+    """A hybrid of every kind, packed documents (linear states reset at each document), stopped
+    by SIGTERM and resumed, ends bitwise equal to the uninterrupted run; its checkpoint loads in
+    sample.py and decodes (cached, branched, past the context) as the uncached reference does."""
+    opts = dict(max_steps=4, batch_mode="packed", **_TRAIN_HYBRID)
+    full = train.train(_train_cfg(_train_data, tmp_path / "full", **opts))
+    _train_sigterm_at(monkeypatch, at_call=2)
+    part = train.train(_train_cfg(_train_data, tmp_path / "part", **opts))
+    assert part.stopped and part.step == 2
+    monkeypatch.undo()
+    rest = train.train(_train_cfg(_train_data, tmp_path / "part", resume=True, **opts))
+    assert part.losses + rest.losses == full.losses
+    model, tok, _ = sample.load_model(str(tmp_path / "part" / "last.pt"))
+    assert model.config.layer_pattern == "LMSW"
+    prompt = [tok.eot_id] + tok.encode("def func_3(a, b):")
+    ref = sample.generate_uncached(model, prompt, 40)                         # 32-token context: jumps
+    rows = torch.stack(list(sample.generate(model, prompt, 40, num_samples=2)), dim=1)
+    assert rows.tolist() == [ref, ref]
+
+
+def test_train_flops_budget_sets_the_steps(_train_data, tmp_path, capsys):
+    """--flops_budget: steps = the most steps whose FLOPs fit the budget (per stage of a seq_len
+    schedule), printed; the lr schedule is laid over those steps (the warmdown ends at the last);
+    a budget below one step is one line."""
+    cfg = _train_cfg(_train_data, tmp_path / "run", warmdown_frac=0.5, final_lr_frac=0.0)
+    model = M.GPT(M.gpt_config(cfg, vocab_size=300))
+    per_step = model.flops_per_token(32) * 4 * 32                       # batch 4 x seq_len 32
+    res = train.train(dataclasses.replace(cfg, flops_budget=3.5 * per_step, max_steps=1000))
+    assert res.step == 3 and f"flops_budget {3.5 * per_step:.3g} FLOPs: 3 steps of 128 tokens" in capsys.readouterr().out
+    lrs = [r["lr_mult"] for r in train.read_metrics(tmp_path / "run" / "metrics.jsonl")[0] if "lr_mult" in r]
+    assert lrs == [train.lr_multiplier(dataclasses.replace(cfg, max_steps=3), s) for s in range(3)]
+    assert lrs[-1] < lrs[0]                                              # warmdown over the 3 steps
+    # a schedule: 2 steps at seq_len 16, then seq_len 32; by hand
+    staged = dataclasses.replace(cfg, seq_len_schedule=[(0, 16), (2, 32)])
+    short = model.flops_per_token(16) * 4 * 16
+    budget = 2 * short + 5 * per_step + 0.5 * per_step
+    assert train.steps_for_budget(dataclasses.replace(staged, flops_budget=budget), model, 1) == 7
+    assert train.steps_for_budget(dataclasses.replace(staged, flops_budget=1.5 * short), model, 1) == 1
+    assert train.steps_for_budget(dataclasses.replace(staged, flops_budget=budget), model, 2) == 4  # 2 ranks
+    with pytest.raises(bpe.UserError, match="does not pay for one step"):
+        train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "tiny"), flops_budget=0.5 * per_step))
+
+
+def _train_sweep_table(text):
+    """The rows of sweep.md: {entry: [cells]}."""
+    rows = [l.strip("|").split("|") for l in text.splitlines() if l.startswith("| ") and "---" not in l]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_train_sweep_checks_first_writes_table_and_chart_and_resumes(_train_data, tmp_path, monkeypatch, capsys):
+    """--sweep: every entry is checked before the first run (a typo in the last one stops it,
+    nothing is run or written); entries x seeds run in their own folders at the same FLOPs; a
+    SIGTERM in the third run stops the sweep; --resume=True skips the finished runs, resumes the
+    interrupted one from its last.pt and runs the last; sweep.md and sweep.svg agree; a sweep is
+    never silently replaced, nor resumed with other shared settings."""
+    out = tmp_path / "sweep"
+    sweep = [{}, {"attn": "linear", "linear_chunk": 8}]
+    cfg = _train_cfg(_train_data, out, sweep=sweep + [{"atn": "mla"}], seeds=2)
+    with pytest.raises(bpe.UserError, match=r"--sweep entry 2 \(atn=mla\): unknown setting --atn \(did you mean --attn\?\)"):
+        train.run_sweep(cfg)
+    assert not out.exists()
+    with pytest.raises(bpe.SettingsError, match="--sweep entry 1 .*: window=8 applies to sliding-window"):
+        train.run_sweep(dataclasses.replace(cfg, sweep=[{}, {"attn": "linear", "window": 8}]))
+    with pytest.raises(bpe.UserError, match="--seed belongs to the sweep"):
+        train.run_sweep(dataclasses.replace(cfg, sweep=[{"seed": 3}]))
+    model = M.GPT(M.gpt_config(cfg, vocab_size=300))
+    cfg = dataclasses.replace(cfg, sweep=sweep, flops_budget=3.5 * model.flops_per_token(32) * 128)
+    _train_sigterm_at(monkeypatch, at_call=8)           # runs 1 and 2: 3 steps each; run 3: its 2nd step
+    assert train.run_sweep(cfg) is True
+    monkeypatch.undo()
+    first = out / "defaults" / "seed1337" / "result.json"
+    assert first.exists() and not (out / "attn=linear,linear_chunk=8" / "seed1337" / "result.json").exists()
+    with pytest.raises(bpe.UserError, match="already holds a sweep"):
+        train.run_sweep(cfg)
+    with pytest.raises(bpe.UserError, match="--n_embd=32"):
+        train.run_sweep(dataclasses.replace(cfg, resume=True, n_embd=64))
+    stamp = first.stat().st_mtime_ns
+    capsys.readouterr()
+    assert train.run_sweep(dataclasses.replace(cfg, resume=True)) is False
+    log = capsys.readouterr().out
+    assert log.count("finished before, skipped") == 2 and "seed 1337 (resuming)" in log
+    assert re.search(r"resumed from \S+seed1337/last.pt at step 2", log) and first.stat().st_mtime_ns == stamp
+    results = [json.loads((out / e / f"seed{s}" / "result.json").read_text())
+               for e in ("defaults", "attn=linear,linear_chunk=8") for s in (1337, 1338)]
+    assert [r["steps"] for r in results] == [3, 3, 3, 3] and results[0]["kv_bytes_per_token"] > 0
+    assert results[2]["kv_bytes_per_token"] == 0 and results[2]["state_bytes"] > 0   # linear: a state
+    table = _train_sweep_table((out / "sweep.md").read_text())
+    assert list(table) == ["defaults", "attn=linear,linear_chunk=8"] and all(r[-1] == "2/2" for r in table.values())
+    bpb = {e: [r["val_bpb"] for r in results[i:i + 2]] for i, e in ((0, "defaults"), (2, "attn=linear,linear_chunk=8"))}
+    for entry, cells in table.items():
+        mean, std = statistics.mean(bpb[entry]), statistics.stdev(bpb[entry])
+        assert cells[6] == f"{mean:.4f} ± {std:.4f}"
+    assert "noise)" in table["attn=linear,linear_chunk=8"][7]
+    svg = ET.fromstring((out / "sweep.svg").read_text())
+    ns = "{http://www.w3.org/2000/svg}"
+    groups = svg.findall(f"{ns}g[@class='entry']")
+    assert [g.get("data-label") for g in groups] == list(table)
+    for g, entry in zip(groups, table):
+        assert len(g.findall(f"{ns}circle[@class='seed']")) == 2
+        assert float(g.get("data-mean")) == pytest.approx(statistics.mean(bpb[entry]), abs=1e-6)
+
+
 # =============================================================================
 # 7. sample.py: generation
 # =============================================================================
@@ -5104,6 +5616,34 @@ def test_sample_bench_reports_all_figures(sample_run):
     assert "KV cache speed-up" in out.getvalue() and "branching x4" in out.getvalue()
 
 
+def test_sample_bench_context_compares_architectures(sample_run, monkeypatch, capsys):
+    """--bench_context: decoding tokens/s after prefills of each length, for 1 and bench_samples
+    rows, per --arch entry (untrained models of --ckpt=random), with each model's ratio to the
+    first; bad settings are one line. And rows_per_batch counts a linear model's fixed state."""
+    out, _ = _sample_main(monkeypatch, capsys, "--ckpt=random", "--bench=True", "--bench_context=[8,24]",
+                          "--bench_tokens=2", "--bench_samples=3", "--bench_repeats=1",
+                          "--arch=[{}, {'attn': 'linear'}, {'layer_pattern': 'LG', 'n_layer': 2}]")
+    lines = out.splitlines()
+    assert "softmax (default)" in lines[1] and "attn=linear" in lines[1] and "layer_pattern=LG,n_layer=2" in lines[1]
+    rows = [l.split() for l in lines[2:6]]
+    assert [(r[0], r[1]) for r in rows] == [("8", "1"), ("8", "3"), ("24", "1"), ("24", "3")]
+    assert all(float(r[2]) > 0 and r[4].endswith("x)") and r[6].endswith("x)") for r in rows)
+    assert lines[6].startswith("  cost of a token (1 row) at 24 against 8 tokens of context:")
+    with pytest.raises(bpe.UserError, match=r"^--arch entry 1 \(attn=linaer\): attn='linaer': choose one of"):
+        _sample_main(monkeypatch, capsys, "--ckpt=random", "--bench=True", "--arch=[{}, {'attn': 'linaer'}]")
+    with pytest.raises(bpe.UserError, match="a checkpoint brings its own architecture"):
+        _sample_main(monkeypatch, capsys, f"--ckpt={sample_run[3]}", "--bench=True", "--arch={'attn': 'mla'}")
+    with pytest.raises(bpe.SettingsError, match="add --bench=True"):
+        bpe.parse_settings(sample.SampleConfig, ["--bench_context=[512]"])
+    with pytest.raises(bpe.UserError, match="exceed the context"):
+        sample.bench_contexts([("m", sample_run[2])], sample.setup_runtime("cpu"),
+                              sample.SampleConfig(bench=True, bench_context=[32], bench_tokens=4))
+    linear = M.GPT(_model_cfg(attn="linear", block_size=64))
+    assert linear.cache_bytes(64, torch.float32) == linear.cache_state_bytes() > 0
+    assert sample.rows_per_batch(linear, 5, 10, budget=10 ** 6) == 10 ** 6 // (
+        linear.cache_state_bytes() + 8 * 15 + 4 * 10 + sample.LOGIT_COPIES * 4 * 61 + 61)
+
+
 def test_sample_settings_validation():
     with pytest.raises(bpe.SettingsError, match="top_p"):
         bpe.parse_settings(sample.SampleConfig, ["--top_p=0"])
@@ -5300,7 +5840,8 @@ def test_sample_cli_bfloat16_and_random_checkpoint(sample_run, monkeypatch, caps
         assert model(torch.tensor([ids])).dtype == torch.float32       # logits come out float32
         cache = model.make_cache(1, 32, dtype=rt.dtype)
         model(torch.tensor([ids]), cache=cache)
-    assert cache.k.dtype == torch.bfloat16 and cache.k[:, :, :, :len(ids)].abs().sum() > 0
+    keys = cache.layers[0].parts[0]
+    assert keys.dtype == torch.bfloat16 and keys[:, :, :len(ids)].abs().sum() > 0
     for mode in ("--prompt=hi", "--eval=builtin", "--stress=True"):
         with pytest.raises(bpe.UserError, match="only serves --bench=True"):
             _sample_main(monkeypatch, capsys, "--ckpt=random", mode)

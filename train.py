@@ -15,12 +15,15 @@ Run it:
     python prepare.py --input='my/*.txt' --tokenizer=DIR/tokenizer.json --out_dir=data/mine &&
       python train.py --init_from=hf:DIR --data_dir=data/mine   # fine-tune a Llama/Qwen3 folder
     python train.py --bench=True                   # tokens/s, MFU and ms per phase of a step
+    python train.py --flops_budget=3e14            # as many steps as 3e14 FLOPs pay for (printed)
+    python train.py --sweep="[{}, {'attn': 'mla'}, {'layer_pattern': 'LLLG'}]" --seeds=3 --flops_budget=3e14
     torchrun --standalone --nproc_per_node=8 train.py --data_dir=data/fineweb   # 8 GPUs, DDP
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 train.py   # 2 nodes, R=0,1
     python train.py --help                         # every setting with its default and meaning
 
 Outputs in --out_dir (default out/): last.pt, best.pt (lowest val loss), metrics.jsonl
-(one JSON object per step / eval), loss.svg (train and val loss, drawn by hand). A run never
+(one JSON object per step / eval), loss.svg (train and val loss, drawn by hand); a sweep writes
+sweep.md and sweep.svg there, and each of its runs into a folder of its own. A run never
 replaces an earlier one unless told to (--resume=True or --overwrite=True). Exit codes: 0 the
 run reached max_steps, 2 a bad setting or input (one line says what to do), 75 stopped by
 SIGINT/SIGTERM after saving last.pt (continue it with --resume=True).
@@ -35,16 +38,19 @@ Sections:
     7. Metrics and pictures   MFU, metrics.jsonl (torn lines dropped), loss.svg, a text plot
     8. Checkpoints            what a run saves; never over another run, never non-finite
     9. The training loop      train(cfg), one screen, calling the named steps above it
-   10. main
+   10. Sweeps                 --sweep: entries x seeds at equal compute (--flops_budget); sweep.md, sweep.svg
+   11. main
 """
 import collections
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -93,7 +99,8 @@ class TrainConfig(GPTConfig):
     seq_len: int = 256                     # training context T (<= block_size)
     batch_size: int = 16                   # sequences per micro-batch per rank
     grad_accum: int = 1                    # micro-batches per optimizer step (per rank)
-    max_steps: int = 1200                  # optimizer steps in the run
+    max_steps: int = 1200                  # optimizer steps in the run (replaced by the steps of --flops_budget)
+    flops_budget: float = 0.0              # total training FLOPs: max_steps = budget / (FLOPs/token x tokens/step), printed; 0 = off
     seed: int = 1337                       # model init and the data order
     # --- optimisation ---
     matrix_lr: float = 0.02                # Muon lr of the 2-D hidden matrices (width-independent)
@@ -140,6 +147,9 @@ class TrainConfig(GPTConfig):
     threads: int = 0                       # CPU threads per process (0 = all cores / ranks per node)
     bench: bool = False                    # only time bench_steps steps: tok/s, MFU, ms per phase
     bench_steps: int = 10                  # timed steps in --bench mode (after 3 warm-up steps)
+    # --- sweeps (section 10): variants compared at equal compute ---
+    sweep: list = dataclasses.field(default_factory=list)  # setting dicts to compare, e.g. [{}, {'attn': 'mla'}]: every entry x seed in <out_dir>/<entry>/seed<N>
+    seeds: int = 1                         # --sweep: runs per entry, seeds seed, seed+1, ...: their spread is the noise bar
 
     def __post_init__(self):
         # the architecture fields are checked by building the GPTConfig they describe
@@ -157,7 +167,7 @@ class TrainConfig(GPTConfig):
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         non_negative = ("vocab_size", "matrix_lr", "embed_lr", "head_lr", "scalar_lr", "weight_decay",
                         "adam_weight_decay", "adam_eps", "grad_clip", "warmup_steps",
-                        "muon_momentum_warmup", "mtp_weight", "sample_interval", "threads")
+                        "muon_momentum_warmup", "mtp_weight", "sample_interval", "threads", "flops_budget")
         for name in non_negative:
             if not getattr(self, name) >= 0:  # `not >=` also rejects nan
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
@@ -182,6 +192,17 @@ class TrainConfig(GPTConfig):
                              f"of {eval_len} tokens (the final seq_len); raise --eval_tokens")
         if any(v <= 0 for _, v in self.batch_size_schedule):
             raise ValueError("--batch_size_schedule values must be positive")
+        if self.window_schedule and not gpt_config(self, vocab_size=max(1, self.vocab_size)).has_window_layers:
+            raise ValueError("--window_schedule changes the window of sliding-window layers, and this model "
+                             "has none: remove it, or use a layer_pattern with W layers")
+        if not (isinstance(self.sweep, list) and all(isinstance(e, dict) for e in self.sweep)):
+            raise ValueError(f"--sweep={self.sweep!r}: give a list of setting dicts, e.g. "
+                             f"[{{}}, {{'attn': 'mla'}}, {{'layer_pattern': 'LLLG'}}]")
+        if self.seeds < 1 or (self.seeds > 1 and not self.sweep):
+            raise ValueError(f"--seeds={self.seeds}: the number of runs per --sweep entry, at least 1 "
+                             f"(and only with --sweep)")
+        if self.sweep and (self.bench or self.init_from):
+            raise ValueError("--sweep trains every entry from scratch and evaluates it: drop --bench and --init_from")
 
 
 def check_schedule(name, schedule):
@@ -958,6 +979,12 @@ def clip_grad_norm(params, max_norm):
 #
 # warmup: step s < W runs at (s + 1) / W, so step 0 already moves (at 1/W, not at 0: a step at
 # lr 0 would be wasted) and step W - 1 reaches the full rate.
+#
+# --flops_budget fixes the compute instead of the number of steps: max_steps becomes the number of
+# steps the budget pays for (steps_for_budget, printed at the start), and what is measured in
+# fractions of max_steps follows it: the warmdown covers the last warmdown_frac of those steps,
+# so a run of a cheaper model takes more steps and still ends at the final lr. What is set in
+# steps stays as set: warmup_steps, muon_momentum_warmup, the staged schedules, the intervals.
 
 def lr_multiplier(cfg, step):
     if step < cfg.warmup_steps:
@@ -969,6 +996,42 @@ def lr_multiplier(cfg, step):
     if cfg.warmdown == "linear":
         return 1.0 - p * (1.0 - cfg.final_lr_frac)
     return cfg.final_lr_frac + (1.0 - cfg.final_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def steps_for_budget(cfg, model, world_size):
+    """How many optimizer steps --flops_budget pays for: the most steps whose FLOPs add up to at
+    most the budget. A step at step s trains batch_size(s) * seq_len(s) * grad_accum * world_size
+    tokens at model.flops_per_token(seq_len(s)) each (MoE: the active FLOPs); the staged
+    schedules are constant between their start steps, so the budget is spent stage by stage.
+    Example: 26.7 MFLOP/token x 4,096 tokens = 1.09e11 FLOPs a step; a budget of 1e12 buys 9."""
+    starts = sorted({0} | {s for s, _ in cfg.seq_len_schedule} | {s for s, _ in cfg.batch_size_schedule})
+    steps, left = 0, cfg.flops_budget
+    for i, start in enumerate(starts):
+        seq_len = staged(cfg.seq_len_schedule, start, cfg.seq_len)
+        tokens = staged(cfg.batch_size_schedule, start, cfg.batch_size) * seq_len * cfg.grad_accum * world_size
+        per_step = model.flops_per_token(seq_len) * tokens
+        stage = starts[i + 1] - start if i + 1 < len(starts) else math.inf
+        n = min(stage, int(left // per_step))
+        steps, left = steps + n, left - n * per_step
+        if n < stage:
+            return steps
+    return steps
+
+
+def apply_flops_budget(cfg, model, rt):
+    """cfg with max_steps = steps_for_budget (unchanged without --flops_budget); says so."""
+    if not cfg.flops_budget:
+        return cfg
+    steps = steps_for_budget(cfg, model, rt.world_size)
+    tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
+    per_token = model.flops_per_token(cfg.seq_len)
+    if steps < 1:
+        raise bpe.UserError(f"--flops_budget={cfg.flops_budget:.3g} does not pay for one step "
+                            f"({per_token * tokens:.3g} FLOPs: {tokens:,} tokens x {per_token:,} FLOPs/token); "
+                            f"raise it, or train fewer tokens per step")
+    rt.print(f"flops_budget {cfg.flops_budget:.3g} FLOPs: {steps:,} steps of {tokens:,} tokens at "
+             f"{per_token / 1e6:.2f} MFLOP/token (max_steps={cfg.max_steps} replaced)")
+    return dataclasses.replace(cfg, max_steps=steps)
 
 
 def muon_momentum(cfg, step):
@@ -1515,6 +1578,7 @@ class Run:
     compile_checked: bool = False
     losses: list = dataclasses.field(default_factory=list)      # (step, loss) of each step run
     step_times: list = dataclasses.field(default_factory=list)  # seconds per step after the first
+    tok_rates: list = dataclasses.field(default_factory=list)   # tokens/s of the same steps
     moe: Optional[MoEStats] = None
     timer: Optional[PhaseTimer] = None
     suite: Optional[dict] = None  # --eval_tasks: sample.py's multiple-choice tasks (rank 0)
@@ -1566,6 +1630,7 @@ def start_run(cfg, rt=None):
     train_shards = prepare.load_split(cfg.data_dir, "train", expected_fingerprint=tokenizer.fingerprint)
     val_shards = prepare.load_split(cfg.data_dir, "val", expected_fingerprint=tokenizer.fingerprint)
     raw_model, model_cfg = build_model(cfg, rt, tokenizer.vocab_size, checkpoint, ckpt_path)
+    cfg = apply_flops_budget(cfg, raw_model, rt)
     optimizers = build_optimizers(cfg, raw_model, rt)
     eval_len = staged(cfg.seq_len_schedule, cfg.max_steps, cfg.seq_len)  # the final context length
     val_x, val_y = val_windows(val_shards, eval_len, cfg.eval_tokens)
@@ -1737,9 +1802,10 @@ def log_step(run, plan, loss, grad_norm, moe_stats, seconds):
     loss, lr, gradient norm, tokens/s, MFU, elapsed time and ETA (from the steps after the first,
     which compiles and warms up)."""
     cfg, rt, step = run.cfg, run.rt, run.step
+    tok_s = plan.batch_size * plan.seq_len * cfg.grad_accum * rt.world_size / seconds
     if step > run.start_step + 1:
         run.step_times.append(seconds)
-    tok_s = plan.batch_size * plan.seq_len * cfg.grad_accum * rt.world_size / seconds
+        run.tok_rates.append(tok_s)
     util = mfu(tok_s, run.raw_model.flops_per_token(plan.seq_len), run.peak, rt.world_size)
     run.losses.append((step, loss))
     if run.log is not None:
@@ -1766,6 +1832,7 @@ class TrainResult:
     val_bpb: float
     stopped: bool           # ended by a signal before max_steps
     model: object = None    # the trained (unwrapped) model
+    tok_s: float = math.nan  # median training tokens/s of the steps after the first (compile, warm-up)
 
 
 def train(cfg, rt=None):
@@ -1828,17 +1895,271 @@ def finish(run, stopped):
         print(f"{ending}: step {run.step}, last val loss {run.val_loss:.4f}, val bpb "
               f"{run.val_bpb:.4f}, {format_seconds(time.time() - run.t_start)}; checkpoints in "
               f"{cfg.out_dir}/", flush=True)
+    tok_s = statistics.median(run.tok_rates) if run.tok_rates else math.nan
     return TrainResult(step=run.step, losses=run.losses, val_loss=run.val_loss, val_bpb=run.val_bpb,
-                       stopped=stopped, model=run.raw_model)
+                       stopped=stopped, model=run.raw_model, tok_s=tok_s)
 
 
 # -----------------------------------------------------------------------------
-# 10. main
+# 10. Sweeps: variants compared at equal compute
+#
+#   python train.py --sweep="[{}, {'attn': 'mla'}, {'layer_pattern': 'LLLG'}]" --seeds=3 --flops_budget=1e15
+#
+# runs every entry x seed in turn, each an ordinary train() in its own folder
+# <out_dir>/<entry>/seed<S>: the entry's settings applied over the command line's, and seed
+# S = --seed, --seed + 1, ... An entry is named by its settings (attn=mla; {} is "defaults").
+# With --flops_budget every run gets the same total FLOPs and its steps follow from its own FLOPs
+# per token (section 5), so a cheaper variant trains on more tokens: the fair question is what an
+# idea buys per unit of compute. Any setting can be an entry's (the model's, the optimizer's, the
+# batch's); only the sweep's own bookkeeping (SWEEP_OWN) cannot.
+# Every entry is checked before the first run starts, like a command line (unknown settings,
+# types, bad combinations: one line that names the entry), so a typo in the last entry does not
+# surface hours later.
+# After each run, result.json (its figures) goes into its folder, and sweep.md (a table: params,
+# FLOPs/token, KV bytes/token, tok/s, val bpb mean ± std over seeds) and sweep.svg (the same as a
+# chart) are rewritten in out_dir. The seed-to-seed std is the noise bar: "vs first" marks a
+# difference as beyond noise when it exceeds twice its standard error, 2 sqrt(s_a^2/n_a +
+# s_b^2/n_b) (s: an entry's std over its n seeds; a rough 95% bar, which needs 2 seeds each).
+# Resuming: the same command with --resume=True. Runs with a result.json are skipped, an
+# interrupted run continues from its last.pt (exactly, as any run resumes), the others start;
+# entries or seeds may be added in between. The other settings must be the ones recorded in
+# <out_dir>/sweep.json, or the runs would not compare.
+
+SWEEP_OWN = ("out_dir", "sweep", "seeds", "seed", "resume", "overwrite", "init_from", "bench")
+SWEEP_NAME_MAX = 80   # longer entry names are cut and end in a hash: folder names stay short
+
+
+def sweep_folder(label):
+    """An entry's folder: its label with anything but letters, digits and ._=,+- as '_'.
+    Example: "layer_pattern=LLLG,attn_gate=output" stays; "sweep=[1]" -> "sweep=_1_"."""
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", label)
+    if len(name) > SWEEP_NAME_MAX:
+        name = name[:SWEEP_NAME_MAX - 9] + "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    return name
+
+
+@dataclasses.dataclass
+class SweepEntry:
+    label: str      # the entry's settings as text, e.g. "attn=mla"
+    folder: str     # its runs live in <out_dir>/<folder>/seed<S>
+    runs: list      # one TrainConfig per seed
+
+
+def plan_sweep(cfg):
+    """Every run of the sweep, each entry checked before any run starts: [SweepEntry]."""
+    base = dataclasses.replace(cfg, sweep=[], seeds=1, resume=False, overwrite=False)
+    entries, folders = [], {}
+    for i, entry in enumerate(cfg.sweep):
+        label = bpe.settings_label(entry)
+        where = f"--sweep entry {i} ({label}): "
+        own = [k for k in entry if k in SWEEP_OWN]
+        if own:
+            raise bpe.UserError(f"{where}--{own[0]} belongs to the sweep, not to an entry; remove it")
+        entry_cfg = bpe.settings_with(TrainConfig, base, entry, where)
+        folder = sweep_folder(label)
+        if folder in folders:
+            raise bpe.UserError(f"{where}the same runs as entry {folders[folder]}; remove one of them")
+        folders[folder] = i
+        runs = [dataclasses.replace(entry_cfg, seed=cfg.seed + k,
+                                    out_dir=os.path.join(cfg.out_dir, folder, f"seed{cfg.seed + k}"))
+                for k in range(cfg.seeds)]
+        entries.append(SweepEntry(label, folder, runs))
+    return entries
+
+
+def sweep_settings(cfg):
+    """The settings every run of the sweep shares (what sweep.json records), as JSON values."""
+    own = ("sweep", "seeds", "resume", "overwrite")
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in own}))
+
+
+def claim_sweep_dir(cfg):
+    """Rank 0, before the first run: refuse to start over another sweep (as a run refuses to start
+    over another run), and record this one in sweep.json. --resume=True continues the sweep there
+    (with the same settings); --overwrite=True starts it over (every run replaced)."""
+    path = os.path.join(cfg.out_dir, "sweep.json")
+    settings = sweep_settings(cfg)
+    if os.path.exists(path):
+        if not (cfg.resume or cfg.overwrite):
+            raise bpe.UserError(f"{cfg.out_dir}/ already holds a sweep; continue it with --resume=True, "
+                                f"start it over with --overwrite=True, or choose another --out_dir")
+        if cfg.resume:
+            with open(path) as f:
+                old = json.load(f)["settings"]
+            changed = [k for k in settings if old.get(k) != settings[k]]
+            if changed:
+                k = changed[0]
+                raise bpe.UserError(f"{cfg.out_dir}/ holds a sweep with --{k}={old.get(k)!r} (now {settings[k]!r}); "
+                                    f"resume it with its settings, or choose another --out_dir")
+    elif cfg.resume:
+        raise bpe.UserError(f"--resume=True: {cfg.out_dir}/ holds no sweep to continue (no sweep.json); "
+                            f"drop --resume to start one")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_text_atomic(path, json.dumps({"settings": settings, "sweep": cfg.sweep, "seeds": cfg.seeds},
+                                       indent=1) + "\n")
+
+
+def sweep_record(run_cfg, res):
+    """What a finished run adds to the sweep's table (its result.json)."""
+    m = res.model
+    finite = lambda x: x if math.isfinite(x) else None
+    return {"seed": run_cfg.seed, "steps": res.step, "params": m.num_params(),
+            "active_params": m.num_params(active=True), "flops_per_token": m.flops_per_token(run_cfg.seq_len),
+            "kv_bytes_per_token": m.kv_cache_bytes_per_token(torch.bfloat16),
+            "state_bytes": m.cache_state_bytes(), "tok_s": finite(res.tok_s),
+            "val_loss": finite(res.val_loss), "val_bpb": finite(res.val_bpb)}
+
+
+def sweep_rows(plan, results):
+    """One summary per entry: its figures (first seed's) and val bpb over the seeds done."""
+    rows = []
+    for entry in plan:
+        recs = [results[c.out_dir] for c in entry.runs if c.out_dir in results]
+        bpb = [r["val_bpb"] for r in recs if r["val_bpb"] is not None]
+        tok_s = [r["tok_s"] for r in recs if r["tok_s"] is not None]
+        rows.append({**(recs[0] if recs else {}), "label": entry.label, "done": len(recs),
+                     "of": len(entry.runs), "bpb": bpb, "mean": statistics.mean(bpb) if bpb else math.nan,
+                     "std": statistics.stdev(bpb) if len(bpb) > 1 else math.nan,
+                     "tok_s": statistics.mean(tok_s) if tok_s else math.nan})
+    return rows
+
+
+def beyond_noise(a, b):
+    """Whether entry b's mean val bpb differs from a's by more than 2 standard errors of the
+    difference, 2 sqrt(s_a^2/n_a + s_b^2/n_b); None when either has fewer than 2 seeds."""
+    if len(a["bpb"]) < 2 or len(b["bpb"]) < 2:
+        return None
+    bar = 2 * math.sqrt(a["std"] ** 2 / len(a["bpb"]) + b["std"] ** 2 / len(b["bpb"]))
+    return abs(b["mean"] - a["mean"]) > bar
+
+
+def sweep_markdown(cfg, rows, tokens_per_step):
+    """sweep.md: the table described at the top of this section."""
+    budget = (f"--flops_budget={cfg.flops_budget:.3g} FLOPs per run" if cfg.flops_budget
+              else f"max_steps={cfg.max_steps} per run (no --flops_budget: equal steps, not equal FLOPs)")
+    defaults = TrainConfig()
+    shared = " ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()
+                      if k not in ("sweep", "seeds", "resume", "overwrite", "out_dir") and v != getattr(defaults, k))
+    lines = ["# Sweep: validation bits per byte at equal compute", "",
+             f"{budget}, {tokens_per_step:,} tokens per step, {cfg.seeds} seed(s) per entry from "
+             f"--seed={cfg.seed}; shared settings: {shared or '(defaults)'}.",
+             "Noise bar: a difference is beyond noise when it exceeds 2 sqrt(s_a^2/n_a + s_b^2/n_b) "
+             "(s: the seed-to-seed std of an entry, n: its seeds).", "",
+             "| entry | params | FLOPs/token | KV bytes/token (bf16) | state bytes | steps | train tok/s "
+             "| val bpb (mean ± std) | vs first | seeds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for i, row in enumerate(rows):
+        if not row["done"]:
+            lines.append(f"| {row['label']} | | | | | | | | | 0/{row['of']} |")
+            continue
+        params = f"{row['params'] / 1e6:.2f}M"
+        if row["active_params"] != row["params"]:
+            params = f"{row['active_params'] / 1e6:.2f}M active of {params}"
+        bpb = f"{row['mean']:.4f}" + (f" ± {row['std']:.4f}" if math.isfinite(row["std"]) else "")
+        versus = ""
+        if i > 0 and rows[0]["bpb"] and row["bpb"]:
+            noise = beyond_noise(rows[0], row)
+            versus = f"{row['mean'] - rows[0]['mean']:+.4f}" + {None: " (too few seeds)", True: " (beyond noise)",
+                                                                False: " (within noise)"}[noise]
+        tok_s = f"{row['tok_s']:,.0f}" if math.isfinite(row["tok_s"]) else "n/a"
+        lines.append(f"| {row['label']} | {params} | {row['flops_per_token'] / 1e6:.2f}M | "
+                     f"{row['kv_bytes_per_token']:,} | {row['state_bytes']:,} | {row['steps']:,} | {tok_s} | "
+                     f"{bpb} | {versus} | {row['done']}/{row['of']} |")
+    return "\n".join(lines) + "\n"
+
+
+LABEL_PX = 7          # width of one character of a 12 px sans-serif label, roughly
+SWEEP_PLOT_PX = 440   # width of the chart's plotting area
+
+
+def sweep_svg(rows, title="val bits per byte at equal compute (mean ± std over seeds)"):
+    """The table's val bpb as a chart drawn by hand, like loss_svg: one row per entry, its label
+    on the left; each seed a small circle, the mean a dot, mean ± std a line. x maps bpb to pixels
+    with x_px = left + (v - v0) / (v1 - v0) * width."""
+    row_h, right, top, bottom = 28, 30, 40, 46
+    left = 20 + LABEL_PX * max([len(row["label"]) for row in rows] + [10])   # room for the longest label
+    W, H = left + SWEEP_PLOT_PX + right, top + row_h * len(rows) + bottom
+    values = [v for row in rows for v in row["bpb"]] or [0.0, 1.0]
+    v0, v1 = min(values), max(values)
+    pad = max((v1 - v0) * 0.1, 1e-3)
+    v0, v1 = v0 - pad, v1 + pad
+    px = lambda v: left + (v - v0) / (v1 - v0) * (W - left - right)
+    esc = xml.sax.saxutils.escape
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="20" text-anchor="middle">{esc(title)}</text>',
+           f'<line x1="{left}" y1="{H - bottom}" x2="{W - right}" y2="{H - bottom}" stroke="black"/>']
+    for v in _nice_ticks(v0, v1):
+        if v0 <= v <= v1:
+            out.append(f'<line x1="{px(v):.1f}" y1="{top}" x2="{px(v):.1f}" y2="{H - bottom + 4}" '
+                       f'stroke="#ddd"/><text x="{px(v):.1f}" y="{H - bottom + 18}" '
+                       f'text-anchor="middle">{v:g}</text>')
+    out.append(f'<text x="{(left + W - right) / 2}" y="{H - 8}" text-anchor="middle">'
+               f'val bits per byte (lower is better)</text>')
+    for i, row in enumerate(rows):
+        y = top + (i + 0.5) * row_h
+        out.append(f'<g class="entry" data-label={xml.sax.saxutils.quoteattr(row["label"])} '
+                   f'data-mean="{row["mean"]:.6f}" data-std="{row["std"]:.6f}">')
+        out.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{esc(row["label"])}</text>')
+        if math.isfinite(row["std"]):
+            out.append(f'<line class="std" x1="{px(row["mean"] - row["std"]):.1f}" y1="{y:.1f}" '
+                       f'x2="{px(row["mean"] + row["std"]):.1f}" y2="{y:.1f}" stroke="#1f77b4" stroke-width="2"/>')
+        for v in row["bpb"]:
+            out.append(f'<circle class="seed" cx="{px(v):.1f}" cy="{y:.1f}" r="3" fill="none" stroke="#555"/>')
+        if math.isfinite(row["mean"]):
+            out.append(f'<circle class="mean" cx="{px(row["mean"]):.1f}" cy="{y:.1f}" r="5" fill="#1f77b4"/>')
+        out.append("</g>")
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def write_sweep_report(cfg, plan, results, world_size):
+    rows = sweep_rows(plan, results)
+    tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world_size
+    write_text_atomic(os.path.join(cfg.out_dir, "sweep.md"), sweep_markdown(cfg, rows, tokens))
+    write_text_atomic(os.path.join(cfg.out_dir, "sweep.svg"), sweep_svg(rows))
+
+
+def run_sweep(cfg):
+    """Run every entry x seed of --sweep in turn (see the top of this section); returns whether
+    a signal stopped it (then the interrupted run has saved its last.pt: --resume=True goes on)."""
+    plan = plan_sweep(cfg)
+    rt = runtime_for(cfg)   # for the rank only: each run decides its own (a resumed one reuses its saved)
+    if rt.is_main:
+        claim_sweep_dir(cfg)
+    results, total, n = {}, sum(len(e.runs) for e in plan), 0
+    for entry in plan:
+        for run_cfg in entry.runs:
+            n += 1
+            path = os.path.join(run_cfg.out_dir, "result.json")
+            if os.path.exists(path) and not cfg.overwrite:
+                with open(path) as f:
+                    results[run_cfg.out_dir] = json.load(f)
+                rt.print(f"sweep: run {n}/{total}, {entry.label} seed {run_cfg.seed}: finished before, skipped")
+                continue
+            resume = os.path.exists(os.path.join(run_cfg.out_dir, "last.pt")) and not cfg.overwrite
+            rt.print(f"sweep: run {n}/{total}, {entry.label} seed {run_cfg.seed}{' (resuming)' if resume else ''}")
+            res = train(dataclasses.replace(run_cfg, resume=resume, overwrite=not resume))
+            if res.stopped:
+                return True
+            results[run_cfg.out_dir] = sweep_record(run_cfg, res)
+            if rt.is_main:
+                write_text_atomic(path, json.dumps(results[run_cfg.out_dir]) + "\n")
+                write_sweep_report(cfg, plan, results, rt.world_size)
+    if rt.is_main:
+        write_sweep_report(cfg, plan, results, rt.world_size)
+        rt.print(f"sweep: {total} runs done; {cfg.out_dir}/sweep.md, {cfg.out_dir}/sweep.svg")
+    return False
+
+
+# -----------------------------------------------------------------------------
+# 11. main
 
 def main():
     cfg = bpe.parse_settings(TrainConfig, sys.argv[1:], description=__doc__)
     try:
-        result = train(cfg)
+        stopped = run_sweep(cfg) if cfg.sweep else train(cfg).stopped
     except BaseException as e:
         if dist.is_initialized():
             # other ranks may be blocked in a collective that this rank will never join;
@@ -1852,7 +2173,7 @@ def main():
         # which aborted a rank now and then ("terminate called without an active exception")
         dist.barrier()
         dist.destroy_process_group()
-    if result.stopped:
+    if stopped:
         sys.exit(EXIT_INTERRUPTED)
 
 
