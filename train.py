@@ -5,6 +5,9 @@ Where it sits:  bpe.py -> prepare.py -> model.py -> [train.py] -> sample.py
 It reads the token shards and tokenizer that prepare.py wrote, builds model.GPT,
 trains it with Muon (hidden matrices) + AdamW (everything else), evaluates bits
 per byte on a fixed validation set, and writes checkpoints that sample.py loads.
+The same loop fine-tunes a base model into an assistant (section 9): supervised on
+conversations (sft), on preference pairs (dpo) and by reinforcement on tasks whose
+answers a program checks (rl), each from --init_from and with prepare.py's chat data.
 
 Run it:
     python prepare.py && python train.py           # CPU quick start (Python-ish samples; README for times)
@@ -12,6 +15,9 @@ Run it:
     python train.py --resume=True                  # continue out/last.pt exactly where it stopped
     python train.py --overwrite=True               # start over in an out_dir that holds a run
     python train.py --init_from=out/best.pt --data_dir=data/custom --matrix_lr=0.005   # fine-tune
+    python train.py --objective=sft --init_from=out/best.pt --data_dir=data/sft --out_dir=out/sft  # chat (SFT)
+    python train.py --objective=dpo --init_from=out/sft/best.pt --data_dir=data/dpo --out_dir=out/dpo
+    python train.py --objective=rl --init_from=out/sft/best.pt --data_dir=data/sft --out_dir=out/rl
     python train.py --bench=True                   # tokens/s, MFU and ms per phase of a step
     torchrun --standalone --nproc_per_node=8 train.py --data_dir=data/fineweb   # 8 GPUs, DDP
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST0 train.py   # 2 nodes, R=0,1
@@ -1034,12 +1040,15 @@ def apply_schedules(optimizers, plan):
 IGNORE_INDEX = -1   # a target the loss skips (the model's cross_entropy ignore_index)
 
 
-def weighted_aux(aux, plan, model_cfg):
-    """The model's auxiliary losses with their weights: mtp_weight * aux["mtp"] + the MoE
+def add_aux(total, aux, plan, model_cfg):
+    """total + the model's auxiliary losses with their weights: mtp_weight * aux["mtp"] + the MoE
     coefficients * theirs. Added even at weight 0, so that DDP sees every parameter used."""
     weights = {"mtp": plan.mtp_weight, "moe_aux": getattr(model_cfg, "moe_aux_coef", 0.0),
                "moe_z": getattr(model_cfg, "moe_z_coef", 0.0)}
-    return sum((weights[name] * value for name, value in (aux or {}).items() if name in weights), 0.0)
+    for name, value in (aux or {}).items():
+        if name in weights:
+            total = total + weights[name] * value
+    return total
 
 
 
@@ -1061,7 +1070,7 @@ def forward_loss(model, x, y, doc_ids, plan, model_cfg, mask=None):
         loss, aux = model(x, targets, doc_ids=doc_ids, window=plan.window, ignore_index=IGNORE_INDEX,
                           reduction="sum")
         loss = loss / mask.sum().clamp(min=1)
-    return loss + weighted_aux(aux, plan, model_cfg), loss, aux
+    return add_aux(loss, aux, plan, model_cfg), loss, aux
 
 
 @torch.no_grad()
@@ -1403,7 +1412,8 @@ def save(run, name):
 # sft       the same on whole conversations, packed into rows with document masks (a conversation
 #           never attends to another) and with the loss mask of prepare.py's chat template: the
 #           targets are the assistant's tokens and its <|end|>, the user's words are only read
-#           (forward_loss's mask). Held out: the masked val loss.
+#           (forward_loss's mask). Held out: the masked val loss, and on synthetic tasks the
+#           pass@1 of greedy replies to val-split prompts (the skill, not only the loss).
 #
 # dpo       Direct Preference Optimisation (Rafailov et al. 2023). For a prompt x and two replies,
 #           y_w (chosen) and y_l (rejected), the "implicit reward" of a reply is
@@ -1522,6 +1532,42 @@ def show_reply(run, prompt_ids):
     return run.tokenizer.decode(prompt_ids) + chat_reply(run, prompt_ids)[0].text
 
 
+class TaskPrompts:
+    """The data's synthetic tasks (meta.json's "chat", prepare.py section 11) as chat prompts: train
+    problems drawn by a seeded generator, a fixed held-out set from the val split (eval_examples,
+    spread over the tasks), and rewards from the tasks' checkers."""
+
+    def __init__(self, run, chat):
+        self.tasks, self.digits, self.task_seed = chat["tasks"], chat["task_digits"], chat["task_seed"]
+        per_task = -(-run.cfg.eval_examples // len(self.tasks))
+        self.held_out = [p for name in self.tasks
+                         for p in prepare.task_problems(name, "val", per_task, self.task_seed, self.digits)]
+        self.end = prepare.chat_ids(run.tokenizer)["end"]
+
+    def prompt(self, run, problem):
+        return prepare.render([{"role": "user", "content": problem.question}], run.tokenizer, reply=True)[0]
+
+    def reward(self, problem, completion):
+        """1.0 if the reply ended with <|end|> and the task's checker says it is right, else 0.0."""
+        return float(completion.finish == "eot" and prepare.TASKS[problem.task].check(problem, completion.text))
+
+    @torch.no_grad()
+    def pass_at_1(self, run):
+        """Greedy replies to the held-out prompts (ranks split them): ({"val_pass1": p, "val_pass1_<task>":
+        p_task, ...}, a log text)."""
+        rt = run.rt
+        right = {name: [0.0, 0.0] for name in self.tasks}     # task -> [right, asked]
+        for problem in self.held_out[rt.rank::rt.world_size]:
+            right[problem.task][0] += self.reward(problem, chat_reply(run, self.prompt(run, problem))[0])
+            right[problem.task][1] += 1
+        totals = all_reduce_sum(rt, [v for name in self.tasks for v in right[name]])
+        per_task = {name: totals[2 * k] / max(1.0, totals[2 * k + 1]) for k, name in enumerate(self.tasks)}
+        pass1 = sum(totals[0::2]) / max(1.0, sum(totals[1::2]))
+        detail = ", ".join(f"{k} {v:.3f}" for k, v in per_task.items())
+        return ({"val_pass1": pass1, **{f"val_pass1_{k}": v for k, v in per_task.items()}},
+                f"val pass@1 {pass1:.3f} ({detail}; greedy, {len(self.held_out)} held-out prompts)")
+
+
 class Pretrain:
     """--objective=pretrain: next-token loss on the token stream; val loss and bits per byte."""
     masked = False
@@ -1558,12 +1604,22 @@ class Pretrain:
 
 
 class SFT(Pretrain):
-    """--objective=sft: Pretrain's loss on whole conversations, masked to the assistant's tokens."""
+    """--objective=sft: Pretrain's loss on whole conversations, masked to the assistant's tokens;
+    on synthetic tasks the evaluation adds the held-out pass@1, to watch the skill being learned."""
     masked = True
 
     def __init__(self, run, meta, train_shards, val_shards):
         super().__init__(run, meta, train_shards, val_shards)
         self.prompt = first_prompt(documents(val_shards), run.tokenizer)
+        chat = meta.get("chat") or {}
+        self.tasks = TaskPrompts(run, chat) if chat.get("tasks") else None
+
+    def evaluate(self, run):
+        loss, metrics, line = super().evaluate(run)
+        if self.tasks is not None:
+            more, text = self.tasks.pass_at_1(run)
+            metrics, line = {**metrics, **more}, f"{line} | {text}"
+        return loss, metrics, line
 
     def sample(self, run):
         return show_reply(run, self.prompt)
@@ -1611,7 +1667,7 @@ class DPO:
 
     def loss(self, run, batch, plan):
         loss, acc, margin, aux = self.margins(run, run.model, batch)
-        return loss + weighted_aux(aux, plan, run.model_cfg), loss, {"reward_acc": acc, "margin": margin}
+        return add_aux(loss, aux, plan, run.model_cfg), loss, {"reward_acc": acc, "margin": margin}
 
     @torch.no_grad()
     def evaluate(self, run):
@@ -1642,33 +1698,23 @@ class RL:
         if not chat.get("tasks"):
             raise bpe.UserError(f"--objective=rl needs prompts whose replies a program can check, but "
                                 f"{cfg.data_dir} holds your own conversations; prepare --chat=tasks:add,...")
-        self.tasks, self.digits, self.task_seed = chat["tasks"], chat["task_digits"], chat["task_seed"]
-        per_task = -(-cfg.eval_examples // len(self.tasks))
-        self.held_out = [p for name in self.tasks
-                         for p in prepare.task_problems(name, "val", per_task, self.task_seed, self.digits)]
-        self.end = prepare.chat_ids(run.tokenizer)["end"]
-        self.described = f"tasks {','.join(self.tasks)}, {len(self.held_out)} held-out prompts"
-
-    def prompt(self, run, problem):
-        return prepare.render([{"role": "user", "content": problem.question}], run.tokenizer, reply=True)[0]
-
-    def reward(self, problem, completion):
-        return float(completion.finish == "eot" and prepare.TASKS[problem.task].check(problem, completion.text))
+        self.tasks = TaskPrompts(run, chat)
+        self.described = f"tasks {','.join(self.tasks.tasks)}, {len(self.tasks.held_out)} held-out prompts"
 
     def batch(self, run, plan, micro):
         """Roll out: rl_group sampled replies to each of batch_size train prompts, their rewards,
         and the rows (prompt + reply, the mask on the reply) to score them with."""
-        cfg = run.cfg
+        cfg, tasks = run.cfg, self.tasks
         rng = random.Random(f"{cfg.seed}:{run.step}:{run.rt.rank * cfg.grad_accum + micro}")
         docs, rewards = [], []
         for _ in range(plan.batch_size):
-            problem = prepare.draw_problem(rng.choice(self.tasks), "train", rng, self.digits)
-            prompt = self.prompt(run, problem)
+            problem = prepare.draw_problem(rng.choice(tasks.tasks), "train", rng, tasks.digits)
+            prompt = tasks.prompt(run, problem)
             for c in chat_reply(run, prompt, sample.Sampling(temperature=cfg.rl_temperature), cfg.rl_group,
                                 seed=rng.getrandbits(62)):
-                reply = c.ids + [self.end] * (c.finish == "eot")
+                reply = c.ids + [tasks.end] * (c.finish == "eot")
                 docs.append((np.array(prompt + reply), np.array([0] * len(prompt) + [1] * len(reply))))
-                rewards.append(self.reward(problem, c))
+                rewards.append(tasks.reward(problem, c))
         x, y, m = pad_rows(docs, limit=run.model_cfg.block_size)
         rewards = torch.tensor(rewards, device=run.rt.device).view(plan.batch_size, cfg.rl_group)   # (P, k)
         return (*[to_device(run.rt, a) for a in (x, y, m)], rewards)
@@ -1681,24 +1727,14 @@ class RL:
             with torch.no_grad():
                 ref, _ = token_logprobs(run.reference, x, y, m)
         loss, kl = grpo_loss(logp, ref, m, grpo_advantages(rewards).flatten(), run.cfg.rl_kl)
-        return loss + weighted_aux(aux, plan, run.model_cfg), loss, {"reward": rewards.mean(), "kl": kl}
+        return add_aux(loss, aux, plan, run.model_cfg), loss, {"reward": rewards.mean(), "kl": kl}
 
-    @torch.no_grad()
     def evaluate(self, run):
-        rt = run.rt
-        right = {name: [0.0, 0.0] for name in self.tasks}     # task -> [right, asked]
-        for problem in self.held_out[rt.rank::rt.world_size]:
-            right[problem.task][0] += self.reward(problem, chat_reply(run, self.prompt(run, problem))[0])
-            right[problem.task][1] += 1
-        totals = all_reduce_sum(rt, [v for name in self.tasks for v in right[name]])
-        per_task = {name: totals[2 * k] / max(1.0, totals[2 * k + 1]) for k, name in enumerate(self.tasks)}
-        pass1 = sum(totals[0::2]) / max(1.0, sum(totals[1::2]))
-        metrics = {"val_loss": 1.0 - pass1, "val_pass1": pass1, **{f"val_pass1_{k}": v for k, v in per_task.items()}}
-        detail = ", ".join(f"{k} {v:.3f}" for k, v in per_task.items())
-        return 1.0 - pass1, metrics, f"val pass@1 {pass1:.3f} ({detail}; greedy, {len(self.held_out)} held-out prompts)"
+        metrics, line = self.tasks.pass_at_1(run)
+        return 1.0 - metrics["val_pass1"], {"val_loss": 1.0 - metrics["val_pass1"], **metrics}, line
 
     def sample(self, run):
-        return show_reply(run, self.prompt(run, self.held_out[0]))
+        return show_reply(run, self.tasks.prompt(run, self.tasks.held_out[0]))
 
 
 OBJECTIVES = {"pretrain": Pretrain, "sft": SFT, "dpo": DPO, "rl": RL}
@@ -1846,6 +1882,7 @@ class Run:
     val_loss: float = math.nan
     val_bpb: float = math.nan
     skipped: int = 0             # non-finite steps skipped in a row
+    step_tokens: int = 0         # tokens the model read in this step, all ranks (DPO, RL: padded rows)
     compile_checked: bool = False
     losses: list = dataclasses.field(default_factory=list)      # (step, loss) of each step run
     step_times: list = dataclasses.field(default_factory=list)  # seconds per step after the first
@@ -1969,9 +2006,11 @@ def accumulate_gradients(run, plan):
     non-finite check needs anyway)."""
     cfg, rt = run.cfg, run.rt
     loss_sum, stats_sum = torch.zeros((), device=rt.device), {}
+    run.step_tokens = 0
     run.timer.start()
     for micro in range(cfg.grad_accum):
         batch = run.objective.batch(run, plan, micro)
+        run.step_tokens += batch[0].numel() * rt.world_size   # x (rows, T): every objective's first
         run.timer.mark("data")
         # DDP all-reduces gradients during backward; skip that on all but the last
         # micro-step, whose backward then averages the accumulated sums once
@@ -2087,7 +2126,7 @@ def log_step(run, plan, loss, grad_norm, stats, seconds):
     cfg, rt, step = run.cfg, run.rt, run.step
     if step > run.start_step + 1:
         run.step_times.append(seconds)
-    tok_s = plan.batch_size * plan.seq_len * cfg.grad_accum * rt.world_size / seconds
+    tok_s = run.step_tokens / seconds      # pretrain: batch_size * seq_len * grad_accum * world_size
     util = mfu(tok_s, run.raw_model.flops_per_token(plan.seq_len), run.peak, rt.world_size)
     run.losses.append((step, loss))
     if run.log is not None:
