@@ -38,6 +38,8 @@ Notable features
     cache), in parallel processes for batches, or lazily over a file larger than memory.
   - Special tokens (<|endoftext|>) are never merged, and `encode` treats their text as plain
     bytes unless you allow them (text from the web cannot inject control tokens).
+  - Chat tokens (<|user|>, <|assistant|>, <|end|>, ...) added to a trained tokenizer at new
+    ids (with_special_tokens), so a base model's ids keep their meaning for fine-tuning.
   - Exact GPT-2 ids from GPT-2's own files; tiktoken rank files in and out; the (vocab, merges)
     tables that other BPE tools exchange, in (from_vocab_merges) and out (vocab, merges);
     Hugging Face's tokenizer.json in and out (byte-level BPE).
@@ -155,6 +157,12 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 PATTERNS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
 
 EOT = "<|endoftext|>"  # marks document boundaries; prepare.py puts it at the start of every document
+# The chat tokens: who speaks (system, user, assistant) and where a turn ends. A base tokenizer
+# gains them for fine-tuning (Tokenizer.with_special_tokens) and prepare.py's chat template
+# (render) writes them between the turns. Like EOT they are never produced by encoding text unless
+# allowed, so a user who types "<|assistant|>" cannot forge a turn: that is 13 bytes of text.
+SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+CHAT_TOKENS = (SYSTEM, USER, ASSISTANT, END_OF_TURN)
 N_BYTES = 256  # ids 0..255 are the raw byte values (for tokenizers we train)
 FORMAT_NAME = "nanostack-bpe"  # first word of a saved tokenizer file
 FORMAT_VERSION = 1  # bump when the file layout changes; load() refuses other versions
@@ -904,6 +912,33 @@ class Tokenizer:
         if EOT not in self.special_tokens:
             raise UserError(f"this tokenizer has no {EOT} special token; train it with special_tokens=({EOT!r},)")
         return self.special_tokens[EOT]
+
+    # --- special tokens added later -------------------------------------------------------------
+
+    def with_special_tokens(self, names):
+        """This tokenizer plus those of the special tokens `names` that it lacks, at new ids after
+        its last one. Every existing id keeps its meaning, so a model trained with this tokenizer
+        still reads the new one's ids correctly and needs only embedding rows for the new ids
+        (model.grow_vocab adds them). The result is a different tokenizer: its file lists more
+        special tokens, so it has its own fingerprint, and a shard or checkpoint made with one is
+        never taken for the other. Worked example: a tokenizer with ids 0..4095 (<|endoftext|> =
+        4095) extended with bpe.CHAT_TOKENS gets <|system|> = 4096, <|user|> = 4097,
+        <|assistant|> = 4098, <|end|> = 4099, vocab_size 4100; tok.extends(base) is then True."""
+        new = [s for s in dict.fromkeys(names) if s not in self.special_tokens]
+        if any(not isinstance(s, str) or not s for s in new):
+            raise UserError(f"special tokens must be non-empty strings, got {list(names)}")
+        specials = dict(self.special_tokens)
+        specials.update({s: self.vocab_size + k for k, s in enumerate(new)})
+        return type(self)(self.pattern, self.merges, specials, self.byte_ids)
+
+    def extends(self, base) -> bool:
+        """Whether this tokenizer is `base` plus special tokens at ids base never used (what
+        with_special_tokens makes): the same split pattern, bytes and merges, and every special
+        token of base at its old id. Such a tokenizer encodes any text to the ids base gives it."""
+        return (self.pattern == base.pattern and self.byte_ids == base.byte_ids and self.merges == base.merges
+                and all(self.special_tokens.get(s) == i for s, i in base.special_tokens.items())
+                and all(i >= base.vocab_size for s, i in self.special_tokens.items()
+                        if s not in base.special_tokens))
 
     @property
     def vocab(self):

@@ -86,7 +86,8 @@ Sections:
  10. The GPT model (init, forward, loss, multi-token prediction)
  11. Accounting (parameters, FLOPs, KV bytes) and optimizer groups
  12. Runtime: device, precision, compile, threads, determinism (decided once)
- 13. Checkpoints: the file format, atomic save with a checksum, verified load
+ 13. Checkpoints: the file format, atomic save with a checksum, verified load, growing the
+     vocabulary of a base model for new special tokens (grow_vocab)
  14. safetensors: the format, a writer, a memory-mapped reader, sharded folders
  15. The Hugging Face format: config and weights by name, export, import (hf:DIR)
  16. main: print the architecture, run a forward/backward, optional benchmarks
@@ -96,7 +97,6 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
-import errno
 import functools
 import hashlib
 import json
@@ -3544,7 +3544,8 @@ def setup_runtime(device="auto", dtype="auto", compile="auto", threads=0, determ
                    rank=rank, local_rank=local_rank, world_size=world_size, scaler=scaler)
 
 # -----------------------------------------------------------------------------
-# 13. Checkpoints: one file format, written by train.py, read by train.py and sample.py
+# 13. Checkpoints: one file format, written by train.py, read by train.py and sample.py; growing
+#     the vocabulary of a base model for new special tokens
 #
 # A checkpoint is a dict of tensors and plain Python values, saved with torch.save:
 #   model                  state_dict of the bare GPT (no DDP or torch.compile prefixes)
@@ -3657,6 +3658,48 @@ def model_from_checkpoint(ckpt, path, kernels=Kernels(), overrides=None):
     except RuntimeError as e:
         raise bpe.UserError(f"checkpoint {path}: weights do not match its model_config "
                             f"({bpe.first_line(e)})") from None
+    return model
+
+
+# Fine-tuning a base model on chat data adds special tokens to its tokenizer (bpe's
+# Tokenizer.with_special_tokens, at ids past the trained ones), and the model needs an input row
+# (wte) and an output row (lm_head) for each new id. grow_vocab adds them, each set to the MEAN of
+# the trained rows, for two reasons:
+#   - as an input, a new token starts as an "average token": a vector of the size and direction
+#     the blocks are used to (a fresh N(0, 1) row of an untied wte is far from every trained row,
+#     and would send activations the blocks have never seen through every layer);
+#   - as an output, its logit starts as the mean of the old logits: the head is linear, so
+#     (mean of rows) . h = mean of (row . h) = mean_i z_i. Since exp(mean z) <= mean exp(z)
+#     (Jensen: exp is convex), each new token starts with probability at most 1 / V_old, and the
+#     k new ones together take at most k / (V_old + k): the base model's predictions of the old
+#     tokens barely move. (Exactly so without the logit softcap; with it, cap * tanh(z / cap) bends
+#     only the largest logits.) A random row could instead start with a large logit and distort
+#     every prediction until training pushed it down. This is the initialisation Hewitt (2021,
+#     "Initializing new word embeddings for pretrained language models") recommends.
+# test_model_grow_vocab_rows_are_the_mean checks the rows, the unchanged old logits and the bound.
+
+@torch.no_grad()
+def grow_vocab(model, n_trained, vocab_size):
+    """Make model's vocabulary at least vocab_size ids, and set every row from id n_trained on (new
+    ones, and padding rows that were never trained) of wte and lm_head to the mean of the trained
+    rows 0..n_trained-1 (see above). In place (model.config too); returns the model."""
+    cfg = model.config
+    if not 0 < n_trained <= min(cfg.vocab_size, vocab_size):
+        raise ValueError(f"n_trained={n_trained} must be in 1..min({cfg.vocab_size}, {vocab_size})")
+    size = max(cfg.vocab_size, vocab_size)
+
+    def grown(w):                                   # (V_old, C) -> (size, C)
+        out = w.new_empty(size, w.size(1))
+        out[:n_trained] = w[:n_trained]
+        out[n_trained:] = w[:n_trained].mean(dim=0)
+        return nn.Parameter(out)
+
+    model.transformer.wte = nn.Embedding.from_pretrained(grown(model.transformer.wte.weight), freeze=False)
+    head = nn.Linear(cfg.n_embd, size, bias=False, device=model.lm_head.weight.device,
+                     dtype=model.lm_head.weight.dtype)
+    head.weight = model.transformer.wte.weight if cfg.tie_embeddings else grown(model.lm_head.weight)
+    model.lm_head = head
+    model.config = dataclasses.replace(cfg, vocab_size=size)
     return model
 
 

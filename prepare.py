@@ -13,6 +13,9 @@ Run it:
     python prepare.py --input='books/*.txt' --doc_sep='\\n\\n\\n' --out_dir=data/books
     python prepare.py --input=a.txt --tokenizer=gpt2/encoder.json     # reuse GPT-2's tokenizer (vocab.bpe beside it)
     python prepare.py --input=a.txt --tokenizer=DIR/tokenizer.json    # a Hugging Face model's (to fine-tune it)
+    python prepare.py --chat=tasks:add,sub,count,reverse,sort --tokenizer=data/stdlib/tokenizer.bpe --out_dir=data/sft
+    python prepare.py --chat='convs/*.jsonl' --tokenizer=data/stdlib/tokenizer.bpe   # your conversations -> data/sft
+    python prepare.py --pairs=tasks:add --tokenizer=data/stdlib/tokenizer.bpe --out_dir=data/dpo   # DPO pairs
     python prepare.py --verify=True                    # check every shard of data/stdlib again, byte by byte
     python prepare.py --bench=True                     # throughput benchmark (1 vs 2 processes) + end-to-end time
     python prepare.py --help                           # every setting with its default
@@ -25,6 +28,9 @@ What ends up in the data directory (default data/stdlib/):
     verified.json                         shards that passed verification, so it runs once per file
     tokenizer-<fp>.bpe                    a tokenizer that --force=True replaced, kept for older checkpoints
                                           (fp: the first 16 hex digits of its fingerprint)
+With --chat or --pairs (fine-tuning data, sections 10-11), the same files: the shards carry a loss
+mask beside the tokens, tokenizer.bpe is --tokenizer's plus the chat tokens, meta.json says which
+tasks made them (train.py --objective=rl draws its prompts from those tasks).
 
 Nothing is lost. A build goes into a hidden folder beside the data directory
 (data/.stdlib.build<pid>), meta.json last, and is read back and verified; only then is
@@ -46,8 +52,11 @@ Sections:
     7. The tokenizer: train one or load one
     8. Tokenizing in parallel, in bounded memory
     9. The whole build: reuse, build beside, swap in, recover; disk full
-   10. Benchmark
-   11. main
+   10. The chat template: a conversation -> token ids and a loss mask (render)
+   11. Chat data: synthetic tasks with checkers, JSONL conversations and preference pairs,
+       chat shards
+   12. Benchmark
+   13. main
 """
 import codecs
 import dataclasses
@@ -59,6 +68,7 @@ import http.client
 import json
 import multiprocessing
 import os
+import random
 import re
 import shutil
 import struct
@@ -69,6 +79,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections import deque
+from typing import Optional
 
 import numpy as np
 
@@ -128,6 +139,12 @@ class Settings:
     bench: bool = False          # measure tokenize-and-write MB/s (1 vs 2 processes) and end-to-end time
     bench_reps: int = 3          # repetitions per benchmark configuration (medians are reported)
     bench_synthetic_mb: int = 0  # with --bench: instead, build a corpus this big (1000 = 1 GB) and report peak RSS
+    chat: str = ""               # SFT conversations: tasks:add,sub,count,reverse,sort (synthetic) or JSONL globs {"messages": [...]}
+    pairs: str = ""              # DPO preference pairs: tasks:add,... (right vs wrong answer) or JSONL globs {"prompt", "chosen", "rejected"}
+    task_examples: int = 20000   # synthetic tasks: train conversations (or pairs) per task
+    task_val_examples: int = 200  # synthetic tasks: val conversations (or pairs) per task
+    task_digits: int = 3         # synthetic tasks: digits of each number in add and sub
+    task_seed: int = 0           # synthetic tasks: the generator's seed (a question's split depends on the question only)
 
     def __post_init__(self):
         if self.dataset and self.dataset not in DATASETS:
@@ -145,6 +162,15 @@ class Settings:
             raise ValueError("--shard_tokens must be >= 1, --max_doc_tokens and --num_proc >= 0")
         if self.chunk_mb <= 0 or self.tokenizer_max_mb < 0 or self.bench_reps < 1:
             raise ValueError("--chunk_mb must be > 0, --tokenizer_max_mb >= 0, --bench_reps >= 1")
+        if self.chat and self.pairs:
+            raise ValueError("give either --chat (conversations for SFT) or --pairs (for DPO), not both")
+        if (self.chat or self.pairs) and (self.dataset or self.input or self.val_input):
+            raise ValueError("--chat and --pairs bring their own data: drop --dataset, --input and --val_input")
+        if (self.chat or self.pairs) and not self.tokenizer:
+            raise ValueError("--chat and --pairs need --tokenizer=PATH, the tokenizer of the base model to "
+                             "fine-tune (e.g. --tokenizer=data/stdlib/tokenizer.bpe): its ids must stay the same")
+        if min(self.task_examples, self.task_val_examples, self.task_digits) < 1:
+            raise ValueError("--task_examples, --task_val_examples and --task_digits must be at least 1")
         # The command line gives '\n' as two characters; documents are usually separated
         # by real newlines, so the common escapes are turned into the characters they name.
         for escape, char in (("\\n", "\n"), ("\\t", "\t"), ("\\r", "\r")):
@@ -155,6 +181,8 @@ def resolve_out_dir(s):
     """Where the shards go when --out_dir is not given."""
     if s.out_dir:
         return s.out_dir
+    if s.chat or s.pairs:
+        return os.path.join("data", "sft" if s.chat else "dpo")
     if s.dataset:
         return os.path.join("data", s.dataset)
     return os.path.join("data", "custom" if s.input else "stdlib")
@@ -422,13 +450,19 @@ def download(remote, directory, retries=DOWNLOAD_RETRIES, backoff=DOWNLOAD_BACKO
 #
 #     offset 0                 256-byte header (struct SHARD_HEADER, zero padded)
 #     offset 256               n_tokens token ids, uint16 or uint32
-#     offset 256 + n_tokens*w  n_docs int64 document start offsets (the doc index)
+#     then                     n_tokens loss-mask bytes, 0 or 1 (only if flags has HAS_MASK)
+#     then                     n_docs int64 document start offsets (the doc index)
 #
 # The header carries a magic string (so a foreign file is refused), the format
 # version, the token width w, the counts, the vocab size, the BOS id, the
-# tokenizer fingerprint (so shards made with another tokenizer are refused) and a
-# CRC-32 of the body (everything after the header: tokens, then index), so a changed
-# byte is caught (section 5). The exact file size follows from the header, so a
+# tokenizer fingerprint (so shards made with another tokenizer are refused), a
+# CRC-32 of the body (everything after the header: tokens, mask, index), so a changed
+# byte is caught (section 5), and flags. The loss mask is what fine-tuning data adds
+# (section 10): mask[i] = 1 where token i is one the model should learn to write (an
+# assistant's reply), 0 where it only reads (the user's words); pretraining shards
+# have none. It sits in its own region after the tokens rather than inside the ids,
+# so the tokens stay one plain array that np.memmap maps as it is, and a mask byte
+# gets the same checksum and verification as a token. The exact file size follows from the header, so a
 # truncated copy is detected without reading it. The document index at the end lets
 # train.py know where documents start without scanning tokens; each listed offset
 # holds a BOS token. A document may run past the end of a shard and continue at
@@ -443,10 +477,12 @@ def download(remote, directory, retries=DOWNLOAD_RETRIES, backoff=DOWNLOAD_BACKO
 # sha256 is fast only where the CPU has SHA instructions.
 
 SHARD_MAGIC = b"NANOSTK1"
-SHARD_VERSION = 2  # 2: the body's CRC-32 in the header (version 1 had none); readers refuse others
+SHARD_VERSION = 3  # 3: flags and the optional loss mask; 2: the body's CRC-32; readers refuse others
 SHARD_HEADER_BYTES = 256
-# magic, version, itemsize, n_tokens, n_docs, vocab_size, bos_id, fingerprint (64 hex chars), body crc32
-SHARD_HEADER = struct.Struct("<8sIIQQII64sI")
+# magic, version, itemsize, n_tokens, n_docs, vocab_size, bos_id, fingerprint (64 hex chars), body crc32,
+# flags
+SHARD_HEADER = struct.Struct("<8sIIQQII64sII")
+HAS_MASK = 1                                            # flags bit: a loss mask follows the tokens
 TOKEN_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}  # itemsize -> on-disk dtype of the token ids
 UINT16_VOCAB_LIMIT = 1 << 16                            # ids 0..65535 fit in uint16
 
@@ -461,7 +497,8 @@ class Shard:
     path: str
     tokens: np.ndarray       # (n_tokens,) read-only np.memmap, uint16/uint32
     doc_starts: np.ndarray   # (n_docs,) int64 offsets into tokens where a document's BOS sits
-    header: dict             # version, dtype, n_tokens, n_docs, vocab_size, bos_id, fingerprint, checksum
+    header: dict             # version, dtype, n_tokens, n_docs, vocab_size, bos_id, fingerprint, checksum, flags
+    mask: Optional[np.ndarray] = None  # (n_tokens,) read-only uint8 memmap of 0/1 loss weights, or None
 
 
 def choose_dtype(vocab_size, requested="auto"):
@@ -474,11 +511,11 @@ def choose_dtype(vocab_size, requested="auto"):
     return TOKEN_DTYPES[2]
 
 
-def pack_header(dtype, n_tokens, n_docs, vocab_size, bos_id, fingerprint, checksum):
+def pack_header(dtype, n_tokens, n_docs, vocab_size, bos_id, fingerprint, checksum, flags=0):
     fp = fingerprint.encode("ascii")
     assert len(fp) <= 64, "fingerprint must be at most 64 ASCII characters (sha256 hex)"
     raw = SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, dtype.itemsize, n_tokens, n_docs,
-                            vocab_size, bos_id, fp, checksum)
+                            vocab_size, bos_id, fp, checksum, flags)
     return raw.ljust(SHARD_HEADER_BYTES, b"\0")
 
 
@@ -489,18 +526,21 @@ class ShardWriter:
     renamed to its real name only after its header and index are written and
     fsync'ed. The body's CRC-32 is computed on the way, from the bytes as written.
     Use as a context manager: on an exception the temporary file is deleted, so an
-    interrupted run leaves no shard that looks valid."""
+    interrupted run leaves no shard that looks valid. With has_mask, every add() brings
+    the tokens' loss mask too; a shard's mask is held in memory (one byte a token) and
+    written after its tokens."""
 
-    def __init__(self, out_dir, split, dtype, shard_tokens, vocab_size, bos_id, fingerprint):
+    def __init__(self, out_dir, split, dtype, shard_tokens, vocab_size, bos_id, fingerprint, has_mask=False):
         self.out_dir, self.split, self.dtype = out_dir, split, dtype
         self.shard_tokens, self.vocab_size = shard_tokens, vocab_size
-        self.bos_id, self.fingerprint = bos_id, fingerprint
+        self.bos_id, self.fingerprint, self.has_mask = bos_id, fingerprint, has_mask
         self.names = []          # finished shard file names
         self.n_tokens = 0        # tokens written so far, all shards
         self._file = None        # current temporary file
         self._tmp = None
         self._n = 0              # tokens in the current shard
         self._starts = []        # doc start offsets in the current shard (arrays)
+        self._masks = []         # the current shard's loss mask (uint8 arrays), with has_mask
         self._crc = 0            # CRC-32 of the current shard's body so far
 
     def __enter__(self):
@@ -517,7 +557,7 @@ class ShardWriter:
         self._tmp = os.path.join(self.out_dir, f".{name}.tmp{os.getpid()}")
         self._file = open(self._tmp, "wb")
         self._file.write(b"\0" * SHARD_HEADER_BYTES)  # placeholder; the real header comes last
-        self._n, self._starts, self._crc = 0, [], 0
+        self._n, self._starts, self._masks, self._crc = 0, [], [], 0
 
     def _write_tokens(self, tokens):
         data = tokens.tobytes()
@@ -525,13 +565,15 @@ class ShardWriter:
         self._file.write(data)
 
     def _finish(self):
+        if self.has_mask:
+            self._write_tokens(np.concatenate(self._masks).astype(np.uint8))  # same CRC, after the tokens
         starts = np.concatenate(self._starts) if self._starts else np.zeros(0, np.int64)
         index = starts.astype("<i8").tobytes()
         self._crc = zlib.crc32(index, self._crc)
         self._file.write(index)
         self._file.seek(0)
-        self._file.write(pack_header(self.dtype, self._n, len(starts), self.vocab_size,
-                                     self.bos_id, self.fingerprint, self._crc))
+        self._file.write(pack_header(self.dtype, self._n, len(starts), self.vocab_size, self.bos_id,
+                                     self.fingerprint, self._crc, HAS_MASK if self.has_mask else 0))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -540,9 +582,11 @@ class ShardWriter:
         self.names.append(name)
         self._file = self._tmp = None
 
-    def add(self, tokens, doc_lengths):
+    def add(self, tokens, doc_lengths, mask=None):
         """tokens: (N,) ids of whole documents back to back, each starting with BOS;
-        doc_lengths: (D,) their lengths (sum = N)."""
+        doc_lengths: (D,) their lengths (sum = N); mask: (N,) 0/1 loss mask (with has_mask)."""
+        if (mask is not None) != self.has_mask or (mask is not None and len(mask) != len(tokens)):
+            raise ValueError("ShardWriter.add: give a mask of one byte per token exactly when has_mask")
         tokens = np.asarray(tokens).astype(self.dtype, copy=False)
         starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)  # (D,) in tokens
         pos = 0
@@ -551,6 +595,8 @@ class ShardWriter:
                 self._open()
             take = min(self.shard_tokens - self._n, len(tokens) - pos)
             self._write_tokens(tokens[pos:pos + take])
+            if mask is not None:
+                self._masks.append(np.asarray(mask[pos:pos + take], dtype=np.uint8))
             lo, hi = np.searchsorted(starts, [pos, pos + take])  # documents starting in this slice
             self._starts.append(starts[lo:hi] - pos + self._n)
             self._n += take
@@ -611,10 +657,11 @@ def read_header(path):
     if version != SHARD_VERSION or itemsize not in TOKEN_DTYPES:
         raise ShardError(f"{path}: shard format version {version} / width {itemsize} is not "
                          f"{SHARD_VERSION} / 2 or 4 (made by another prepare.py?); re-run prepare.py")
-    magic, version, itemsize, n_tokens, n_docs, vocab_size, bos_id, fp, checksum = SHARD_HEADER.unpack_from(raw)
+    magic, version, itemsize, n_tokens, n_docs, vocab_size, bos_id, fp, checksum, flags = \
+        SHARD_HEADER.unpack_from(raw)
     return dict(version=version, dtype=TOKEN_DTYPES[itemsize].name, n_tokens=n_tokens, n_docs=n_docs,
                 vocab_size=vocab_size, bos_id=bos_id, fingerprint=fp.rstrip(b"\0").decode("ascii"),
-                checksum=checksum)
+                checksum=checksum, flags=flags)
 
 
 def shard_identity(path):
@@ -661,19 +708,25 @@ class VerifiedCache:
             self.changed = False
 
 
-def scan_body(tokens, index_bytes):
-    """One pass over a shard's body in blocks -> (CRC-32 of tokens then index, largest token id)."""
-    crc, top = 0, 0
+def scan_body(tokens, index_bytes, mask=None):
+    """One pass over a shard's body in blocks -> (CRC-32 of tokens, mask, then index, largest
+    token id, largest mask byte)."""
+    crc, top, top_mask = 0, 0, 0
     for i in range(0, len(tokens), VERIFY_BLOCK_TOKENS):
         block = tokens[i:i + VERIFY_BLOCK_TOKENS]
         crc = zlib.crc32(block, crc)  # the memmap's bytes as they are on disk
         top = max(top, int(block.max()))
-    return zlib.crc32(index_bytes, crc), top
+    for i in range(0, 0 if mask is None else len(mask), VERIFY_BLOCK_TOKENS):
+        block = mask[i:i + VERIFY_BLOCK_TOKENS]
+        crc = zlib.crc32(block, crc)
+        top_mask = max(top_mask, int(block.max()))
+    return zlib.crc32(index_bytes, crc), top, top_mask
 
 
 def open_shard(path, expected_fingerprint=None, vocab_size=None, cache=None):
     """Map a shard into memory after checking its header, size, fingerprint, document
-    index, checksum and token id range (ids < vocab_size, by default the header's).
+    index, checksum, token id range (ids < vocab_size, by default the header's) and, if it
+    has one, that its loss mask holds only 0 and 1.
 
     The cheap checks cost O(n_docs); the checksum and range pass reads the file once and
     is then remembered in cache (a VerifiedCache of the shard's folder; by default one is
@@ -681,7 +734,8 @@ def open_shard(path, expected_fingerprint=None, vocab_size=None, cache=None):
     as they touch them."""
     h = read_header(path)
     itemsize = np.dtype(h["dtype"]).itemsize
-    expected_size = SHARD_HEADER_BYTES + h["n_tokens"] * itemsize + h["n_docs"] * 8
+    mask_bytes = h["n_tokens"] if h["flags"] & HAS_MASK else 0
+    expected_size = SHARD_HEADER_BYTES + h["n_tokens"] * itemsize + mask_bytes + h["n_docs"] * 8
     size = os.path.getsize(path)
     if size != expected_size:
         raise ShardError(f"{path}: file is {size} bytes but its header says {expected_size} "
@@ -697,7 +751,12 @@ def open_shard(path, expected_fingerprint=None, vocab_size=None, cache=None):
                          f"{vocab_size}; re-run prepare.py")
     tokens = np.memmap(path, dtype=TOKEN_DTYPES[itemsize], mode="r", offset=SHARD_HEADER_BYTES,
                        shape=(h["n_tokens"],))
-    index = np.fromfile(path, dtype="<i8", count=h["n_docs"], offset=SHARD_HEADER_BYTES + h["n_tokens"] * itemsize)
+    mask = None
+    if mask_bytes:
+        mask = np.memmap(path, dtype=np.uint8, mode="r", offset=SHARD_HEADER_BYTES + h["n_tokens"] * itemsize,
+                         shape=(h["n_tokens"],))
+    index = np.fromfile(path, dtype="<i8", count=h["n_docs"],
+                        offset=SHARD_HEADER_BYTES + h["n_tokens"] * itemsize + mask_bytes)
     doc_starts = index.astype(np.int64)
     # The index is cheap to verify: sorted, in range, and every entry points at a BOS.
     if len(doc_starts) and (np.any(np.diff(doc_starts) <= 0) or doc_starts[0] < 0
@@ -709,17 +768,20 @@ def open_shard(path, expected_fingerprint=None, vocab_size=None, cache=None):
     name, identity = os.path.basename(path), shard_identity(path)
     top = cache.max_id(name, identity, h["checksum"])
     if top is None:
-        crc, top = scan_body(tokens, index.tobytes())
+        crc, top, top_mask = scan_body(tokens, index.tobytes(), mask)
         if crc != h["checksum"]:
             raise ShardError(f"{path}: its bytes do not match the checksum in its header (the file was "
                              f"changed or damaged after prepare.py wrote it); re-run prepare.py")
+        if top_mask > 1:
+            raise ShardError(f"{path}: its loss mask holds the value {top_mask} (only 0 and 1 are "
+                             f"allowed); re-run prepare.py")
         cache.record(name, identity, h["checksum"], top)
     if top >= vocab_size:
         raise ShardError(f"{path}: holds token id {top}, but the vocabulary has {vocab_size} ids "
                          f"(damaged, or made for another tokenizer); re-run prepare.py")
     if own_cache:
         cache.save()
-    return Shard(path=path, tokens=tokens, doc_starts=doc_starts, header=h)
+    return Shard(path=path, tokens=tokens, doc_starts=doc_starts, header=h, mask=mask)
 
 
 # meta.json fields that readers rely on, with their types (a damaged meta.json fails here, in one line)
@@ -1282,6 +1344,35 @@ def write_failed(e, out_dir, target, need):
     return bpe.UserError(f"cannot write in {parent} ({e.strerror}); choose a writable --out_dir; {unchanged}")
 
 
+def publish(out_dir, target, tok, write_shards, make_meta, need_bytes, log):
+    """Write a new dataset beside target and swap it in (see the section comment): the tokenizer,
+    the shards (write_shards(work folder)), meta.json last (make_meta()), everything read back and
+    verified through load_split, then the renames. Any failure before the swap (a full disk,
+    Ctrl-C, a bug) deletes the build folder and leaves the previous dataset as it was; a full disk
+    or a refused write is one line, with need_bytes() (about what the build needs). Returns meta."""
+    work = side_folder(target, "build")
+    try:
+        os.makedirs(work)
+        tok.save(os.path.join(work, TOKENIZER_NAME))
+        write_shards(work)
+        meta = make_meta()
+        bpe.atomic_write_bytes(os.path.join(work, META_NAME), (json.dumps(meta, indent=1) + "\n").encode())
+        for split in ("train", "val"):  # read back and verify: a bad build never replaces a good one
+            load_split(work, split)
+        old = swap_in(work, target)
+    except BaseException as e:  # the build folder goes, the old dataset stays
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError) and (bpe.is_disk_full(e) or e.errno in WRITE_REFUSED):
+            raise write_failed(e, out_dir, target, need_bytes()) from None
+        raise
+    if old is not None:
+        try:
+            retire(old, target, log)
+        except OSError as e:  # the new dataset is in place; the next run finishes the cleanup
+            log(f"warning: could not finish removing {old} ({e}); the next run of prepare.py will")
+    return meta
+
+
 def build(s, log=print, quiet=False):
     """Prepare one data directory according to settings s. Returns meta (dict)."""
     out_dir = resolve_out_dir(s)
@@ -1324,40 +1415,32 @@ def build(s, log=print, quiet=False):
     if val_paths:
         streams.append(("val", iter_documents(val_paths, doc_sep)))
     total_bytes = scan.bytes + (val_scan.bytes if val_scan else 0)
-    work, stats = side_folder(target, "build"), new_stats()
-    try:
-        os.makedirs(work)
-        tok.save(os.path.join(work, TOKENIZER_NAME))
+    stats, seconds = new_stats(), {}
+
+    def write_shards(work):
         t1 = time.time()
         tokenize_to_shards(streams, is_val, tok, work, s, dtype, num_proc, total_bytes, quiet, stats)
-        t_tok = time.time() - t1
+        seconds["tokenize"] = time.time() - t1
+
+    def make_meta():
         tr = stats["train"]
-        meta = dict(
-            format_version=SHARD_VERSION, tokenizer=TOKENIZER_NAME, fingerprint=tok.fingerprint,
+        return dict(
+            format_version=SHARD_VERSION, kind="text", tokenizer=TOKENIZER_NAME, fingerprint=tok.fingerprint,
             vocab_size=tok.vocab_size, bos_id=tok.eot_id, dtype=dtype.name, splits=stats,
             bytes_per_token=tr["bytes"] / max(1, tr["tokens"]),  # UTF-8 bytes per token, BOS counted as a token
             sources=source_desc, replaced_chars=scan.replaced + (val_scan.replaced if val_scan else 0),
             settings=dataclasses.asdict(s) | dict(out_dir=out_dir, doc_sep=doc_sep),
             build_key=build_key, tokenizer_key=tokenizer_key,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            seconds=dict(total=round(time.time() - t0, 2), tokenize=round(t_tok, 2)),
+            seconds=dict(total=round(time.time() - t0, 2), tokenize=round(seconds["tokenize"], 2)),
         )
-        bpe.atomic_write_bytes(os.path.join(work, META_NAME), (json.dumps(meta, indent=1) + "\n").encode())
-        for split in ("train", "val"):  # read back and verify: a bad build never replaces a good one
-            load_split(work, split)
-        old = swap_in(work, target)
-    except BaseException as e:  # a full disk, Ctrl-C, a bug: the build folder goes, the old dataset stays
-        shutil.rmtree(work, ignore_errors=True)
-        if isinstance(e, OSError) and (bpe.is_disk_full(e) or e.errno in WRITE_REFUSED):
-            n_docs = scan.docs + (val_scan.docs if val_scan else 0)
-            need = estimate_bytes(stats, total_bytes, n_docs, dtype.itemsize, load_meta_or_none(out_dir))
-            raise write_failed(e, out_dir, target, need) from None
-        raise
-    if old is not None:
-        try:
-            retire(old, target, log)
-        except OSError as e:  # the new dataset is in place; the next run finishes the cleanup
-            log(f"warning: could not finish removing {old} ({e}); the next run of prepare.py will")
+
+    def need():
+        n_docs = scan.docs + (val_scan.docs if val_scan else 0)
+        return estimate_bytes(stats, total_bytes, n_docs, dtype.itemsize, load_meta_or_none(out_dir))
+
+    meta = publish(out_dir, target, tok, write_shards, make_meta, need, log)
+    tr, t_tok = stats["train"], seconds["tokenize"]
     for sp in ("train", "val"):
         st = stats[sp]
         log(f"{sp}: {st['docs']:,} docs, {st['bytes'] / MB:.1f} MB, {st['tokens']:,} tokens "
@@ -1382,7 +1465,490 @@ def verify(out_dir, log):
 
 
 # -----------------------------------------------------------------------------
-# 10. Benchmark
+# 10. The chat template: a conversation -> token ids and a loss mask
+#
+# A base model continues text; an assistant answers in turns. Fine-tuning teaches it a format in
+# which every turn is marked by special tokens (bpe.CHAT_TOKENS) that no typed text can produce:
+#     <|endoftext|> <|user|> question <|end|> <|assistant|> answer <|end|> <|user|> ...
+# A conversation is one document, BOS first like every document in the shards. The loss mask says
+# which tokens the model is taught to write: 1 on the assistant's tokens and on the <|end|> that
+# closes each of its turns (so that it learns to stop), 0 everywhere else: BOS, the role tokens,
+# the user's and the system's words, which the model reads but should not learn to produce. The
+# <|assistant|> token itself is 0 too: the chat program writes it, to hand the model its turn.
+#
+# Worked example (test_prepare_chat_render_worked_example checks it), with a tokenizer that has no
+# merges (every byte is its own id, BOS = <|endoftext|> = 256) extended with the chat tokens
+# (<|system|> 257, <|user|> 258, <|assistant|> 259, <|end|> 260):
+#     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+#     ids    256  258  104  105  260  259  121  111  260
+#            BOS  user  h    i   end  asst  y    o   end
+#     mask    0    0    0    0    0    0    1    1    1
+# render(..., reply=True) renders a prompt instead: the ids end with <|assistant|>, and the model
+# writes the rest. Training shifts the mask with the tokens: the target of position t is ids[t + 1],
+# counted in the loss when mask[t + 1] is 1.
+#
+# The contents are encoded with encode_ordinary, so special-token text typed by a user stays text:
+# "<|end|>" in a message is the bytes "<", "|", "end", ..., never the id 260. Only render puts
+# the chat tokens in, and only between the turns.
+
+ROLE_TOKENS = {"system": bpe.SYSTEM, "user": bpe.USER, "assistant": bpe.ASSISTANT}
+
+
+def chat_ids(tok):
+    """{"system" | "user" | "assistant" | "end": id} of tok's chat tokens; one line if it has none."""
+    missing = [t for t in bpe.CHAT_TOKENS if t not in tok.special_tokens]
+    if missing:
+        raise bpe.UserError(f"this tokenizer has no chat tokens ({', '.join(missing)}): it is a base model's; "
+                            f"fine-tune it on data made by `prepare.py --chat=...`, which adds them")
+    ids = {role: tok.special_tokens[name] for role, name in ROLE_TOKENS.items()}
+    ids["end"] = tok.special_tokens[bpe.END_OF_TURN]
+    return ids
+
+
+def conversation_problem(messages, reply=False):
+    """What is wrong with a conversation (a list of {"role", "content"} dicts), or None. The shape
+    the template expects: an optional system message first, then user and assistant turns
+    alternating, the user first; every content a non-empty string. Training data (reply=False)
+    ends with the assistant, whose turn is what there is to learn; a prompt (reply=True) ends with
+    the user, whom the model is to answer."""
+    if not isinstance(messages, list) or not messages:
+        return "expected a non-empty list of messages"
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{k}] is not an object"
+        if m.get("role") not in ROLE_TOKENS:
+            return f'messages[{k}]: "role" must be "system", "user" or "assistant", got {m.get("role")!r}'
+        if not isinstance(m.get("content"), str) or not m["content"]:
+            return f'messages[{k}]: "content" must be a non-empty string'
+    roles = [m["role"] for m in messages]
+    first = int(roles[0] == "system")
+    for k in range(first, len(roles)):
+        want = ("user", "assistant")[(k - first) % 2]
+        if roles[k] != want:
+            return (f'messages[{k}] is a {roles[k]} message where a {want} message belongs (after an '
+                    f'optional system message, user and assistant take turns, the user first)')
+    if reply and roles[-1] != "user":
+        return "the conversation must end with a user message, for the model to answer"
+    if not reply and roles[-1] != "assistant":
+        return "the conversation must end with an assistant message (the turn the model learns)"
+    return None
+
+
+def render(messages, tok, reply=False):
+    """A conversation -> (ids, mask): two lists of equal length (see the worked example above).
+    reply=True: a prompt whose ids end with <|assistant|>, for the model to write its turn."""
+    problem = conversation_problem(messages, reply)
+    if problem:
+        raise bpe.UserError(f"bad conversation: {problem}")
+    special = chat_ids(tok)
+    ids, mask = [tok.eot_id], [0]
+    for m in messages:
+        learn = int(m["role"] == "assistant")
+        content = tok.encode_ordinary(m["content"])
+        ids += [special[m["role"]], *content, special["end"]]
+        mask += [0] + [learn] * (len(content) + 1)
+    if reply:
+        ids.append(special["assistant"])
+        mask.append(0)
+    return ids, mask
+
+
+def render_reply(prompt_ids, reply, tok):
+    """A rendered prompt (render(..., reply=True)) followed by one assistant reply and its <|end|>,
+    with the mask on the reply alone: (ids, mask). A preference pair is two of these."""
+    reply_ids = tok.encode_ordinary(reply) + [chat_ids(tok)["end"]]
+    return list(prompt_ids) + reply_ids, [0] * len(prompt_ids) + [1] * len(reply_ids)
+
+
+# -----------------------------------------------------------------------------
+# 11. Chat data: synthetic tasks with checkers, JSONL conversations and preference pairs, chat shards
+#
+# Synthetic tasks need no download and have answers a program can check, so a class can watch a
+# model learn them, and train.py's RL can compute a reward. Each task makes a Problem from a
+# random generator: the question (the user's message), the right answer (the assistant's) and the
+# data a checker recomputes the answer from:
+#     add      "What is 482 + 317?"                                      -> "799"
+#     sub      "What is 731 - 284?"                                      -> "447"  (never negative)
+#     count    'How many times does the letter "a" appear in "kalamo"?'  -> "2"
+#     reverse  'Reverse the word "kalamo".'                              -> "omalak"
+#     sort     "Sort from smallest to largest: 42, 7, 19"                -> "7, 19, 42"
+# Numbers have --task_digits digits; words are 2 or 3 syllables of a consonant and a vowel, so
+# they look like words to a tokenizer without coming from a word list.
+#
+# Splits that can never overlap: a problem belongs to train, val or test by a hash of its
+# question alone (doc_hash, as documents in section 6): u < TASK_TEST_FRACTION is test, u below
+# TASK_TEST_FRACTION + TASK_VAL_FRACTION is val, the rest train. The split is a property of the
+# question, not of when or by which seed it was drawn, so nothing can put one question in two
+# splits. A split's problems come from a random.Random seeded by (task, split, seed, digits),
+# which keeps drawing and keeps those of its split: deterministic. val and test hold distinct
+# questions; train may repeat one (a repeat is a second epoch of it).
+#
+# A checker says whether a reply is right: the reply, whitespace around it ignored, must state the
+# answer and nothing else ("799" is right for 482 + 317; "799." and "It is 799" are not; sort
+# accepts "7,19,42" too). For DPO the rejected reply is a plausible wrong one: a carry slip (off by
+# 1, 10 or 100), a count off by one, two letters or two numbers swapped.
+#
+# User data is JSONL, one example a line:
+#     --chat   {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
+#     --pairs  {"prompt": "..." or [messages ending with the user], "chosen": "...", "rejected": "..."}
+# Every line is checked before anything is written; the first bad one stops the build with its file,
+# its line number and what is wrong. A user conversation goes to val when the hash of its messages
+# falls below --val_fraction (a pair: the hash of its prompt, so the pairs of a prompt stay
+# together); at least one goes to val.
+#
+# Chat shards are ordinary shards (section 4) with the loss mask, made with the base model's
+# tokenizer extended by the chat tokens. A preference pair is two documents in a row, chosen then
+# rejected, each masked on its reply. The build is written beside the data directory and swapped in
+# like any other (section 9): nothing is ever written half.
+
+TASK_PREFIX = "tasks:"
+TASK_TEST_FRACTION = 0.1      # share of every task's questions that only --task_eval ever sees
+TASK_VAL_FRACTION = 0.1       # share held out for val loss, DPO accuracy and RL pass@1 during training
+TASK_SPLITS = ("train", "val", "test")
+TASK_DRAWS_PER_PROBLEM = 100  # a split gives up after this many draws per problem asked for
+CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+SORT_SIZES = (3, 5)           # sort: lists of 3 to 5 distinct numbers ...
+SORT_MAX = 99                 # ... from 0 to SORT_MAX
+CHAT_SETTINGS = ("task_examples", "task_val_examples", "task_digits", "task_seed", "val_fraction",
+                 "shard_tokens", "dtype")  # the settings a chat build's output depends on
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    task: str
+    question: str   # the user's message
+    answer: str     # the right reply
+    data: tuple     # what the checker recomputes the answer from: (a, b), (word, letter), (word,), numbers
+
+
+def syllable_word(rng):
+    return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3)))
+
+
+def task_number(rng, digits):
+    return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+
+
+def make_add(rng, digits):
+    a, b = task_number(rng, digits), task_number(rng, digits)
+    return Problem("add", f"What is {a} + {b}?", str(a + b), (a, b))
+
+
+def make_sub(rng, digits):
+    a, b = sorted((task_number(rng, digits), task_number(rng, digits)), reverse=True)
+    return Problem("sub", f"What is {a} - {b}?", str(a - b), (a, b))
+
+
+def make_count(rng, digits):
+    word = syllable_word(rng)
+    letter = rng.choice(word) if rng.random() < 0.5 else rng.choice(CONSONANTS + VOWELS)  # zero counts too
+    return Problem("count", f'How many times does the letter "{letter}" appear in "{word}"?',
+                   str(word.count(letter)), (word, letter))
+
+
+def make_reverse(rng, digits):
+    word = syllable_word(rng)
+    return Problem("reverse", f'Reverse the word "{word}".', word[::-1], (word,))
+
+
+def make_sort(rng, digits):
+    xs = rng.sample(range(SORT_MAX + 1), rng.randint(*SORT_SIZES))
+    return Problem("sort", "Sort from smallest to largest: " + ", ".join(map(str, xs)),
+                   ", ".join(map(str, sorted(xs))), tuple(xs))
+
+
+def stated_int(reply):
+    """The integer a reply states and nothing else, or None: " 799\n" -> 799; "799.", "+799",
+    "7 99", "٧٩٩" -> None."""
+    text = reply.strip()
+    return int(text) if re.fullmatch(r"-?[0-9]+", text) else None
+
+
+def stated_ints(reply):
+    """The list of integers a reply states, separated by commas: "7, 19,42" -> [7, 19, 42]; or None."""
+    parts = [p.strip() for p in reply.strip().split(",")]
+    return [int(p) for p in parts] if all(re.fullmatch(r"[0-9]+", p) for p in parts) else None
+
+
+def check_add(p, reply):
+    return stated_int(reply) == p.data[0] + p.data[1]
+
+
+def check_sub(p, reply):
+    return stated_int(reply) == p.data[0] - p.data[1]
+
+
+def check_count(p, reply):
+    return stated_int(reply) == p.data[0].count(p.data[1])
+
+
+def check_reverse(p, reply):
+    return reply.strip() == p.data[0][::-1]
+
+
+def check_sort(p, reply):
+    return stated_ints(reply) == sorted(p.data)
+
+
+def wrong_number(rng, right, slips=(1, 10, 100)):
+    """right off by one of slips, up or down, never negative: a dropped or an extra carry."""
+    return str(rng.choice([w for s in slips for w in (right - s, right + s) if w >= 0]))
+
+
+def wrong_add(p, rng):
+    return wrong_number(rng, p.data[0] + p.data[1])
+
+
+def wrong_sub(p, rng):
+    return wrong_number(rng, p.data[0] - p.data[1])
+
+
+def wrong_count(p, rng):
+    return wrong_number(rng, p.data[0].count(p.data[1]), slips=(1,))
+
+
+def swapped(items, rng):
+    """items with two neighbours that differ swapped (a list; items must not all be equal)."""
+    items = list(items)
+    k = rng.choice([k for k in range(len(items) - 1) if items[k] != items[k + 1]])
+    items[k], items[k + 1] = items[k + 1], items[k]
+    return items
+
+
+def wrong_reverse(p, rng):
+    return "".join(swapped(p.data[0][::-1], rng))   # a consonant and a vowel always differ
+
+
+def wrong_sort(p, rng):
+    return ", ".join(map(str, swapped(sorted(p.data), rng)))   # the numbers are distinct
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    make: object    # (random.Random, digits) -> Problem
+    check: object   # (Problem, reply text) -> bool: is the reply right?
+    wrong: object   # (Problem, random.Random) -> a plausible wrong reply
+
+
+TASKS = {"add": Task(make_add, check_add, wrong_add), "sub": Task(make_sub, check_sub, wrong_sub),
+         "count": Task(make_count, check_count, wrong_count),
+         "reverse": Task(make_reverse, check_reverse, wrong_reverse), "sort": Task(make_sort, check_sort, wrong_sort)}
+
+
+def task_names(spec, what="--chat"):
+    """'tasks:add,count' (or 'add,count') -> ['add', 'count']; one line for an unknown name."""
+    names = [n.strip() for n in spec[len(TASK_PREFIX):].split(",") if n.strip()] \
+        if spec.startswith(TASK_PREFIX) else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        example = f"{TASK_PREFIX}add,count" if what in ("--chat", "--pairs") else "add,count"
+        raise bpe.UserError(f"{what}={spec}: unknown task(s) {unknown}; choose from {', '.join(TASKS)}, "
+                            f"e.g. {what}={example}")
+    return list(dict.fromkeys(names))
+
+
+def task_split(question):
+    """'train', 'val' or 'test': decided by the question's hash alone (see the section comment)."""
+    u, _ = doc_hash(question)
+    return "test" if u < TASK_TEST_FRACTION else "val" if u < TASK_TEST_FRACTION + TASK_VAL_FRACTION else "train"
+
+
+def draw_problem(name, split, rng, digits=3):
+    """The next problem of task `name` that rng gives in `split` (one draw in 5 to 10 on average
+    for val and test, see TASK_*_FRACTION)."""
+    for _ in range(TASK_DRAWS_PER_PROBLEM):
+        p = TASKS[name].make(rng, digits)
+        if task_split(p.question) == split:
+            return p
+    raise bpe.UserError(f"task {name} has (almost) no {split} problems with --task_digits={digits}; "
+                        f"raise --task_digits")
+
+
+def task_problems(name, split, n, seed=0, digits=3):
+    """n problems of task `name` in `split`, the same for the same (name, split, n, seed, digits);
+    distinct questions in val and test. One line if there are not that many of them."""
+    rng = random.Random(f"{name}:{split}:{seed}:{digits}")   # a str seed: the same on every platform
+    out, seen = [], set()
+    for _ in range(TASK_DRAWS_PER_PROBLEM * n):
+        if len(out) == n:
+            break
+        p = draw_problem(name, split, rng, digits)
+        if split == "train" or p.question not in seen:
+            seen.add(p.question)
+            out.append(p)
+    if len(out) < n:
+        raise bpe.UserError(f"task {name}: only {len(out)} distinct {split} problems found, {n} asked for "
+                            f"(--task_digits={digits} leaves few); ask for fewer or raise --task_digits")
+    return out
+
+
+def jsonl_records(path, what):
+    """Yield (line number, object) for each non-blank line of a JSONL file, and a function
+    bad(message, line) that raises the one-line error naming the file and the line. A line that
+    is not UTF-8, not JSON or not a JSON object is one such line too."""
+    def bad(message, lineno):
+        raise bpe.UserError(f"{path}:{lineno}: {message}")
+
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad("not UTF-8 text", lineno)
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    bad(f"not valid JSON ({e.msg} at column {e.colno})", lineno)
+                if not isinstance(rec, dict):
+                    bad(f"expected a JSON object, got {type(rec).__name__}", lineno)
+                yield lineno, rec, bad
+    except OSError as e:
+        raise bpe.UserError(f"{what}={path}: cannot read the file ({e.strerror}); check the path") from None
+
+
+def conversation_of(rec, bad, lineno):
+    """A --chat JSONL record -> its messages (checked)."""
+    messages = rec.get("messages")
+    problem = 'expected {"messages": [...]}' if "messages" not in rec else conversation_problem(messages)
+    if problem:
+        bad(problem, lineno)
+    return messages
+
+
+def pair_of(rec, bad, lineno):
+    """A --pairs JSONL record -> (prompt messages, chosen, rejected), checked."""
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
+    if missing:
+        bad(f'expected {{"prompt", "chosen", "rejected"}}; missing {", ".join(missing)}', lineno)
+    prompt = rec["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    problem = conversation_problem(prompt, reply=True)
+    if problem:
+        bad(f'"prompt" must be a non-empty string or a list of messages ending with the user\'s: {problem}',
+            lineno)
+    for key in ("chosen", "rejected"):
+        if not isinstance(rec[key], str) or not rec[key]:
+            bad(f'"{key}" must be a non-empty string (the assistant\'s reply)', lineno)
+    if rec["chosen"] == rec["rejected"]:
+        bad('"chosen" and "rejected" are the same reply: a pair must prefer one of two different replies', lineno)
+    return prompt, rec["chosen"], rec["rejected"]
+
+
+def user_split(examples, val_fraction, what):
+    """Split (key, example) by the hash of key: val where u < val_fraction, and at least one."""
+    if len(examples) < 2:
+        raise bpe.UserError(f"{what}: {len(examples)} example(s); at least 2 are needed (one goes to val)")
+    u = [doc_hash(key)[0] for key, _ in examples]
+    is_val = [x < val_fraction for x in u]
+    if not any(is_val):
+        is_val[u.index(min(u))] = True
+    if all(is_val):
+        raise bpe.UserError(f"{what}: every example fell into val; lower --val_fraction={val_fraction}")
+    return [("val" if v else "train", ex) for v, (_, ex) in zip(is_val, examples)]
+
+
+def chat_documents(s, kind, tok):
+    """The documents of --chat (kind "chat") or --pairs ("pairs") as [(split, ids, mask)], rendered
+    with tok, every example checked first. A pair gives two documents in a row: chosen, rejected."""
+    spec = s.chat if kind == "chat" else s.pairs
+    docs = []
+    if spec.startswith(TASK_PREFIX):
+        for name in task_names(spec, f"--{kind}"):
+            for split, n in (("train", s.task_examples), ("val", s.task_val_examples)):
+                rng = random.Random(f"wrong:{name}:{split}:{s.task_seed}")
+                for p in task_problems(name, split, n, s.task_seed, s.task_digits):
+                    user = [{"role": "user", "content": p.question}]
+                    if kind == "chat":
+                        docs.append((split, *render(user + [{"role": "assistant", "content": p.answer}], tok)))
+                    else:
+                        prompt, _ = render(user, tok, reply=True)
+                        docs.append((split, *render_reply(prompt, p.answer, tok)))
+                        docs.append((split, *render_reply(prompt, TASKS[name].wrong(p, rng), tok)))
+        return docs
+    examples = []
+    for path in resolve_globs(spec, f"--{kind}"):
+        for lineno, rec, bad in jsonl_records(path, f"--{kind}"):
+            if kind == "chat":
+                messages = conversation_of(rec, bad, lineno)
+                examples.append((json.dumps(messages, sort_keys=True), messages))
+            else:
+                prompt, chosen, rejected = pair_of(rec, bad, lineno)
+                examples.append((json.dumps(prompt, sort_keys=True), (prompt, chosen, rejected)))
+    for split, ex in user_split(examples, s.val_fraction, f"--{kind}={spec}"):
+        if kind == "chat":
+            docs.append((split, *render(ex, tok)))
+        else:
+            prompt, _ = render(ex[0], tok, reply=True)
+            docs += [(split, *render_reply(prompt, reply, tok)) for reply in ex[1:]]
+    return docs
+
+
+def build_chat(s, log=print):
+    """prepare.py --chat / --pairs: chat shards with loss masks, made with --tokenizer plus the chat
+    tokens. Returns meta (dict)."""
+    kind, spec = ("chat", s.chat) if s.chat else ("pairs", s.pairs)
+    out_dir = resolve_out_dir(s)
+    target = os.path.realpath(out_dir)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise bpe.UserError(f"--out_dir={out_dir} is a file; give a folder")
+    recover(target, log)
+    tasks = task_names(spec, f"--{kind}") if spec.startswith(TASK_PREFIX) else []
+    paths = [] if tasks else resolve_globs(spec, f"--{kind}")
+    base = check_tokenizer(load_tokenizer_arg(s.tokenizer), f"--tokenizer={s.tokenizer}")
+    tok = base.with_special_tokens(bpe.CHAT_TOKENS)
+    dtype = choose_dtype(tok.vocab_size, s.dtype)
+    build_key = key_of(dict(version=SHARD_VERSION, kind=kind, spec=spec, sources=file_identity(paths),
+                            tok=file_identity(tokenizer_files(s.tokenizer)),
+                            settings={k: getattr(s, k) for k in CHAT_SETTINGS}))
+    if not s.force and existing_is_current(out_dir, build_key):
+        log(f"{out_dir} is up to date (same sources and settings): reusing it; --force=True rebuilds")
+        return load_meta(out_dir)
+    t0 = time.time()
+    docs = chat_documents(s, kind, tok)             # bad input fails here, before anything is written
+    tok = pick_tokenizer(s, out_dir, tok, None, None, log)
+    stats = {sp: dict(docs=0, tokens=0, masked=0, shards=[]) for sp in ("train", "val")}
+
+    def write_shards(work):
+        for split in ("train", "val"):
+            chosen = [(ids, mask) for sp, ids, mask in docs if sp == split]
+            with ShardWriter(work, split, dtype, s.shard_tokens, tok.vocab_size, tok.eot_id, tok.fingerprint,
+                             has_mask=True) as writer:
+                writer.add(np.concatenate([ids for ids, _ in chosen]), [len(ids) for ids, _ in chosen],
+                           np.concatenate([mask for _, mask in chosen]))
+            stats[split].update(docs=len(chosen), tokens=sum(len(ids) for ids, _ in chosen),
+                                masked=sum(sum(mask) for _, mask in chosen), shards=writer.names)
+
+    def make_meta():
+        return dict(
+            format_version=SHARD_VERSION, kind=kind, tokenizer=TOKENIZER_NAME, fingerprint=tok.fingerprint,
+            vocab_size=tok.vocab_size, bos_id=tok.eot_id, dtype=dtype.name, splits=stats,
+            sources=dict(kind="tasks" if tasks else "jsonl", spec=spec, files=len(paths)),
+            chat=dict(tasks=tasks, task_digits=s.task_digits, task_seed=s.task_seed,
+                      base_fingerprint=base.fingerprint),
+            settings=dataclasses.asdict(s) | dict(out_dir=out_dir), build_key=build_key,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            seconds=dict(total=round(time.time() - t0, 2)))
+
+    def need():
+        return sum(len(ids) * (dtype.itemsize + 1) + 8 for _, ids, _ in docs)
+
+    meta = publish(out_dir, target, tok, write_shards, make_meta, need, log)
+    what = "conversations" if kind == "chat" else "documents (pairs x 2)"
+    for sp in ("train", "val"):
+        st = stats[sp]
+        log(f"{sp}: {st['docs']:,} {what}, {st['tokens']:,} tokens ({st['masked']:,} to learn) "
+            f"in {len(st['shards'])} shard(s)")
+    log(f"wrote {out_dir} in {time.time() - t0:.1f} s (tokenizer {s.tokenizer} + the chat tokens, "
+        f"fingerprint {tok.fingerprint[:12]})")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# 12. Benchmark
 #
 #   python prepare.py --bench=True
 # (a) end to end on the default corpus (scan + BPE + tokenize + write), bench_reps // 2
@@ -1491,7 +2057,7 @@ def run_bench_synthetic(s):
 
 
 # -----------------------------------------------------------------------------
-# 11. main
+# 13. main
 
 
 def main(argv=None):
@@ -1501,6 +2067,8 @@ def main(argv=None):
         return run_bench_synthetic(s) if s.bench_synthetic_mb else run_bench(s)
     if s.verify:
         return verify(resolve_out_dir(s), log)
+    if s.chat or s.pairs:
+        return build_chat(s, log=log)
     build(s, log=log)
 
 

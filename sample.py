@@ -12,6 +12,8 @@ trained with, and continues a prompt one token at a time, printing text as it is
     python sample.py --stop='["\\nclass ", "\\ndef "]'      # several stop strings (a Python list)
     python sample.py --ckpt=out/last.pt --tokenizer=data/stdlib/tokenizer.bpe
     python sample.py --interactive=True                     # prompt, generate, repeat (Ctrl-D exits)
+    python sample.py --chat=True --ckpt=out/sft/best.pt     # multi-turn chat with a fine-tuned model
+    python sample.py --task_eval=add,count --ckpt=out/sft/best.pt --temperature=0   # exact-match accuracy
     python sample.py --prompt="ROMEO:" --token_healing=False  # no healing: continue right after the ':' token
     python sample.py --bench=True --ckpt=random             # speed: cache vs recompute, branching
     python sample.py --bench=True --ckpt=random --bench_context=[512,1024,2048,4096] \
@@ -55,19 +57,21 @@ Sections
   8. Text: streaming UTF-8 decode and stop strings
   9. generate_text: tokens in, text out; many samples in bounded batches
  10. The interactive loop
- 11. Benchmark
- 12. Scoring continuations by log-likelihood
- 13. Multiple-choice tasks: the built-in suite, file loaders, accuracy and its interval
- 14. Stress tests
- 15. Pictures: attention maps, the embedding matrix, the surprise page
- 16. main
+ 11. Chat: a multi-turn conversation with a fine-tuned model
+ 12. Benchmark
+ 13. Scoring continuations by log-likelihood
+ 14. Multiple-choice tasks: the built-in suite (with the synthetic tasks for chat models), file
+     loaders, accuracy and its interval
+ 15. Task accuracy: exact match (pass@1, pass@k) on the synthetic tasks' test split
+ 16. Stress tests
+ 17. Pictures: attention maps, the embedding matrix, the surprise page
+ 18. main
 """
 import collections
 import dataclasses
 import hashlib
 import html
 import itertools
-import json
 import math
 import os
 import random
@@ -126,6 +130,9 @@ class SampleConfig:
     export_hf: str = ""              # write the model as a Hugging Face folder DIR (config.json, model.safetensors, tokenizer.json, ...)
     export_dtype: str = "float32"    # --export_hf: weights as float32 | bfloat16 | float16
     overwrite: bool = False          # --export_hf: replace the files of a DIR that already holds some
+    chat: bool = False               # multi-turn chat with a fine-tuned model: type a message, read the reply; Ctrl-D exits
+    task_eval: str = ""              # add,sub,count,reverse,sort: exact-match accuracy on their test split (pass@k: --num_samples)
+    task_digits: int = 3             # --task_eval and --eval=builtin: digits of the numbers in add and sub (as in prepare.py)
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -160,6 +167,10 @@ class SampleConfig:
             raise ValueError("--bench_context measures decoding speed: add --bench=True")
         if self.sample_batch < 0 or self.eval_examples < 0:
             raise ValueError("--sample_batch and --eval_examples must be >= 0 (0 = automatic / all)")
+        if self.task_digits < 1:
+            raise ValueError(f"--task_digits={self.task_digits}: must be at least 1")
+        if self.task_eval:
+            self.task_eval = ",".join(prepare.task_names(self.task_eval, "--task_eval"))
         unknown = [k for k in self.show.split(",") if k.strip() and k.strip() not in SHOW_KINDS]
         if unknown:
             raise ValueError(f"--show={self.show}: unknown {unknown}; choose from {','.join(SHOW_KINDS)}")
@@ -167,7 +178,8 @@ class SampleConfig:
             raise ValueError(f"--export_dtype={self.export_dtype}: choose one of {', '.join(DTYPES)}")
         modes = [name for name, on in (("--bench", self.bench), ("--eval", self.eval), ("--stress", self.stress),
                                        ("--show", self.show), ("--interactive", self.interactive),
-                                       ("--export_hf", self.export_hf)) if on]
+                                       ("--export_hf", self.export_hf), ("--chat", self.chat),
+                                       ("--task_eval", self.task_eval)) if on]
         if len(modes) > 1:
             raise ValueError(f"{' and '.join(modes)}: choose one of them per run")
         self.stop = normalize_stop(self.stop)
@@ -762,18 +774,21 @@ LOGIT_COPIES = 6                # float32 (B, V) tensors alive in one step: logi
 @dataclasses.dataclass
 class Completion:
     text: str             # the generated text (prompt not included), cut before any stop string
-    ids: list             # the generated token ids (end-of-text excluded; with healing, the first
+    ids: list             # the generated token ids (the end token excluded; with healing, the first
                           # ones re-spell the prompt's end)
-    finish: str           # "eot" | "stop" | "length"
+    finish: str           # "eot" (an end token: end-of-text, or <|end|> in a chat) | "stop" | "length"
 
 
 def generate_text(model, tokenizer, prompt_ids, max_new_tokens, sampling=GREEDY, num_samples=1,
                   stops=(), seed=0, slide_keep=0.5, cache_dtype=None,
-                  on_text=None, on_end=None, first_row=0, healing=None):
+                  on_text=None, on_end=None, first_row=0, healing=None, end_ids=None):
     """Generate num_samples continuations of prompt_ids; returns a list of Completion.
     on_text(row, piece) is called with each new piece of text as soon as it is safe to print;
     on_end(row, completion) once per row, when that row ends (row counts from 0 in this batch).
-    healing: the Healing of heal_prompt, whose ids prompt_ids must then be."""
+    healing: the Healing of heal_prompt, whose ids prompt_ids must then be. end_ids: the tokens
+    that end a row (finish "eot", not part of the text); default end-of-text alone, and a chat
+    reply ends at <|end|> (section 10)."""
+    end_ids = {tokenizer.eot_id} if end_ids is None else set(end_ids)
     skip = healing.text if healing is not None else ""
     streams = [TextStream(tokenizer, stops, skip) for _ in range(num_samples)]
     ids = [[] for _ in range(num_samples)]
@@ -793,7 +808,7 @@ def generate_text(model, tokenizer, prompt_ids, max_new_tokens, sampling=GREEDY,
             for row, token in enumerate(next_tokens.tolist()):
                 if finish[row]:
                     continue            # this row ended earlier; its batch slot idles until all end
-                if token == tokenizer.eot_id:
+                if token in end_ids:
                     end(row, "eot", streams[row].finish())
                     continue
                 ids[row].append(token)
@@ -919,7 +934,89 @@ def interactive(model, tokenizer, cfg, rt, read=input, out=None):
 
 
 # -----------------------------------------------------------------------------
-# 11. Benchmark
+# 11. Chat: a multi-turn conversation with a fine-tuned model
+#
+#     python sample.py --chat=True --ckpt=out/sft/best.pt
+# Each line you type is a user message. The whole conversation so far is rendered with prepare.py's
+# chat template (render(..., reply=True): BOS, each turn between its role token and <|end|>, and
+# <|assistant|> last), the model writes its reply, streamed as it comes, and the reply ends where
+# the model draws <|end|> (not printed), or after the reply budget. What you type is encoded as
+# text, so typing "<|end|>" or "<|assistant|>" cannot end your turn or speak for the model
+# (prepare.py section 10).
+#
+# The context is finite. The reply budget is --max_new_tokens, at most half the context; when the
+# rendered history and that budget no longer fit, the oldest exchanges (a user message and the reply
+# to it; a system message would stay) are dropped, one at a time, and a line on stderr says so. A
+# message that does not fit even alone is refused with one line. Ctrl-C stops a reply and forgets
+# that exchange; an empty line is ignored; Ctrl-D (or a closed stdin) exits. A reply that is empty
+# (the model ended its turn at once) is not kept: the template has no empty turns.
+
+def trim_history(messages, tokenizer, budget):
+    """Drop the oldest exchanges until the rendered prompt fits budget tokens. Returns (kept
+    messages, their prompt ids), or (messages, None) if the last message alone does not fit."""
+    first = int(messages[0]["role"] == "system")
+    while True:
+        ids = prepare.render(messages, tokenizer, reply=True)[0]
+        if len(ids) <= budget:
+            return messages, ids
+        if len(messages) - first <= 1:
+            return messages, None
+        messages = messages[:first] + messages[first + 2:]
+
+
+def chat(model, tokenizer, cfg, rt, read=input, out=None):
+    out = sys.stdout if out is None else out
+    special = prepare.chat_ids(tokenizer)        # one line if this is a base model's tokenizer
+    context_len = context_length(model.config)
+    room = min(cfg.max_new_tokens, context_len // 2)
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+    history = []
+
+    def write(text):
+        out.write(text)
+        out.flush()
+
+    print("chat: type a message and press Enter. Ctrl-C stops a reply, Ctrl-D exits.", file=sys.stderr)
+    for n in itertools.count():
+        try:
+            text = read("you> ")
+        except EOFError:
+            write("\n")
+            print("chat: end of input, bye", file=sys.stderr)
+            return history
+        except (RuntimeError, OSError, ValueError):   # stdin closed (see interactive)
+            raise bpe.UserError("--chat=True reads your messages from stdin, but stdin is closed; run it "
+                                "in a terminal or pipe the messages in") from None
+        except KeyboardInterrupt:
+            write("\n")
+            continue
+        if not text.strip():
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        kept, ids = trim_history(messages, tokenizer, context_len - room)
+        if ids is None:
+            print(f"chat: that message is longer than the context ({context_len} tokens with {room} kept "
+                  f"for the reply); send a shorter one", file=sys.stderr)
+            continue
+        if len(kept) < len(messages):
+            print(f"chat: the context is full: forgot the oldest {(len(messages) - len(kept)) // 2} "
+                  f"exchange(s)", file=sys.stderr)
+        write("bot> ")
+        try:
+            with rt.autocast():
+                reply = generate_text(model, tokenizer, ids, room, sampling, stops=cfg.stop, seed=cfg.seed + n,
+                                      cache_dtype=rt.dtype, on_text=lambda row, piece: write(piece),
+                                      end_ids=(special["end"], tokenizer.eot_id))[0]
+        except KeyboardInterrupt:
+            write("\n[stopped]\n")
+            history = kept[:-1]
+            continue
+        write("\n")
+        history = kept + [{"role": "assistant", "content": reply.text}] if reply.text else kept[:-1]
+
+
+# -----------------------------------------------------------------------------
+# 12. Benchmark
 #
 # What the KV cache and branching buy, measured on the loaded model (or --ckpt=random, an untrained
 # model of nanoGPT's Shakespeare size, see NANOGPT_CPU_SHAKESPEARE; speed does not depend on the
@@ -1069,7 +1166,7 @@ def bench_contexts(models, rt, cfg, out=None):
 
 
 # -----------------------------------------------------------------------------
-# 12. Scoring continuations by log-likelihood
+# 13. Scoring continuations by log-likelihood
 #
 # A multiple-choice question for a language model: given a context, which of n candidate
 # continuations does it find most likely? The score of candidate c = (c_1 .. c_m) is its
@@ -1135,7 +1232,7 @@ def score_choices_reference(model, context_ids, choice_ids):
 
 
 # -----------------------------------------------------------------------------
-# 13. Multiple-choice tasks: the built-in suite, file loaders, accuracy and its interval
+# 14. Multiple-choice tasks: the built-in suite, file loaders, accuracy and its interval
 #
 # An Example is a context, n candidate continuations (each is appended to the context as it is:
 # a candidate that should follow a word carries its leading space) and the index of the right one.
@@ -1152,7 +1249,13 @@ def score_choices_reference(model, context_ids, choice_ids):
 #   indentation   code cut after a line ending in ":"; the next line at its real indentation, at
 #                 the indentation of the ":" line, or indented twice as far
 # The last two only find enough examples in code (a task with fewer than EVAL_MIN_EXAMPLES is
-# left out, with a note). Files in the two common formats give the real benchmarks:
+# left out, with a note). A chat model (its tokenizer has the chat tokens) also gets the synthetic
+# tasks of prepare.py section 11 as multiple choice, one task_<name> each: the question of a test
+# split problem rendered as a chat prompt, and as candidates the right reply and up to
+# EVAL_CHOICES - 1 plausible wrong ones (a carry slip, a count off by one, ...), each closed by
+# <|end|>. Multiple choice rather than exact match, so that one suite scores base and chat models
+# alike, by likelihood; section 15's --task_eval scores the replies a chat model writes.
+# Files in the two common formats give the real benchmarks:
 #   HellaSwag    {"ctx": ..., "endings": [4 strings], "label": i}   (candidate = " " + ending)
 #   generic      {"context": ..., "choices": [...], "answer": i}    (candidate = choice as given)
 #                {"question": ..., "choices": [...], "answer": i}   (context "Question: ...\nAnswer:",
@@ -1171,10 +1274,11 @@ WILSON_Z = 1.959964           # standard normal 97.5% quantile: a two-sided 95% 
 
 @dataclasses.dataclass
 class Example:
-    context: str          # the text before the cut
-    choices: list         # candidate continuations (strings appended to the context)
+    context: str          # the text before the cut (chat: the user's question)
+    choices: list         # candidate continuations (strings appended to the context; chat: replies)
     answer: int           # index of the right one
     where: str = ""       # where it came from (file:line, val document), for messages
+    chat: bool = False    # a chat task: the context is rendered as a chat prompt (see example_ids)
 
 
 def val_tokens(data_dir, tokenizer, max_tokens=EVAL_VAL_TOKENS):
@@ -1310,10 +1414,40 @@ def indentation_examples(docs, n_examples, seed):
     return examples
 
 
-def builtin_suite(data_dir, tokenizer, n_examples=200, seed=1337, log=None):
-    """{task: examples} of the built-in tasks, from data_dir's val split (see the table above)."""
-    docs = val_documents(data_dir, tokenizer)
+def chat_task_examples(name, n_examples, seed, digits=3):
+    """A synthetic task (prepare.py section 11) as multiple choice: each test-split question, its
+    answer and up to EVAL_CHOICES - 1 distinct wrong replies from the task's `wrong`, shuffled."""
+    rng = random.Random(f"{seed}:{name}")
+    examples = []
+    for p in prepare.task_problems(name, "test", n_examples or 200, 0, digits):
+        wrong = []
+        for _ in range(EVAL_TRIES):
+            w = prepare.TASKS[name].wrong(p, rng)
+            if w not in wrong:
+                wrong.append(w)
+                if len(wrong) == EVAL_CHOICES - 1:
+                    break
+        choices = [p.answer] + wrong
+        rng.shuffle(choices)
+        examples.append(Example(p.question, choices, choices.index(p.answer), f"{name} test problem", chat=True))
+    return examples
+
+
+def builtin_suite(data_dir, tokenizer, n_examples=200, seed=1337, log=None, digits=3):
+    """{task: examples} of the built-in tasks, from data_dir's val split (see the table above), and
+    for a chat model the synthetic tasks. A chat model whose data_dir was made with another
+    tokenizer gets the synthetic tasks alone, with a note."""
     suite = {}
+    if all(t in tokenizer.special_tokens for t in bpe.CHAT_TOKENS):
+        suite = {f"task_{name}": chat_task_examples(name, n_examples, seed, digits) for name in prepare.TASKS}
+        try:
+            docs = val_documents(data_dir, tokenizer)
+        except bpe.UserError as e:
+            if log is not None:
+                log(f"eval: the text tasks are left out ({e})")
+            return suite
+    else:
+        docs = val_documents(data_dir, tokenizer)
     for name, make in (("continuation", continuation_examples), ("brackets", bracket_examples),
                        ("indentation", indentation_examples)):
         examples = make(docs, n_examples, seed)
@@ -1360,42 +1494,27 @@ def parse_example(rec, bad):
 
 def load_jsonl_task(path, n_examples=0):
     """Examples from a JSONL file (see the formats above); at most n_examples (0 = all). Every
-    problem is a one-line UserError that names the file and the line."""
+    problem is a one-line UserError that names the file and the line (prepare.jsonl_records reads
+    the lines, as it does for the chat data)."""
     examples = []
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                def bad(message, lineno=lineno):
-                    raise bpe.UserError(f"{path}:{lineno}: {message}")
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    bad("not UTF-8 text")
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    bad(f"not valid JSON ({e.msg} at column {e.colno})")
-                if not isinstance(rec, dict):
-                    bad(f"expected a JSON object, got {type(rec).__name__}")
-                examples.append(dataclasses.replace(parse_example(rec, bad), where=f"{path}:{lineno}"))
-                if n_examples and len(examples) == n_examples:
-                    break
-    except OSError as e:
-        raise bpe.UserError(f"--eval={path}: cannot read the file ({e.strerror}); check the path") from None
+    for lineno, rec, bad in prepare.jsonl_records(path, "--eval"):
+        example = parse_example(rec, lambda message: bad(message, lineno))
+        examples.append(dataclasses.replace(example, where=f"{path}:{lineno}"))
+        if n_examples and len(examples) == n_examples:
+            break
     if not examples:
         raise bpe.UserError(f"{path}: no examples in the file")
     return examples
 
 
-def load_suite(spec, tokenizer, data_dir="data/stdlib", n_examples=200, seed=1337, log=None):
+def load_suite(spec, tokenizer, data_dir="data/stdlib", n_examples=200, seed=1337, log=None, digits=3):
     """Build a suite from a spec: 'builtin' and/or JSONL paths, comma-separated. A file's task is
-    named after the file ('hellaswag_val.jsonl' -> 'hellaswag_val')."""
+    named after the file ('hellaswag_val.jsonl' -> 'hellaswag_val'). digits: of the synthetic
+    tasks' numbers (chat models)."""
     suite = {}
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         if item == "builtin":
-            suite.update(builtin_suite(data_dir, tokenizer, n_examples, seed, log))
+            suite.update(builtin_suite(data_dir, tokenizer, n_examples, seed, log, digits))
         else:
             name = os.path.splitext(os.path.basename(item))[0]
             while name in suite:
@@ -1437,6 +1556,16 @@ class TaskResult:
         return self.correct_norm / self.n
 
 
+def example_ids(tokenizer, ex):
+    """(context ids, [choice ids]) of an Example: its text after a BOS; for a chat task the question
+    rendered as a chat prompt, and each reply closed by <|end|> (ending the turn is part of it)."""
+    if not ex.chat:
+        return [tokenizer.eot_id] + tokenizer.encode(ex.context), [tokenizer.encode(c) for c in ex.choices]
+    prompt = prepare.render([{"role": "user", "content": ex.context}], tokenizer, reply=True)[0]
+    end = prepare.chat_ids(tokenizer)["end"]
+    return prompt, [tokenizer.encode_ordinary(c) + [end] for c in ex.choices]
+
+
 @torch.inference_mode()
 def evaluate_suite(model, tokenizer, suite, rt):
     """Score every example of every task; returns {task: TaskResult}. The model is put in eval
@@ -1448,8 +1577,7 @@ def evaluate_suite(model, tokenizer, suite, rt):
         for name, examples in suite.items():
             r = TaskResult(len(examples), 0, 0, sum(1 / len(ex.choices) for ex in examples) / len(examples))
             for ex in examples:
-                context_ids = [tokenizer.eot_id] + tokenizer.encode(ex.context)
-                choice_ids = [tokenizer.encode(c) for c in ex.choices]
+                context_ids, choice_ids = example_ids(tokenizer, ex)
                 with rt.autocast():
                     scores = score_choices(model, context_ids, choice_ids, rt.dtype)
                 per_byte = scores / torch.tensor([len(c.encode("utf-8")) for c in ex.choices], dtype=torch.float64)
@@ -1480,7 +1608,84 @@ def eval_report(results):
 
 
 # -----------------------------------------------------------------------------
-# 14. Stress tests
+# 15. Task accuracy: exact match on the synthetic tasks' test split
+#
+#     python sample.py --task_eval=add,sub,count,reverse,sort --ckpt=out/sft/best.pt --temperature=0
+# Multiple choice (section 14) asks which of given replies the model finds likeliest; this asks it
+# to write the reply. For each task, --eval_examples problems of its test split (prepare.py section
+# 11: questions that no train or val split can hold) are asked as one-turn chats; a reply ends at
+# <|end|> (at most TASK_REPLY_TOKENS) and is right when the task's checker says so (an exact match
+# of the answer, whitespace aside). With --num_samples=n every problem gets n replies (drawn with
+# --temperature etc., each with its own seed), c of them right, and
+#     pass@1 = mean over problems of c / n
+#     pass@k = mean over problems of 1 - C(n - c, k) / C(n, k)       (k = n here)
+# pass@k is the chance that at least one of k replies drawn from the n is right, the unbiased
+# estimator of Chen et al. (2021, Codex); C(n - c, k) / C(n, k) is the chance that k drawn without
+# replacement are all wrong. With n = 1 (and --temperature=0: greedy) both are the plain accuracy.
+# The 95% interval is Wilson's (section 14) with the problems as the trials and each problem's
+# score (c / n, or its pass@k) as its success, so n replies to one problem never count as n
+# independent trials.
+
+TASK_REPLY_TOKENS = 32       # a reply longer than this is wrong for every task (the longest answer is ~20 tokens)
+
+
+def pass_at_k(n, c, k):
+    """The chance that at least one of k of n replies (c of them right) is right, drawn without
+    replacement: 1 - C(n - c, k) / C(n, k). Example: n = 5, c = 2, k = 2 -> 1 - 3/10 = 0.7."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@dataclasses.dataclass
+class TaskScore:
+    n: int                  # problems
+    pass1: float            # sum over problems of c / n_samples
+    passk: float            # sum over problems of pass_at_k(n_samples, c, n_samples)
+    wrong: list             # (question, reply) of the first wrong replies, for the report
+
+
+@torch.inference_mode()
+def task_accuracy(model, tokenizer, names, cfg, rt, log=None):
+    """{task: TaskScore} on the test split of each task in names (see above)."""
+    end = prepare.chat_ids(tokenizer)["end"]
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+    k, budget = cfg.num_samples, min(cfg.max_new_tokens, TASK_REPLY_TOKENS)
+    model.eval()
+    scores = {}
+    for name in names:
+        score = TaskScore(0, 0.0, 0.0, [])
+        for i, p in enumerate(prepare.task_problems(name, "test", cfg.eval_examples or 200, 0, cfg.task_digits)):
+            ids = prepare.render([{"role": "user", "content": p.question}], tokenizer, reply=True)[0]
+            with rt.autocast():
+                done = generate_text(model, tokenizer, ids, budget, sampling, k, seed=cfg.seed + i,
+                                     cache_dtype=rt.dtype, end_ids=(end, tokenizer.eot_id))
+            right = [c.finish == "eot" and prepare.TASKS[name].check(p, c.text) for c in done]
+            score.n += 1
+            score.pass1 += sum(right) / k
+            score.passk += pass_at_k(k, sum(right), k)
+            if not all(right) and len(score.wrong) < 3:
+                score.wrong.append((p.question, done[right.index(False)].text))
+        scores[name] = score
+        if log is not None:
+            log(f"task_eval: {name} done ({score.n} problems)")
+    return scores
+
+
+def task_report(scores, k, temperature):
+    lines = [f"{'task':<10}{'problems':>9}  {'pass@1 [95% interval]':<26}" + (f"pass@{k} [95% interval]" if k > 1 else "")]
+    for name, s in scores.items():
+        cells = []
+        for total in (s.pass1, s.passk)[:1 + (k > 1)]:
+            lo, hi = wilson_interval(total, s.n)
+            cells.append(f"{total / s.n:.3f} [{lo:.3f}, {hi:.3f}]".ljust(26))
+        lines.append(f"{name:<10}{s.n:>9}  " + "".join(cells).rstrip())
+        lines += [f"    wrong: {q!r} -> {r!r}" for q, r in s.wrong]
+    how = "greedy replies" if temperature == 0 else f"{k} sampled replies per problem at temperature {temperature}"
+    lines.append(f"exact match on each task's test split ({how}); [lo, hi]: 95% Wilson interval over problems")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# 16. Stress tests
 #
 # Where does a small model break? Each check prints a number and what it means:
 #   overflow     generate STRESS_OVERFLOW contexts' worth of tokens: the window jumps (section 7)
@@ -1679,7 +1884,7 @@ def stress_tests(model, tokenizer, cfg, rt, out=None):
 
 
 # -----------------------------------------------------------------------------
-# 15. Pictures: attention maps, the embedding matrix, the surprise page
+# 17. Pictures: attention maps, the embedding matrix, the surprise page
 #
 # Drawn by hand, like train.py's loss.svg: every shape is one element whose coordinates are
 # computed here, so a reader sees exactly how numbers become pixels. Written next to the checkpoint.
@@ -1880,7 +2085,7 @@ def draw_pictures(model, tokenizer, cfg, rt, folder, prompt, log=None):
 
 
 # -----------------------------------------------------------------------------
-# 16. main
+# 18. main
 
 def main():
     cfg = bpe.parse_settings(SampleConfig, sys.argv[1:], description=__doc__)
@@ -1923,7 +2128,7 @@ def main():
             bench(model, rt, cfg, tokenizer.eot_id)
         return
     if cfg.eval:
-        suite = load_suite(cfg.eval, tokenizer, cfg.data_dir, cfg.eval_examples, cfg.seed, log)
+        suite = load_suite(cfg.eval, tokenizer, cfg.data_dir, cfg.eval_examples, cfg.seed, log, cfg.task_digits)
         sys.stdout.write(eval_report(evaluate_suite(model, tokenizer, suite, rt)))
         return
     if hasattr(sys.stdout, "reconfigure"):
@@ -1939,6 +2144,13 @@ def main():
         return
     if cfg.interactive:
         interactive(model, tokenizer, cfg, rt)
+        return
+    if cfg.chat:
+        chat(model, tokenizer, cfg, rt)
+        return
+    if cfg.task_eval:
+        scores = task_accuracy(model, tokenizer, cfg.task_eval.split(","), cfg, rt, log)
+        sys.stdout.write(task_report(scores, cfg.num_samples, cfg.temperature))
         return
     text = read_prompt(cfg.prompt)
     ids = encode_prompt(tokenizer, text, context_length(model.config), warn=log)

@@ -265,6 +265,30 @@ def test_bpe_special_tokens_are_plain_text_unless_allowed():
         tok.encode(text, allowed_special=bpe.EOT)
 
 
+def test_bpe_chat_tokens_extend_a_tokenizer_and_typed_ones_stay_text():
+    """A trained tokenizer gains the chat tokens at new ids after its last one (the worked example
+    of with_special_tokens, on a small vocabulary): every old id keeps its meaning, the fingerprint
+    changes, extends() recognises the extension and nothing else; text that looks like a chat
+    token is bytes unless allowed."""
+    base = _bpe_trained()                                   # vocab 400, <|endoftext|> = 399
+    tok = base.with_special_tokens(bpe.CHAT_TOKENS)
+    assert [tok.special_tokens[t] for t in bpe.CHAT_TOKENS] == [400, 401, 402, 403]
+    assert tok.vocab_size == 404 and tok.eot_id == base.eot_id == 399
+    assert tok.fingerprint != base.fingerprint
+    assert tok.extends(base) and not base.extends(tok) and tok.extends(tok)
+    assert tok.with_special_tokens(bpe.CHAT_TOKENS).fingerprint == tok.fingerprint   # nothing new
+    other = _bpe_trained(vocab_size=380).with_special_tokens(bpe.CHAT_TOKENS)
+    assert not other.extends(base)                                                 # other merges
+    moved = bpe.Tokenizer(base.pattern, base.merges, {bpe.EOT: 450, bpe.USER: 399})
+    assert not moved.extends(base)                                                 # an old id re-used
+    text = "hi <|user|> and <|end|>"
+    assert tok.encode(text) == base.encode(text)            # typed: plain bytes, the old ids
+    assert not set(tok.encode(text)) & set(tok.special_tokens.values())
+    assert tok.encode(text, allowed_special="all").count(tok.special_tokens[bpe.END_OF_TURN]) == 1
+    reloaded = bpe.Tokenizer.from_vocab_merges(**tok.as_vocab_merges())
+    assert reloaded.fingerprint == tok.fingerprint and reloaded.extends(base)
+
+
 def test_bpe_encode_iterable_equals_encode_for_any_line_split():
     # guards the hold-back of the last chunks: the regex looks ahead ("  x" -> " ", " x" but a
     # final "  " stays whole), so chunks near the end of what was read may still change
@@ -854,8 +878,9 @@ def test_prepare_shard_header_round_trip(tmp_path):
     shards = [prepare.open_shard(str(tmp_path / n), fp) for n in w.names]
     # the checksum by hand: CRC-32 of the body, the 5 uint16 tokens then the 2 int64 index entries
     body = np.array([7, 1, 2, 3, 7], "<u2").tobytes() + np.array([0, 4], "<i8").tobytes()
-    assert shards[0].header == dict(version=2, dtype="uint16", n_tokens=5, n_docs=2, vocab_size=300,
-                                    bos_id=7, fingerprint=fp, checksum=zlib.crc32(body))
+    assert shards[0].header == dict(version=3, dtype="uint16", n_tokens=5, n_docs=2, vocab_size=300,
+                                    bos_id=7, fingerprint=fp, checksum=zlib.crc32(body), flags=0)
+    assert shards[0].mask is None  # pretraining shards carry no loss mask
     assert open(shards[0].path, "rb").read()[prepare.SHARD_HEADER_BYTES:] == body
     assert shards[0].tokens.dtype == np.uint16
     assert np.concatenate([s.tokens for s in shards]).tolist() == np.concatenate(docs).tolist()
@@ -946,10 +971,10 @@ def test_prepare_changed_token_caught_by_checksum_and_verified_once(tmp_path, mo
     assert prepare.open_shard(good).tokens.tolist() == [9, 7] and len(passes) == 3
 
 
-@pytest.mark.parametrize("version", [1, 3])
+@pytest.mark.parametrize("version", [1, 2, 4])
 def test_prepare_unknown_shard_version_refused(tmp_path, version):
-    # Version 2 added the checksum: version 1 shards (no checksum) and future ones are refused
-    # in one line that says what to do.
+    # Version 2 added the checksum, version 3 the flags and the loss mask: older shards and
+    # future ones are refused in one line that says what to do.
     path = _prepare_shard(tmp_path, [9, 1, 2], [0])
     with open(path, "r+b") as f:
         f.seek(8)
@@ -1388,6 +1413,156 @@ def test_prepare_synthetic_corpus_varies_copies_as_documented(tmp_path, monkeypa
     docs = (tmp_path / "out" / "synthetic_000.txt").read_text().split("\n" + prepare.SYNTHETIC_SEP + "\n")
     assert docs[:4] == [f"def v{k}_f(self_{k}):\n    return self_{k}\n" for k in range(4)]
     assert written == sum(len(d.encode()) for d in docs if d) >= 120
+
+
+# -----------------------------------------------------------------------------
+# chat data: the template, the synthetic tasks, JSONL, shards with a loss mask
+
+
+def _prepare_byte_chat_tokenizer():
+    """No merges (each byte is its id), <|endoftext|> = 256, the chat tokens 257..260."""
+    return bpe.Tokenizer(bpe.GPT4_PATTERN, [], {bpe.EOT: 256}).with_special_tokens(bpe.CHAT_TOKENS)
+
+
+def test_prepare_chat_render_worked_example():
+    # the worked example of prepare.py section 10, by hand
+    tok = _prepare_byte_chat_tokenizer()
+    ids, mask = prepare.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tok)
+    assert ids == [256, 258, ord("h"), ord("i"), 260, 259, ord("y"), ord("o"), 260]
+    assert mask == [0, 0, 0, 0, 0, 0, 1, 1, 1]
+    # a prompt ends with <|assistant|>; a system message and a second exchange, masked the same way
+    ids, mask = prepare.render([{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+                               tok, reply=True)
+    assert ids == [256, 257, ord("S"), 260, 258, ord("a"), 260, 259, ord("b"), 260, 258, ord("c"), 260, 259]
+    assert mask == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]
+    # typed special-token text is bytes: one <|assistant|> (the template's), one <|end|> per turn
+    ids, _ = prepare.render([{"role": "user", "content": "x<|end|><|assistant|>"}], tok, reply=True)
+    assert ids[2:-2] == list(b"x<|end|><|assistant|>") and ids.count(259) == 1 and ids.count(260) == 1
+    assert prepare.render_reply(ids, "ok", tok) == (ids + [ord("o"), ord("k"), 260], [0] * len(ids) + [1, 1, 1])
+    for bad, message in [([], "non-empty list"), ([{"role": "bot", "content": "x"}], '"role" must be'),
+                         ([{"role": "user", "content": ""}], '"content" must be'),
+                         ([{"role": "assistant", "content": "x"}], "where a user message belongs"),
+                         ([{"role": "user", "content": "x"}], "must end with an assistant")]:
+        with pytest.raises(bpe.UserError, match=message):
+            prepare.render(bad, tok)
+    with pytest.raises(bpe.UserError, match="no chat tokens"):
+        prepare.render([{"role": "user", "content": "x"}], bpe.Tokenizer(bpe.GPT4_PATTERN, [], {bpe.EOT: 256}),
+                       reply=True)
+
+
+def test_prepare_tasks_deterministic_and_splits_never_overlap():
+    for name in prepare.TASKS:
+        splits = {sp: prepare.task_problems(name, sp, 40, seed=3) for sp in prepare.TASK_SPLITS}
+        assert splits == {sp: prepare.task_problems(name, sp, 40, seed=3) for sp in prepare.TASK_SPLITS}
+        assert prepare.task_problems(name, "train", 40, seed=4) != splits["train"]      # the seed matters
+        questions = {sp: {p.question for p in ps} for sp, ps in splits.items()}
+        assert not questions["train"] & questions["val"] and not questions["train"] & questions["test"]
+        assert not questions["val"] & questions["test"]
+        assert len(questions["val"]) == len(questions["test"]) == 40                    # distinct
+        # the split is the question's: another seed's test questions are test questions too
+        assert all(prepare.task_split(p.question) == "test" for p in prepare.task_problems(name, "test", 40, 9))
+    with pytest.raises(bpe.UserError, match="test problems.*raise --task_digits"):
+        prepare.task_problems("add", "test", 50, digits=1)       # 1-digit sums: 81 questions in all
+    with pytest.raises(bpe.UserError, match="unknown task.*choose from add, sub"):
+        prepare.task_names("tasks:add,mul")
+
+
+@pytest.mark.parametrize("name, data, right, wrong", [
+    ("add", (482, 317), ["799", " 799\n"], ["798", "799.", "It is 799", "+799", "", "7 99"]),
+    ("sub", (731, 284), ["447", "447 "], ["-447", "448", "447!"]),
+    ("count", ("kalamo", "a"), ["2"], ["1", "3", "two", "2 times"]),
+    ("count", ("kalamo", "z"), ["0"], ["1", "", "O"]),
+    ("reverse", ("kalamo",), ["omalak", " omalak "], ["kalamo", "omalka", "Omalak", "o m a l a k"]),
+    ("sort", (42, 7, 19), ["7, 19, 42", "7,19,42"], ["7, 42, 19", "42, 19, 7", "7, 19", "7; 19; 42"]),
+])
+def test_prepare_task_checkers_right_and_wrong(name, data, right, wrong):
+    # answers worked out by hand; every task's own answer and its plausible wrong reply, checked too
+    task, p = prepare.TASKS[name], prepare.Problem(name, "?", "", data)
+    assert all(task.check(p, r) for r in right) and not any(task.check(p, r) for r in wrong)
+    rng = random.Random(0)
+    for p in prepare.task_problems(name, "train", 50, seed=1):
+        assert task.check(p, p.answer) and not task.check(p, task.wrong(p, rng)), p
+
+
+def _prepare_chat_tokenizer_file(tmp_path):
+    tok = bpe.Tokenizer.train(_prepare_docs(), vocab_size=300, quiet=True)
+    tok.save(str(tmp_path / "base.bpe"))
+    return tok, str(tmp_path / "base.bpe")
+
+
+def test_prepare_chat_jsonl_errors_carry_file_and_line_and_write_nothing(tmp_path):
+    _, base = _prepare_chat_tokenizer_file(tmp_path)
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    cases = [('{"messages": [', "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+             ('{"text": "hi"}', 'expected {"messages"'),
+             ('{"messages": [{"role": "bot", "content": "x"}]}', r'messages\[0\]: "role" must be'),
+             ('{"messages": [{"role": "user", "content": "x"}]}', "the conversation must end with an assistant")]
+    for line, message in cases:
+        path = tmp_path / "convs.jsonl"
+        path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n")
+        with pytest.raises(bpe.UserError, match=f"{re.escape(str(path))}:4: {message}") as e:
+            prepare.main([f"--chat={path}", f"--tokenizer={base}", f"--out_dir={tmp_path / 'sft'}"])
+        assert "\n" not in str(e.value)
+    pair = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    for edit, message in [(dict(rejected="4"), "the same reply"), (dict(chosen=""), '"chosen" must be'),
+                          (dict(prompt=[{"role": "assistant", "content": "x"}]), '"prompt" must be'),
+                          (dict(chosen=None, rejected=None), '"chosen" must be')]:
+        path = tmp_path / "pairs.jsonl"
+        path.write_text(json.dumps(pair) + "\n" + json.dumps({**pair, **edit}) + "\n")
+        with pytest.raises(bpe.UserError, match=f"pairs.jsonl:2: .*{message}"):
+            prepare.main([f"--pairs={path}", f"--tokenizer={base}", f"--out_dir={tmp_path / 'dpo'}"])
+    (tmp_path / "bad.jsonl").write_bytes(b"\xff\n")
+    with pytest.raises(bpe.UserError, match="bad.jsonl:1: not UTF-8"):
+        prepare.main([f"--chat={tmp_path / 'bad.jsonl'}", f"--tokenizer={base}", f"--out_dir={tmp_path / 'sft'}"])
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "dpo").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []    # no build folder left
+    with pytest.raises(bpe.SettingsError, match="need --tokenizer=PATH"):
+        bpe.parse_settings(prepare.Settings, ["--chat=tasks:add"])
+
+
+def test_prepare_chat_shards_carry_the_loss_mask_under_the_checksum(tmp_path):
+    base, base_path = _prepare_chat_tokenizer_file(tmp_path)
+    convs = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i}!"}]}
+             for i in range(12)]
+    (tmp_path / "convs.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    out = tmp_path / "sft"
+    prepare.main([f"--chat={tmp_path / 'convs.jsonl'}", f"--tokenizer={base_path}", f"--out_dir={out}",
+                  "--val_fraction=0.2"])
+    tok, meta = prepare.load_tokenizer(str(out)), prepare.load_meta(str(out))
+    assert tok.extends(base) and meta["kind"] == "chat" and meta["chat"]["base_fingerprint"] == base.fingerprint
+    rendered = {tuple(prepare.render(c["messages"], tok)[0]): prepare.render(c["messages"], tok)[1] for c in convs}
+    docs = [d for sp in ("train", "val") for d in train.documents(prepare.load_split(str(out), sp))]
+    assert len(docs) == 12 and all(rendered[tuple(t.tolist())] == m.tolist() for t, m in docs)
+    # the mask is under the checksum: one flipped mask byte is caught on open
+    shard = out / "train_0000.bin"
+    n_tokens = prepare.read_header(str(shard))["n_tokens"]
+    raw = bytearray(shard.read_bytes())
+    raw[prepare.SHARD_HEADER_BYTES + 2 * n_tokens] ^= 1
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(prepare.ShardError, match="do not match the checksum"):
+        prepare.load_split(str(out), "train")
+    # ... and a mask byte that is not 0/1 is refused even with a matching checksum
+    raw[prepare.SHARD_HEADER_BYTES + 2 * n_tokens] = 2
+    header = prepare.read_header(str(shard))
+    body = bytes(raw[prepare.SHARD_HEADER_BYTES:])
+    raw[:prepare.SHARD_HEADER_BYTES] = prepare.pack_header(np.dtype("<u2"), n_tokens, header["n_docs"], 304,
+                                                           header["bos_id"], header["fingerprint"],
+                                                           zlib.crc32(body), prepare.HAS_MASK)
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(prepare.ShardError, match="loss mask holds the value 2"):
+        prepare.load_split(str(out), "train")
+    # synthetic pairs: chosen then rejected, both masked on the reply alone, same prompt
+    prepare.main(["--pairs=tasks:add", f"--tokenizer={base_path}", f"--out_dir={tmp_path / 'dpo'}",
+                  "--task_examples=6", "--task_val_examples=2", "--task_digits=2"])
+    docs = train.documents(prepare.load_split(str(tmp_path / "dpo"), "train"))
+    assert len(docs) == 12
+    for (c, cm), (r, rm) in zip(docs[0::2], docs[1::2]):
+        start = cm.tolist().index(1)
+        assert c[:start].tolist() == r[:start].tolist() and rm.tolist().index(1) == start
+        p = prepare.Problem("add", "", "", tuple(map(int, re.findall(r"\d+", tok.decode(c[:start].tolist())))))
+        assert prepare.check_add(p, tok.decode(c[start:-1].tolist()))
+        assert not prepare.check_add(p, tok.decode(r[start:-1].tolist()))
 
 
 # -----------------------------------------------------------------------------
@@ -2517,6 +2692,34 @@ def test_model_compile_and_bf16_every_kind():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = m(idx)
     assert torch.isfinite(low).all() and (low - m(idx)).abs().max() < 0.2
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_grow_vocab_rows_are_the_mean(tie):
+    """model.grow_vocab (a base model's tokenizer gains chat tokens): the new rows of wte and lm_head
+    are the mean of the trained ones (one shared matrix when tied), the old ids' logits do not
+    move, each new token starts at most as likely as an average one (p <= 1/V_old, Jensen), and
+    padding rows that were never trained are reset as well."""
+    torch.manual_seed(0)
+    m = M.GPT(_model_cfg(vocab_size=64, tie_embeddings=tie)).eval()   # ids 61..63: padding, untrained
+    with torch.no_grad():
+        m.lm_head.weight.normal_(0.0, 1.0)              # spread logits: the bound is not trivially met
+    old_wte, old_head = m.transformer.wte.weight.clone(), m.lm_head.weight.clone()
+    idx = _model_tokens(2, 16)
+    before = m(idx)
+    assert M.grow_vocab(m, 61, 66) is m and m.config.vocab_size == 66
+    wte, head = m.transformer.wte.weight, m.lm_head.weight
+    assert wte.shape == head.shape == (66, 32) and (head is wte) == tie
+    assert torch.equal(wte[:61], old_wte[:61]) and torch.equal(head[:61], old_head[:61])
+    for k in range(61, 66):
+        assert torch.allclose(wte[k], old_wte[:61].mean(0)) and torch.allclose(head[k], old_head[:61].mean(0))
+    after = m(idx)
+    assert torch.allclose(after[..., :61], before[..., :61], atol=1e-6)   # the inputs are old ids
+    assert (torch.softmax(after, -1)[..., 61:] <= 1 / 61 + 1e-7).all()
+    loss, _ = m(idx, idx)
+    loss.backward()                                      # the grown rows are ordinary parameters
+    assert wte.grad is not None and head.grad is not None
+    with pytest.raises(ValueError, match="n_trained"):
+        M.grow_vocab(m, 70, 66)
+
 
 # ---------------------------------------------------------------------------- mixture of experts
 
@@ -4832,6 +5035,174 @@ def test_train_init_from_hf_folder_with_data_from_its_tokenizer_json(_train_data
 
 
 # -----------------------------------------------------------------------------
+# objectives: SFT, DPO, RL
+
+
+def test_train_sft_loss_is_the_plain_loss_on_the_masked_targets():
+    """forward_loss with a mask: with all ones it is the plain mean loss (bitwise), with zeros the
+    mean over the rest, and a masked position's logits get exactly zero gradient."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    x, y = torch.randint(50, (2, 8)), torch.randint(50, (2, 8))
+    plan = train.plan_step(train.TrainConfig(), 0)
+    plain = train.forward_loss(m, x, y, None, plan, m.config)[1]
+    assert torch.equal(train.forward_loss(m, x, y, None, plan, m.config, torch.ones_like(y))[1], plain)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0, 0]])
+    logits = []
+    hook = m.lm_head.register_forward_hook(lambda mod, inp, out: out.retain_grad() or logits.append(out))
+    total, loss, _ = train.forward_loss(m, x, y, None, plan, m.config, mask)
+    hook.remove()
+    per_token = F.cross_entropy(m(x).reshape(16, 50), y.reshape(16), reduction="none").view(2, 8)
+    assert torch.allclose(loss, per_token[mask == 1].sum() / 5)       # by hand: 5 targets count
+    total.backward()
+    grad = logits[0].grad.abs().sum(-1)                                 # (B, T)
+    assert (grad[mask == 0] == 0).all() and (grad[mask == 1] > 0).all()
+    nothing = train.forward_loss(m, x, y, None, plan, m.config, torch.zeros_like(y))[1]
+    assert nothing.item() == 0.0                                        # no nan for an empty mask
+
+
+def test_train_dpo_loss_by_hand():
+    beta = 0.5
+    # policy == reference: both implicit rewards are 0, the loss is -log sigmoid(0) = ln 2
+    logp = torch.tensor([-3.0, -7.5])
+    loss, acc, margin = train.dpo_loss(logp, logp + 1, logp, logp + 1, beta)
+    assert loss.item() == pytest.approx(math.log(2)) and margin.item() == 0 and acc.item() == 0
+    # pair 1: chosen -2 vs ref -2.5, rejected -3 vs ref -2.5 -> r_w = 0.25, r_l = -0.25, margin 0.5
+    # pair 2: chosen -4 vs ref -3, rejected -1 vs ref -2  -> r_w = -0.5, r_l = 0.5, margin -1
+    loss, acc, margin = train.dpo_loss(torch.tensor([-2.0, -4.0]), torch.tensor([-3.0, -1.0]),
+                                       torch.tensor([-2.5, -3.0]), torch.tensor([-2.5, -2.0]), beta)
+    expect = (math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(1.0))) / 2    # -log sigmoid(m)
+    assert loss.item() == pytest.approx(expect) and loss.item() == pytest.approx(0.8937, abs=1e-4)
+    assert acc.item() == 0.5 and margin.item() == pytest.approx(-0.25)
+
+
+def test_train_grpo_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0]])
+    adv = train.grpo_advantages(rewards)
+    s = math.sqrt(0.25 * 0.75)                       # group 1: mean 0.25, std over the 4 replies
+    assert torch.allclose(adv[0], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (s + train.GRPO_EPS))
+    assert adv[0, 0].item() == pytest.approx(1.732, abs=1e-3) and adv[0, 1].item() == pytest.approx(-0.577, abs=1e-3)
+    assert torch.equal(adv[1], torch.zeros(4))       # all right: nothing to prefer
+    assert torch.allclose(adv[2], torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-3)
+    # the loss by hand: 2 replies of 2 and 1 tokens; A = (1, -1); no KL, then KL with d = 0.5
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, kl = train.grpo_loss(logp, None, mask, torch.tensor([1.0, -1.0]), 0.1)
+    assert loss.item() == pytest.approx(-((-1 - 2) * 1 + (-3) * -1) / 3) and kl.item() == 0
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1 / 3, -1 / 3], [1 / 3, 0.0]]))  # -A / N per token
+    loss, kl = train.grpo_loss(logp, logp.detach() + 0.5, mask, torch.tensor([1.0, -1.0]), 0.1)
+    assert kl.item() == pytest.approx(math.exp(0.5) - 0.5 - 1)
+
+
+@pytest.fixture(scope="module")
+def _train_chat(_train_data, tmp_path_factory):
+    """A base checkpoint (2 pretraining steps on _train_data) and chat data made with its tokenizer
+    plus the chat tokens: synthetic add/sub conversations, and add preference pairs."""
+    root = tmp_path_factory.mktemp("train_chat")
+    train.train(_train_cfg(_train_data, root / "base", max_steps=2))
+    tok = os.path.join(_train_data, "tokenizer.bpe")
+    common = [f"--tokenizer={tok}", "--task_examples=300", "--task_val_examples=20", "--task_digits=2"]
+    prepare.main(["--chat=tasks:add,sub", f"--out_dir={root / 'sft'}", *common])
+    prepare.main(["--pairs=tasks:add", f"--out_dir={root / 'dpo'}", *common])
+    return str(root / "base" / "last.pt"), str(root / "sft"), str(root / "dpo")
+
+
+def _train_sigterm_in(monkeypatch, name, at_call):
+    """Make the at_call-th call of train.<name> send this process a real SIGTERM."""
+    calls, real = {"n": 0}, getattr(train, name)
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, name, wrapped)
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_train_sft_and_dpo_from_a_base_checkpoint_resume_bitwise(_train_chat, tmp_path, monkeypatch, objective):
+    """A base checkpoint (vocab 300) fine-tuned on chat data (its tokenizer + 4 chat tokens): the
+    vocabulary grows to 304, SFT packs whole conversations with the loss mask, DPO keeps a frozen
+    reference (saved with the run); stopped by SIGTERM and resumed, either run is bitwise the run
+    that never stopped."""
+    base, sft_dir, dpo_dir = _train_chat
+    data_dir = sft_dir if objective == "sft" else dpo_dir
+    opts = dict(objective=objective, init_from=base, max_steps=4, eval_interval=2, eval_examples=8,
+                batch_size=4, grad_accum=2)
+    full = train.train(_train_cfg(data_dir, tmp_path / "full", **opts))
+    assert full.model.config.vocab_size == 304 and full.step == 4
+    # SIGTERM in step 1 (its first micro-step): SFT's 3rd training forward; DPO's 9th scoring pass
+    # (4 for the held-out pairs at step 0, then a policy and a reference pass per micro-step)
+    _train_sigterm_in(monkeypatch, *(("forward_loss", 3) if objective == "sft" else ("token_logprobs", 9)))
+    part = train.train(_train_cfg(data_dir, tmp_path / "part", **opts))
+    assert part.stopped and part.step == 2
+    monkeypatch.undo()
+    rest = train.train(_train_cfg(data_dir, tmp_path / "part", **dict(opts, init_from="", resume=True)))
+    assert part.losses + rest.losses == full.losses and rest.val_loss == full.val_loss
+    a, b = (M.load_checkpoint(str(tmp_path / d / "last.pt")) for d in ("full", "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if objective == "dpo":   # the reference is the starting model, grown, and never trained
+        start = M.grow_vocab(M.model_from_checkpoint(M.load_checkpoint(base), base), 300, 304).state_dict()
+        assert all(torch.equal(b["reference"][k], start[k]) for k in start)
+        assert not torch.equal(a["model"]["lm_head.weight"], start["lm_head.weight"])
+        assert re.search(r"reward_acc", open(tmp_path / "full" / "metrics.jsonl").read())
+
+
+def test_train_objective_errors_are_one_line(_train_data, _train_chat, tmp_path):
+    base, sft_dir, dpo_dir = _train_chat
+    with pytest.raises(bpe.SettingsError, match="--objective=sft fine-tunes a trained model: give --init_from"):
+        bpe.parse_settings(train.TrainConfig, ["--objective=sft"])
+    with pytest.raises(bpe.SettingsError, match="use --batch_mode=packed"):
+        bpe.parse_settings(train.TrainConfig, ["--objective=sft", "--init_from=x.pt", "--batch_mode=random"])
+    for data_dir, objective, message in [(sft_dir, "pretrain", "holds chat data; use it with --objective=sft or rl"),
+                                         (sft_dir, "dpo", "needs preference pairs"),
+                                         (_train_data, "sft", "holds plain text")]:
+        with pytest.raises(bpe.UserError, match=message):
+            train.train(_train_cfg(data_dir, tmp_path / objective, objective=objective, init_from=base))
+    foreign = _train_foreign_ckpt(tmp_path)      # its tokenizer is not the one the chat data extends
+    with pytest.raises(bpe.UserError, match="trained with another tokenizer"):
+        train.train(_train_cfg(sft_dir, tmp_path / "x", objective="sft", init_from=foreign))
+
+
+def _train_foreign_ckpt(tmp_path):
+    """A checkpoint whose tokenizer the chat data does not extend (another corpus)."""
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("\n\n\n".join(f"other text number {i} " * 20 for i in range(30)))
+    prepare.main([f"--input={corpus}", "--doc_sep=\\n\\n\\n", f"--out_dir={tmp_path / 'od'}", "--vocab_size=300",
+                  "--val_fraction=0.2", "--num_proc=1"])
+    train.train(_train_cfg(str(tmp_path / "od"), tmp_path / "o", max_steps=1))
+    return str(tmp_path / "o" / "last.pt")
+
+
+def test_train_rl_raises_the_reward_on_a_toy_task(_train_data, tmp_path, monkeypatch):
+    """GRPO on a task a tiny model can learn: "Pick a digit" where the SFT data answers a random
+    digit but the checker rewards only "7". After a short SFT the model answers some digit and ends
+    its turn (reward about 1 in 10); RL must raise the reward on train prompts and pass@1 on held-out
+    ones. The task lives in prepare.TASKS for the test only."""
+    def make(rng, digits):
+        return prepare.Problem("digit", f"Pick a digit for {prepare.syllable_word(rng)}.",
+                               str(rng.randint(0, 9)), ())
+    monkeypatch.setitem(prepare.TASKS, "digit", prepare.Task(make, lambda p, r: r.strip() == "7",
+                                                             lambda p, rng: "3"))
+    prepare.main(["--chat=tasks:digit", f"--tokenizer={_train_data}/tokenizer.bpe", f"--out_dir={tmp_path / 'd'}",
+                  "--task_examples=400", "--task_val_examples=20"])
+    train.train(_train_cfg(_train_data, tmp_path / "base", max_steps=1))
+    train.train(_train_cfg(str(tmp_path / "d"), tmp_path / "sft", objective="sft", max_steps=15, batch_size=8,
+                           init_from=str(tmp_path / "base" / "last.pt"), eval_interval=1000))
+    res = train.train(_train_cfg(str(tmp_path / "d"), tmp_path / "rl", objective="rl", max_steps=8,
+                                 init_from=str(tmp_path / "sft" / "last.pt"), batch_size=4, rl_group=8,
+                                 rl_max_tokens=4, eval_interval=1000, eval_examples=10, rl_kl=0.01))
+    rewards = [json.loads(line) for line in open(tmp_path / "rl" / "metrics.jsonl")]
+    train_reward = [r["reward"] for r in rewards if "reward" in r]
+    pass1 = [r["val_pass1"] for r in rewards if "val_pass1" in r]
+    assert len(train_reward) == 8 and sum(train_reward[:3]) / 3 < 0.3, train_reward
+    assert sum(train_reward[-3:]) / 3 > sum(train_reward[:3]) / 3 + 0.3, train_reward
+    assert pass1[-1] > pass1[0], pass1
+    assert res.val_loss == 1 - pass1[-1]
+
+
+# -----------------------------------------------------------------------------
 # distributed
 
 
@@ -6039,6 +6410,120 @@ def test_sample_eval_suite_counts_and_cli(sample_data, tmp_path, monkeypatch, ca
     assert r.stdout.splitlines()[-2].startswith("mine") and r.stdout.splitlines()[-2].endswith("0.333")
     with pytest.raises(bpe.UserError, match="--data_dir"):
         _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--eval=builtin", f"--data_dir={tmp_path / 'nothing'}")
+
+
+# --- chat, task accuracy ------------------------------------------------------------------------
+
+def _sample_chat_tokenizer():
+    return _sample_tokenizer().with_special_tokens(bpe.CHAT_TOKENS)
+
+
+class _SampleScriptedChat(GPT):
+    """A real GPT (its KV cache and positions advance as usual) whose logits are overridden to
+    write `script` after every <|assistant|> token and an 'x' forever after it, so what a chat
+    prints shows exactly where generation stopped. The prompts it is given are recorded."""
+
+    def __init__(self, config, tokenizer, script):
+        super().__init__(config)
+        self.tok, self.script, self.prompts, self.k = tokenizer, script, [], 0
+
+    def forward(self, idx, *args, **kwargs):
+        logits = super().forward(idx, *args, **kwargs)
+        if int(idx[0, -1]) == self.tok.special_tokens[bpe.ASSISTANT]:
+            self.prompts.append(idx[0].tolist())
+            self.k = 0
+        else:
+            self.k += 1
+        want = self.script[self.k] if self.k < len(self.script) else self.tok.encode("x")[0]
+        bias = torch.zeros(logits.size(-1))
+        bias[want] = 1e4
+        return logits + bias
+
+
+def test_sample_chat_through_stdin(monkeypatch, capsys):
+    """--chat=True's loop, fed through stdin: the history is rendered with the chat template at every
+    turn (recorded prompts), the reply stops at <|end|> (the scripted model would go on with 'x'),
+    typed special-token text stays text, the oldest exchanges go when the context is full, and
+    end of input exits."""
+    tok = _sample_chat_tokenizer()
+    end = tok.special_tokens[bpe.END_OF_TURN]
+    torch.manual_seed(0)
+    model = _SampleScriptedChat(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                                          n_kv_head=1, n_embd=16), tok, tok.encode("ok") + [end]).eval()
+    typed = ["hi", "<|end|><|assistant|>no", "", "third message", "fourth"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(t + "\n" for t in typed)))
+    cfg = sample.SampleConfig(chat=True, max_new_tokens=8, temperature=0.0)
+    history = sample.chat(model, tok, cfg, sample.setup_runtime("cpu"))
+    out, err = capsys.readouterr()
+    assert out.count("bot> ok\n") == 4 and "x" not in out.replace("next", "")   # stopped at <|end|>
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": typed[1]}]
+    assert model.prompts[0] == prepare.render(turns[:1], tok, reply=True)[0]
+    assert model.prompts[1] == prepare.render(turns, tok, reply=True)[0]      # the history, rendered
+    assert model.prompts[1].count(tok.special_tokens[bpe.ASSISTANT]) == 2    # typed text stayed text
+    # the context (64, 8 kept for the reply) overflows at the 4th message: the oldest exchange goes
+    assert "forgot the oldest 1 exchange(s)" in err and len(model.prompts[3]) <= 64 - 8
+    assert model.prompts[3] == prepare.render(history[-6:-1], tok, reply=True)[0]
+    assert [m["content"] for m in history] == [typed[1], "ok", "third message", "ok", "fourth", "ok"]
+    assert "end of input" in err
+
+
+def test_sample_chat_cli_and_task_eval(tmp_path, monkeypatch, capsys):
+    """The command lines: --chat=True with a checkpoint whose tokenizer has the chat tokens (a base
+    model's is refused in one line), and --task_eval's report with its Wilson interval; pass@k by
+    hand (Chen et al.'s estimator); the counting of right replies, with a generator that answers
+    every other problem right."""
+    assert sample.pass_at_k(5, 2, 1) == pytest.approx(0.4) and sample.pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert sample.pass_at_k(3, 0, 3) == 0.0 and sample.pass_at_k(3, 1, 3) == 1.0
+    tok = _sample_chat_tokenizer()
+    tok.save(str(tmp_path / "chat.bpe"))
+    ckpt = _sample_save_checkpoint(tmp_path / "chat.pt", _sample_model(tok.vocab_size, block_size=64),
+                                   tmp_path / "chat.bpe", tok)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    out, err = _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--chat=True", "--max_new_tokens=4")
+    assert out.startswith("you> bot> ") and "end of input" in err
+    base = _sample_save_checkpoint(tmp_path / "base.pt", _sample_model(297), tmp_path / "base.bpe",
+                                   _sample_tokenizer())
+    _sample_tokenizer().save(str(tmp_path / "base.bpe"))
+    with pytest.raises(bpe.UserError, match="no chat tokens"):
+        _sample_main(monkeypatch, capsys, f"--ckpt={base}", "--chat=True")
+
+    calls = {"n": 0}
+
+    def every_other_right(model, tokenizer, ids, budget, sampling, k, **kw):
+        question = tokenizer.decode(ids).split(bpe.USER)[1].split(bpe.END_OF_TURN)[0]
+        p = next(p for p in prepare.task_problems("add", "test", 10, 0, 2) if p.question == question)
+        calls["n"] += 1
+        reply = p.answer if calls["n"] % 2 else p.answer + "0"
+        return [sample.Completion(reply, [], "eot") for _ in range(k)]
+    monkeypatch.setattr(sample, "generate_text", every_other_right)
+    out, _ = _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--task_eval=add", "--eval_examples=10",
+                          "--task_digits=2", "--temperature=0")
+    row = out.splitlines()[1].split()
+    lo, hi = sample.wilson_interval(5, 10)
+    assert row[:5] == ["add", "10", "0.500", f"[{lo:.3f},", f"{hi:.3f}]"] and "wrong:" in out
+    with pytest.raises(bpe.UserError, match=r"unknown task\(s\) \['mul'\].*--task_eval=add,count"):
+        bpe.parse_settings(sample.SampleConfig, ["--task_eval=add,mul"])
+
+
+def test_sample_builtin_suite_has_the_synthetic_tasks_for_chat_models(sample_data):
+    """Issue 19 1(c): a chat model's built-in suite holds the synthetic tasks as multiple choice:
+    test-split questions, the right reply among distinct wrong ones (the task's checker agrees),
+    each closed by <|end|>; the same suite every time; a base model gets none of them."""
+    data, base_tok, _, _ = sample_data
+    tok = base_tok.with_special_tokens(bpe.CHAT_TOKENS)
+    suite = sample.builtin_suite(str(data), tok, n_examples=12, seed=5, digits=2)
+    assert {f"task_{n}" for n in prepare.TASKS} <= set(suite) and "continuation" not in suite  # other data
+    assert suite == sample.builtin_suite(str(data), tok, n_examples=12, seed=5, digits=2)
+    for name in prepare.TASKS:
+        for ex in suite[f"task_{name}"]:
+            p = next(p for p in prepare.task_problems(name, "test", 12, 0, 2) if p.question == ex.context)
+            assert [prepare.TASKS[name].check(p, c) for c in ex.choices].count(True) == 1
+            assert prepare.TASKS[name].check(p, ex.choices[ex.answer]) and len(set(ex.choices)) == len(ex.choices)
+            ctx, choices = sample.example_ids(tok, ex)
+            assert ctx == prepare.render([{"role": "user", "content": ex.context}], tok, reply=True)[0]
+            assert all(c[-1] == tok.special_tokens[bpe.END_OF_TURN] for c in choices)
+    assert not any(k.startswith("task_") for k in sample.builtin_suite(str(data), base_tok, n_examples=12))
 
 
 # --- stress tests -------------------------------------------------------------------------------------

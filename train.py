@@ -5,6 +5,9 @@ Where it sits:  bpe.py -> prepare.py -> model.py -> [train.py] -> sample.py
 It reads the token shards and tokenizer that prepare.py wrote, builds model.GPT,
 trains it with Muon (hidden matrices) + AdamW (everything else), evaluates bits
 per byte on a fixed validation set, and writes checkpoints that sample.py loads.
+The same loop fine-tunes a base model into an assistant (section 9): supervised on
+conversations (sft), on preference pairs (dpo) and by reinforcement on tasks whose
+answers a program checks (rl), each from --init_from and with prepare.py's chat data.
 
 Run it:
     python prepare.py && python train.py           # CPU quick start (Python-ish samples; README for times)
@@ -14,6 +17,9 @@ Run it:
     python train.py --init_from=out/best.pt --data_dir=data/custom --matrix_lr=0.005   # fine-tune
     python prepare.py --input='my/*.txt' --tokenizer=DIR/tokenizer.json --out_dir=data/mine &&
       python train.py --init_from=hf:DIR --data_dir=data/mine   # fine-tune a Llama/Qwen3 folder
+    python train.py --objective=sft --init_from=out/best.pt --data_dir=data/sft --out_dir=out/sft  # chat (SFT)
+    python train.py --objective=dpo --init_from=out/sft/best.pt --data_dir=data/dpo --out_dir=out/dpo
+    python train.py --objective=rl --init_from=out/sft/best.pt --data_dir=data/sft --out_dir=out/rl
     python train.py --bench=True                   # tokens/s, MFU and ms per phase of a step
     python train.py --flops_budget=3e14            # as many steps as 3e14 FLOPs pay for (printed)
     python train.py --sweep="[{}, {'attn': 'mla'}, {'layer_pattern': 'LLLG'}]" --seeds=3 --flops_budget=3e14
@@ -37,12 +43,14 @@ Sections:
     6. Evaluation             val loss and bits per byte, greedy sample
     7. Metrics and pictures   MFU, metrics.jsonl (torn lines dropped), loss.svg, a text plot
     8. Checkpoints            what a run saves; never over another run, never non-finite
-    9. The training loop      train(cfg), one screen, calling the named steps above it
-   10. Sweeps                 --sweep: entries x seeds at equal compute (--flops_budget); sweep.md, sweep.svg
-   11. main
+    9. Objectives             pretrain, SFT (masked loss), DPO (frozen reference), RL (GRPO), one class each
+   10. The training loop      train(cfg), one screen, calling the named steps above it
+   11. Sweeps                 --sweep: entries x seeds at equal compute (--flops_budget); sweep.md, sweep.svg
+   12. main
 """
 import collections
 import contextlib
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -62,13 +70,15 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import prepare
 import sample
-from model import (DTYPES, GPT, HF_PREFIX, SWITCH, GPTConfig, Runtime, doc_ids_from_bos, gpt_config,
-                   model_from_checkpoint, open_checkpoint, save_checkpoint, setup_runtime)
+from model import (DTYPES, GPT, HF_PREFIX, SWITCH, GPTConfig, Runtime, checkpoint_tokenizer,
+                   doc_ids_from_bos, gpt_config, grow_vocab, model_from_checkpoint,
+                   open_checkpoint, save_checkpoint, setup_runtime)
 
 # -----------------------------------------------------------------------------
 # 1. Settings
@@ -79,7 +89,8 @@ from model import (DTYPES, GPT, HF_PREFIX, SWITCH, GPTConfig, Runtime, doc_ids_f
 # The fields below are the training ones. Values are Python literals: --matrix_lr=1 is read as
 # 1.0 where a float is expected, --seq_len_schedule=[(0,64),(500,256)] as a list.
 
-BATCH_MODES = ("random", "packed")
+BATCH_MODES = ("auto", "random", "packed")
+OBJECTIVES_NAMES = ("pretrain", "sft", "dpo", "rl")
 WARMDOWN_SHAPES = ("linear", "cosine")
 EXIT_INTERRUPTED = 75    # exit code of a run stopped by a signal: resumable, not finished
                          # (sysexits.h's EX_TEMPFAIL: "try again later"); 0 = reached max_steps
@@ -94,7 +105,14 @@ class TrainConfig(GPTConfig):
     resume: bool = False                   # continue from <out_dir>/last.pt, bitwise-exactly
     overwrite: bool = False                # start a new run in an out_dir that holds one (deletes it)
     init_from: str = ""                    # start from this checkpoint's weights, or hf:DIR's (a Hugging Face folder); new optimizer, step 0
-    batch_mode: str = "random"             # "random" windows, or "packed" whole documents + doc mask
+    batch_mode: str = "auto"               # "random" windows, or "packed" whole documents + doc mask; auto = random (sft: packed)
+    # --- objective (section 9): what the model is trained to do ---
+    objective: str = "pretrain"            # pretrain | sft (loss on assistant tokens) | dpo (preference pairs) | rl (GRPO on tasks)
+    dpo_beta: float = 0.1                  # DPO: implicit reward = beta * log(policy / reference); larger = stay closer
+    rl_group: int = 8                      # RL: replies sampled per prompt; advantages are normalised within the group
+    rl_temperature: float = 1.0            # RL: sampling temperature of the replies
+    rl_max_tokens: int = 16                # RL: longest reply in tokens (one that has not ended by then gets reward 0)
+    rl_kl: float = 0.0                     # RL: weight of a KL penalty that keeps the policy near the starting model
     # --- batch and length ---
     seq_len: int = 256                     # training context T (<= block_size)
     batch_size: int = 16                   # sequences per micro-batch per rank
@@ -133,7 +151,7 @@ class TrainConfig(GPTConfig):
     eval_interval: int = 200               # steps between validation evals (and at the end)
     eval_tokens: int = 32768               # val tokens per eval (a fixed, deterministic set)
     eval_tasks: str = ""                   # also score multiple-choice tasks at each eval: "builtin" and/or JSONL files (sample.py --eval)
-    eval_examples: int = 200               # examples per task of eval_tasks
+    eval_examples: int = 200               # examples per task of eval_tasks; DPO: held-out pairs, RL: held-out prompts (pass@1) per eval
     sample_interval: int = 400             # steps between greedy samples (0 = only at the end)
     sample_prompt: str = "    def __init__(self"  # prompt of the greedy sample (after a BOS)
     sample_tokens: int = 64                # tokens per greedy sample
@@ -147,7 +165,7 @@ class TrainConfig(GPTConfig):
     threads: int = 0                       # CPU threads per process (0 = all cores / ranks per node)
     bench: bool = False                    # only time bench_steps steps: tok/s, MFU, ms per phase
     bench_steps: int = 10                  # timed steps in --bench mode (after 3 warm-up steps)
-    # --- sweeps (section 10): variants compared at equal compute ---
+    # --- sweeps (section 11): variants compared at equal compute ---
     sweep: list = dataclasses.field(default_factory=list)  # setting dicts to compare, e.g. [{}, {'attn': 'mla'}]: every entry x seed in <out_dir>/<entry>/seed<N>
     seeds: int = 1                         # --sweep: runs per entry, seeds seed, seed+1, ...: their spread is the noise bar
 
@@ -155,19 +173,21 @@ class TrainConfig(GPTConfig):
         # the architecture fields are checked by building the GPTConfig they describe
         gpt_config(self, vocab_size=max(1, self.vocab_size))
         self.compile, self.deterministic = str(self.compile).lower(), str(self.deterministic).lower()
-        choices = {"batch_mode": BATCH_MODES, "warmdown": WARMDOWN_SHAPES,
+        choices = {"batch_mode": BATCH_MODES, "warmdown": WARMDOWN_SHAPES, "objective": OBJECTIVES_NAMES,
                    "dtype": ("auto", *DTYPES), "compile": SWITCH, "deterministic": SWITCH}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}={getattr(self, name)} must be one of {allowed}")
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval",
-                    "eval_tokens", "eval_examples", "log_interval", "ckpt_interval", "bench_steps", "max_skips")
+                    "eval_tokens", "log_interval", "ckpt_interval", "bench_steps", "max_skips",
+                    "dpo_beta", "rl_group", "rl_max_tokens", "eval_examples")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         non_negative = ("vocab_size", "matrix_lr", "embed_lr", "head_lr", "scalar_lr", "weight_decay",
                         "adam_weight_decay", "adam_eps", "grad_clip", "warmup_steps",
-                        "muon_momentum_warmup", "mtp_weight", "sample_interval", "threads", "flops_budget")
+                        "muon_momentum_warmup", "mtp_weight", "sample_interval", "threads",
+                        "flops_budget", "rl_temperature", "rl_kl")
         for name in non_negative:
             if not getattr(self, name) >= 0:  # `not >=` also rejects nan
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
@@ -179,6 +199,14 @@ class TrainConfig(GPTConfig):
         if self.resume and (self.init_from or self.overwrite):
             raise ValueError("--resume=True continues a run; --init_from and --overwrite start a "
                              "new one: give only one of them")
+        if self.objective != "pretrain" and not (self.init_from or self.resume or self.bench):
+            raise ValueError(f"--objective={self.objective} fine-tunes a trained model: give "
+                             f"--init_from=CHECKPOINT (e.g. out/best.pt of a pretraining run)")
+        if self.objective == "sft" and self.batch_mode == "random":
+            raise ValueError("--objective=sft trains on whole conversations, packed with document "
+                             "masks: use --batch_mode=packed (or auto)")
+        if self.rl_group < 2 and self.objective == "rl":
+            raise ValueError("--rl_group must be at least 2: advantages compare the replies of a group")
         for name in ("seq_len_schedule", "batch_size_schedule", "window_schedule",
                      "mtp_weight_schedule"):
             check_schedule(name, getattr(self, name))
@@ -306,7 +334,9 @@ class BatchSource:
             MAX_PACK_TRIES other documents are tried; after that (or when a single
             document is longer than the row) the last one is cropped. The model gets
             doc_ids so tokens attend only within their own document.
-    Both return x = tokens[:-1], y = tokens[1:] as (B, T) int64 arrays."""
+    Both return x = tokens[:-1], y = tokens[1:] as (B, T) int64 arrays, and with with_mask=True
+    also m = the loss mask of y's tokens (B, T) (conversation shards, --objective=sft). Each row
+    is cut from the shards as spans (shard, start, end), read for the tokens and the mask alike."""
 
     def __init__(self, shards, mode, seed):
         self.shards, self.mode, self.seed = shards, mode, seed
@@ -324,14 +354,25 @@ class BatchSource:
             if len(self.doc_start) == 0:
                 raise bpe.UserError("the train split has no documents; re-run prepare.py")
 
-    def get(self, step, index, batch_size, seq_len):
+    def get(self, step, index, batch_size, seq_len, with_mask=False):
         rng = np.random.default_rng([self.seed, step, index])
         if self.mode == "random":
             rows = self._random_rows(rng, batch_size, seq_len)
         else:
             rows = [self._packed_row(rng, seq_len) for _ in range(batch_size)]
-        buf = np.stack(rows).astype(np.int64)  # (B, T+1)
-        return buf[:, :-1], buf[:, 1:]
+        buf = np.stack([self._read(spans, "tokens") for spans in rows]).astype(np.int64)  # (B, T+1)
+        if not with_mask:
+            return buf[:, :-1], buf[:, 1:]
+        if self.shards[0].mask is None:
+            raise bpe.UserError("these shards have no loss mask: --objective=sft needs conversations made by "
+                                "`prepare.py --chat=...`")
+        mask = np.stack([self._read(spans, "mask") for spans in rows]).astype(np.int64)     # (B, T+1)
+        return buf[:, :-1], buf[:, 1:], mask[:, 1:]
+
+    def _read(self, spans, field):
+        """The concatenation of [start, end) of each (shard, start, end) in spans, from the shards'
+        tokens or masks."""
+        return np.concatenate([getattr(self.shards[i], field)[a:b] for i, a, b in spans])
 
     def _random_rows(self, rng, batch_size, seq_len):
         n_windows = np.maximum(self.lengths - seq_len, 0)  # valid window starts per shard
@@ -344,33 +385,33 @@ class BatchSource:
         pos = rng.integers(ends[-1], size=batch_size)
         shard = np.searchsorted(ends, pos, side="right")
         start = pos - (ends[shard] - n_windows[shard])
-        return [np.asarray(self.shards[i].tokens[a:a + seq_len + 1])
-                for i, a in zip(shard.tolist(), start.tolist())]
+        return [[(i, a, a + seq_len + 1)] for i, a in zip(shard.tolist(), start.tolist())]
 
     def _packed_row(self, rng, seq_len):
-        need, pieces, tries = seq_len + 1, [], 0
+        need, spans, tries = seq_len + 1, [], 0
         while need > 0:
             d = int(rng.integers(len(self.doc_start)))
             start, end = int(self.doc_start[d]), int(self.doc_end[d])
             if end - start > need:
-                if pieces and tries < MAX_PACK_TRIES:
+                if spans and tries < MAX_PACK_TRIES:
                     tries += 1
                     continue
                 end = start + need  # crop: still starts at its document start
-            pieces.append(self.shards[int(self.doc_shard[d])].tokens[start:end])
+            spans.append((int(self.doc_shard[d]), start, end))
             need -= end - start
-        return np.concatenate(pieces)
+        return spans
 
 
-def val_windows(shards, seq_len, n_tokens):
+def val_windows(shards, seq_len, n_tokens, field="tokens"):
     """The fixed validation set: consecutive, non-overlapping windows of T+1 tokens
     (stride T) from the start of the val split, n_tokens // T of them (fewer if the
-    split is smaller). Returns x, y as (N, T) int64 arrays."""
+    split is smaller). Returns x, y as (N, T) int64 arrays; field="mask" gives the same
+    windows of the loss mask (then y is the mask of the targets)."""
     want = (n_tokens // seq_len) * seq_len + 1
     parts, have = [], 0
     for s in shards:  # read only what we need: the val split can be large
         take = min(len(s.tokens), want - have)
-        parts.append(np.asarray(s.tokens[:take], dtype=np.int64))
+        parts.append(np.asarray(getattr(s, field)[:take], dtype=np.int64))
         have += take
         if have >= want:
             break
@@ -382,6 +423,42 @@ def val_windows(shards, seq_len, n_tokens):
     x = stream[:n * seq_len].reshape(n, seq_len)            # (N, T)
     y = stream[1:n * seq_len + 1].reshape(n, seq_len)        # (N, T), shifted by one
     return x, y
+
+
+def documents(shards):
+    """Every whole document of a split, in order, as (tokens, mask) int64 arrays (mask None for
+    shards without one). A document that prepare.py continued into the next shard is stitched
+    back together (the next shard's index does not list its offset 0)."""
+    docs = []
+    for s in shards:
+        bounds = [int(a) for a in s.doc_starts] + [len(s.tokens)]
+        if bounds[0] > 0 and docs:                           # the tail of the previous document
+            tokens, mask = docs[-1]
+            docs[-1] = (np.concatenate([tokens, s.tokens[:bounds[0]]]),
+                        None if mask is None else np.concatenate([mask, s.mask[:bounds[0]]]))
+        for a, b in zip(bounds, bounds[1:]):
+            docs.append((np.asarray(s.tokens[a:b], dtype=np.int64),
+                         None if s.mask is None else np.asarray(s.mask[a:b], dtype=np.int64)))
+    return docs
+
+
+PAD_MULTIPLE = 16   # DPO and RL rows are padded to a multiple of this: few distinct shapes to compile
+
+
+def pad_rows(docs, pad_id=0, limit=None):
+    """[(tokens, mask), ...] of varied lengths -> x, y, m as (N, L) int64 arrays: x = tokens[:-1],
+    y = tokens[1:], m = mask[1:] (the loss mask of the targets), padded on the right with pad_id and
+    mask 0 to L = the longest, rounded up to PAD_MULTIPLE (but not past limit, the model's context,
+    unless the longest is). Right padding changes nothing before it: attention is causal, so a pad
+    is only ever seen by later pads, whose targets are masked."""
+    longest = max(len(t) - 1 for t, _ in docs)
+    L = max(longest, min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, limit or math.inf))
+    x = np.full((len(docs), L), pad_id, dtype=np.int64)
+    y, m = x.copy(), np.zeros_like(x)
+    for r, (tokens, mask) in enumerate(docs):
+        n = len(tokens) - 1
+        x[r, :n], y[r, :n], m[r, :n] = tokens[:-1], tokens[1:], mask[1:]
+    return x, y, m
 
 
 def to_device(rt, array):
@@ -904,7 +981,7 @@ def build_optimizers(cfg, raw_model, rt):
     projections ("hc_dyn") at the head's lr, read-outs of a few coefficients like the
     router. Engram (7c): the tables ("memory") at the embedding's lr (also when wte is
     tied: they are only looked up), with lazy rows (see AdamW)."""
-    scale = (REFERENCE_WIDTH / cfg.n_embd) ** 0.5
+    scale = (REFERENCE_WIDTH / raw_model.config.n_embd) ** 0.5  # the model's width (--init_from's, not --n_embd)
     adam_lr = {"embed": cfg.embed_lr * scale, "head": cfg.head_lr * scale,
                "router": cfg.head_lr * scale, "scalar": cfg.scalar_lr * scale,
                "hc": cfg.scalar_lr * scale, "hc_dyn": cfg.head_lr * scale, "memory": cfg.embed_lr * scale}
@@ -1070,44 +1147,66 @@ def apply_schedules(optimizers, plan):
 # -----------------------------------------------------------------------------
 # 6. Evaluation
 
-def forward_loss(model, x, y, doc_ids, plan, model_cfg):
+IGNORE_INDEX = -1   # a target the loss skips (the model's cross_entropy ignore_index)
+
+
+def add_aux(total, aux, plan, model_cfg):
+    """total + the model's auxiliary losses with their weights: mtp_weight * aux["mtp"] + the MoE
+    coefficients * theirs. Added even at weight 0, so that DDP sees every parameter used."""
+    weights = {"mtp": plan.mtp_weight, "moe_aux": getattr(model_cfg, "moe_aux_coef", 0.0),
+               "moe_z": getattr(model_cfg, "moe_z_coef", 0.0)}
+    for name, value in (aux or {}).items():
+        if name in weights:
+            total = total + weights[name] * value
+    return total
+
+
+
+def forward_loss(model, x, y, doc_ids, plan, model_cfg, mask=None):
     """(total loss to backpropagate, main next-token loss, aux dict).
 
     total = loss + mtp_weight * aux["mtp"] + the MoE coefficients * their aux losses.
     The model returns auxiliary losses unweighted; the weights live with the trainer
-    because some of them follow a schedule."""
-    loss, aux = model(x, y, doc_ids=doc_ids, window=plan.window)
-    weights = {"mtp": plan.mtp_weight,
-               "moe_aux": getattr(model_cfg, "moe_aux_coef", 0.0),
-               "moe_z": getattr(model_cfg, "moe_z_coef", 0.0)}
-    total = loss
-    for name, value in (aux or {}).items():
-        if name in weights:  # added even at weight 0, so DDP sees every parameter used
-            total = total + weights[name] * value
-    return total, loss, aux
+    because some of them follow a schedule.
+
+    mask (B, T) of 0/1, for SFT: the loss is the mean over the targets whose mask is 1,
+        loss = sum_t m_t * (-log p(y_t)) / sum_t m_t,
+    the others are ignored (their logits get no gradient at all). With an all-ones mask this is
+    the plain mean. A micro-batch with nothing to learn gives 0 (sum_t m_t is clamped to 1)."""
+    if mask is None:
+        loss, aux = model(x, y, doc_ids=doc_ids, window=plan.window)
+    else:
+        targets = y.masked_fill(mask == 0, IGNORE_INDEX)
+        loss, aux = model(x, targets, doc_ids=doc_ids, window=plan.window, ignore_index=IGNORE_INDEX,
+                          reduction="sum")
+        loss = loss / mask.sum().clamp(min=1)
+    return add_aux(loss, aux, plan, model_cfg), loss, aux
 
 
 @torch.no_grad()
-def evaluate(rt, model, val_x, val_y, batch_size, token_bytes, doc_mask, bos_id):
+def evaluate(rt, model, val_x, val_y, batch_size, token_bytes, doc_mask, bos_id, val_mask=None):
     """Validation loss (nats per token) and bits per byte on the fixed val windows.
 
         bpb = sum of nats over target tokens / (ln 2 * sum of bytes of the target tokens)
 
     Dividing by bytes instead of tokens makes models with different tokenizers
     comparable: it is the compression rate of the text itself. Special tokens decode
-    to 0 bytes. Ranks split the windows and sum (nats, tokens, bytes)."""
+    to 0 bytes. Ranks split the windows and sum (nats, tokens, bytes). val_mask (N, T):
+    only the targets whose mask is 1 count (SFT: the assistant's tokens)."""
     model.eval()
     nats = tokens = n_bytes = 0.0
     idx = np.arange(rt.rank, len(val_x), rt.world_size)
     for i in range(0, len(idx), batch_size):
         rows = idx[i:i + batch_size]
         x, y = to_device(rt, val_x[rows]), to_device(rt, val_y[rows])
+        m = torch.ones_like(y) if val_mask is None else to_device(rt, val_mask[rows])
         doc_ids = doc_ids_from_bos(x, bos_id) if doc_mask else None
         with rt.autocast():
-            loss, _ = model(x, y, doc_ids=doc_ids, reduction="sum")
+            loss, _ = model(x, y.masked_fill(m == 0, IGNORE_INDEX), doc_ids=doc_ids, reduction="sum",
+                            ignore_index=IGNORE_INDEX)
         nats += loss.item()
-        tokens += y.numel()
-        n_bytes += token_bytes[y].sum().item()
+        tokens += m.sum().item()
+        n_bytes += (token_bytes[y] * m).sum().item()
     model.train()
     nats, tokens, n_bytes = all_reduce_sum(rt, [nats, tokens, n_bytes])
     return nats / tokens, nats / (math.log(2) * max(n_bytes, 1.0))
@@ -1427,11 +1526,359 @@ def save(run, name):
         "tokenizer_path": run.tokenizer_path, "tokenizer_fingerprint": run.tokenizer.fingerprint,
         "bos_id": run.bos_id,
         "best_val_loss": run.best_val_loss, "val_bpb": run.val_bpb}
+    if run.reference is not None:  # DPO's (and RL's KL) reference: a resumed run needs the same one
+        checkpoint["reference"] = run.reference.state_dict()
     save_checkpoint(os.path.join(run.cfg.out_dir, name), checkpoint)
 
 
 # -----------------------------------------------------------------------------
-# 9. The training loop
+# 9. Objectives: what a step optimises (pretrain, SFT, DPO, RL)
+#
+# The loop (section 10) is the same for every objective. What differs is what a micro-batch is,
+# which loss it gives and how held-out data judges the model, so each objective is one small class,
+# chosen once by --objective (OBJECTIVES, at the end of this section):
+#     batch(run, plan, micro)  the micro-batch, on the device: a pure function of (seed, step,
+#                              rank, micro-step), like section 3's batches, so every objective
+#                              resumes exactly
+#     loss(run, batch, plan)   (total to backpropagate, the loss to log, {stat: tensor} to log)
+#     evaluate(run)            (the number best.pt minimises, logged as val_loss; {metric: value}
+#                              for metrics.jsonl; the log line)
+#     sample(run)              the greedy text printed every sample_interval steps
+#
+# pretrain  next-token cross-entropy on windows of the token stream, as nanoGPT.
+# sft       the same on whole conversations, packed into rows with document masks (a conversation
+#           never attends to another) and with the loss mask of prepare.py's chat template: the
+#           targets are the assistant's tokens and its <|end|>, the user's words are only read
+#           (forward_loss's mask). Held out: the masked val loss, and on synthetic tasks the
+#           pass@1 of greedy replies to val-split prompts (the skill, not only the loss).
+#
+# dpo       Direct Preference Optimisation (Rafailov et al. 2023). For a prompt x and two replies,
+#           y_w (chosen) and y_l (rejected), the "implicit reward" of a reply is
+#               r(y) = beta * (log pi(y | x) - log pi_ref(y | x))
+#           with pi the model being trained, pi_ref a frozen copy of the starting model, and
+#           log pi(y | x) the summed log-probability of the reply's tokens (its loss mask). The loss
+#               L = -log sigmoid(r(y_w) - r(y_l))
+#           is the logistic (Bradley-Terry) loss of preferring y_w: it raises the chosen reply's
+#           likelihood and lowers the rejected one's, each relative to the reference, so the model
+#           cannot win by raising both, and beta sets how far it may move (a small beta lets the log
+#           ratios grow large). At the start pi = pi_ref, both rewards are 0 and L = ln 2 = 0.693
+#           (test_train_dpo_loss_by_hand). Logged on train and held-out pairs: the reward accuracy
+#           (the share of pairs with r(y_w) > r(y_l)) and the margin, mean r(y_w) - r(y_l).
+#
+# rl        GRPO, group relative policy optimisation (Shao et al. 2024, DeepSeekMath), on tasks a
+#           program checks. A micro-batch draws batch_size prompts from the train split of the
+#           data's tasks and samples rl_group replies to each with sample.py's KV-cached generator
+#           (at rl_temperature, ending at <|end|>, at most rl_max_tokens). The task's checker gives
+#           each reply a reward R: 1 if it is right and ended with <|end|>, else 0. Within the group
+#           of k replies to one prompt the advantage is
+#               A_i = (R_i - mean(R)) / (std(R) + eps)         (std over the group: divided by k)
+#           The group mean is the baseline, so no learned value function (critic) is needed; a
+#           group whose replies are all right or all wrong has A = 0: it shows nothing to prefer.
+#           Worked example (test_train_grpo_advantages_by_hand): rewards (1, 0, 0, 0): mean 0.25,
+#           std sqrt(0.25 * 0.75) = 0.433, A = (1.732, -0.577, -0.577, -0.577). The loss over every
+#           reply token t of every reply i, N the number of reply tokens:
+#               L = -sum_it A_i log pi(y_it) / N  +  rl_kl * sum_it k3_it / N
+#               k3 = exp(d) - d - 1,   d = log pi_ref(y_it) - log pi(y_it)
+#           Its gradient is the policy gradient A_i grad log pi (REINFORCE with the group baseline),
+#           each token weighted alike (a token-level mean, as DAPO, Yu et al. 2025: a per-reply
+#           mean would give the tokens of long replies less weight each). GRPO's clipped ratio
+#           pi / pi_old is 1 here: every batch is sampled by the current weights and used for one
+#           update (on-policy), so the clip never acts and is left out. k3 estimates KL(pi || pi_ref)
+#           without bias from samples of pi (E[exp(d)] = 1 under pi), and is never negative.
+#           Held out: pass@1 of greedy replies to val-split prompts.
+#
+# The reference model of DPO (and of RL with rl_kl > 0) is the starting model, frozen; it travels
+# in the checkpoints, so a resumed run keeps exactly the same reference.
+
+GRPO_EPS = 1e-4   # keeps A finite for a group of equal rewards (std 0), whose advantages are 0 anyway
+
+
+def token_logprobs(model, x, y, mask):
+    """log p(y_t | x_<=t) for every target, (B, T), 0 where mask is 0; and the model's aux losses."""
+    ce, aux = model(x, y.masked_fill(mask == 0, IGNORE_INDEX), ignore_index=IGNORE_INDEX, reduction="none")
+    return -ce, aux   # cross_entropy is 0 at ignored targets
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """DPO from summed reply log-probabilities, (P,) each -> (mean loss, reward accuracy, mean margin)."""
+    margin = beta * (policy_chosen - ref_chosen) - beta * (policy_rejected - ref_rejected)   # r(y_w) - r(y_l)
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean(), margin.mean()
+
+
+def grpo_advantages(rewards):
+    """(P, k) rewards of k replies to each of P prompts -> (P, k) advantages (see above)."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True, correction=0)
+    return (rewards - mean) / (std + GRPO_EPS)
+
+
+def grpo_loss(logp, ref_logp, mask, advantages, kl_coef):
+    """Token-level GRPO loss (see above). logp, ref_logp (None without a KL term), mask: (R, T);
+    advantages: (R,). Returns (loss, the mean k3 KL estimate)."""
+    m = mask.float()
+    n = m.sum().clamp(min=1)
+    loss = -(advantages[:, None] * logp * m).sum() / n
+    if ref_logp is None:
+        return loss, torch.zeros((), device=logp.device)
+    d = ref_logp - logp
+    kl = ((torch.exp(d) - d - 1) * m).sum() / n
+    return loss + kl_coef * kl, kl
+
+
+def resolved_batch_mode(cfg):
+    """--batch_mode=auto: packed whole conversations for SFT, random windows otherwise."""
+    if cfg.batch_mode != "auto":
+        return cfg.batch_mode
+    return "packed" if cfg.objective == "sft" else "random"
+
+
+def require_kind(meta, cfg, kind, hint):
+    """One line if the data directory holds another kind of data than the objective needs."""
+    have = meta.get("kind", "text")
+    if have != kind:
+        raise bpe.UserError(f"--objective={cfg.objective} needs {hint}, but {cfg.data_dir} holds "
+                            f"{'plain text' if have == 'text' else have + ' data'}; {HINTS[have]}")
+
+
+HINTS = {"text": "pretrain on it (--objective=pretrain)", "chat": "use it with --objective=sft or rl",
+         "pairs": "use it with --objective=dpo"}
+
+
+def chat_reply(run, prompt_ids, sampling=sample.GREEDY, n=1, seed=0):
+    """n replies of the bare model to a rendered chat prompt (sample.py's generator, ending at
+    <|end|>), as sample.Completion (finish "eot" when the reply ended with <|end|>)."""
+    raw, end = run.raw_model, prepare.chat_ids(run.tokenizer)["end"]
+    was_training = raw.training
+    raw.eval()
+    with run.rt.autocast():
+        done = sample.generate_text(raw, run.tokenizer, prompt_ids, run.cfg.rl_max_tokens, sampling, n,
+                                    seed=seed, cache_dtype=run.rt.dtype, end_ids=(end,))
+    raw.train(was_training)
+    return done
+
+
+def first_prompt(docs, tokenizer):
+    """The prompt of the first document: its tokens up to and including the first <|assistant|>."""
+    ids = docs[0][0].tolist()
+    cut = ids.index(prepare.chat_ids(tokenizer)["assistant"]) + 1
+    return ids[:cut]
+
+
+def show_reply(run, prompt_ids):
+    """A chat prompt and the model's greedy reply, as text (special tokens written out)."""
+    return run.tokenizer.decode(prompt_ids) + chat_reply(run, prompt_ids)[0].text
+
+
+class TaskPrompts:
+    """The data's synthetic tasks (meta.json's "chat", prepare.py section 11) as chat prompts: train
+    problems drawn by a seeded generator, a fixed held-out set from the val split (eval_examples,
+    spread over the tasks), and rewards from the tasks' checkers."""
+
+    def __init__(self, run, chat):
+        self.tasks, self.digits, self.task_seed = chat["tasks"], chat["task_digits"], chat["task_seed"]
+        per_task = -(-run.cfg.eval_examples // len(self.tasks))
+        self.held_out = [p for name in self.tasks
+                         for p in prepare.task_problems(name, "val", per_task, self.task_seed, self.digits)]
+        self.end = prepare.chat_ids(run.tokenizer)["end"]
+
+    def prompt(self, run, problem):
+        return prepare.render([{"role": "user", "content": problem.question}], run.tokenizer, reply=True)[0]
+
+    def reward(self, problem, completion):
+        """1.0 if the reply ended with <|end|> and the task's checker says it is right, else 0.0."""
+        return float(completion.finish == "eot" and prepare.TASKS[problem.task].check(problem, completion.text))
+
+    @torch.no_grad()
+    def pass_at_1(self, run):
+        """Greedy replies to the held-out prompts (ranks split them): ({"val_pass1": p, "val_pass1_<task>":
+        p_task, ...}, a log text)."""
+        rt = run.rt
+        right = {name: [0.0, 0.0] for name in self.tasks}     # task -> [right, asked]
+        for problem in self.held_out[rt.rank::rt.world_size]:
+            right[problem.task][0] += self.reward(problem, chat_reply(run, self.prompt(run, problem))[0])
+            right[problem.task][1] += 1
+        totals = all_reduce_sum(rt, [v for name in self.tasks for v in right[name]])
+        per_task = {name: totals[2 * k] / max(1.0, totals[2 * k + 1]) for k, name in enumerate(self.tasks)}
+        pass1 = sum(totals[0::2]) / max(1.0, sum(totals[1::2]))
+        detail = ", ".join(f"{k} {v:.3f}" for k, v in per_task.items())
+        return ({"val_pass1": pass1, **{f"val_pass1_{k}": v for k, v in per_task.items()}},
+                f"val pass@1 {pass1:.3f} ({detail}; greedy, {len(self.held_out)} held-out prompts)")
+
+
+class Pretrain:
+    """--objective=pretrain: next-token loss on the token stream; val loss and bits per byte."""
+    masked = False
+
+    def __init__(self, run, meta, train_shards, val_shards):
+        cfg = run.cfg
+        require_kind(meta, cfg, "chat" if self.masked else "text",
+                     "conversations (prepare.py --chat=...)" if self.masked else "plain text (prepare.py)")
+        self.batches = BatchSource(train_shards, resolved_batch_mode(cfg), cfg.seed)
+        eval_len = staged(cfg.seq_len_schedule, cfg.max_steps, cfg.seq_len)  # the final context length
+        self.val_x, self.val_y = val_windows(val_shards, eval_len, cfg.eval_tokens)
+        self.val_m = val_windows(val_shards, eval_len, cfg.eval_tokens, "mask")[1] if self.masked else None
+        self.described = f"{len(self.val_x)} val windows of {eval_len}"
+
+    def batch(self, run, plan, micro):
+        cfg, rt = run.cfg, run.rt
+        arrays = self.batches.get(run.step, rt.rank * cfg.grad_accum + micro, plan.batch_size, plan.seq_len,
+                                  with_mask=self.masked)
+        x, y, *mask = [to_device(rt, a) for a in arrays]
+        return x, y, mask[0] if mask else None, doc_ids_from_bos(x, run.bos_id) if run.doc_mask else None
+
+    def loss(self, run, batch, plan):
+        x, y, mask, doc_ids = batch
+        total, loss, _ = forward_loss(run.model, x, y, doc_ids, plan, run.model_cfg, mask)
+        return total, loss, {}
+
+    def evaluate(self, run):
+        loss, bpb = evaluate(run.rt, run.raw_model, self.val_x, self.val_y, run.cfg.batch_size,
+                             run.token_bytes, run.doc_mask, run.bos_id, self.val_m)
+        return loss, {"val_loss": loss, "val_bpb": bpb}, f"val loss {loss:.4f} | val bpb {bpb:.4f}"
+
+    def sample(self, run):
+        return greedy_sample(run.rt, run.raw_model, run.tokenizer, run.cfg.sample_prompt, run.cfg.sample_tokens)
+
+
+class SFT(Pretrain):
+    """--objective=sft: Pretrain's loss on whole conversations, masked to the assistant's tokens;
+    on synthetic tasks the evaluation adds the held-out pass@1, to watch the skill being learned."""
+    masked = True
+
+    def __init__(self, run, meta, train_shards, val_shards):
+        super().__init__(run, meta, train_shards, val_shards)
+        self.prompt = first_prompt(documents(val_shards), run.tokenizer)
+        chat = meta.get("chat") or {}
+        self.tasks = TaskPrompts(run, chat) if chat.get("tasks") else None
+
+    def evaluate(self, run):
+        loss, metrics, line = super().evaluate(run)
+        if self.tasks is not None:
+            more, text = self.tasks.pass_at_1(run)
+            metrics, line = {**metrics, **more}, f"{line} | {text}"
+        return loss, metrics, line
+
+    def sample(self, run):
+        return show_reply(run, self.prompt)
+
+
+class DPO:
+    """--objective=dpo: the DPO loss on preference pairs against a frozen reference (see above)."""
+
+    def __init__(self, run, meta, train_shards, val_shards):
+        cfg = run.cfg
+        require_kind(meta, cfg, "pairs", "preference pairs (prepare.py --pairs=...)")
+        self.train, val = self.pairs(documents(train_shards), cfg), self.pairs(documents(val_shards), cfg)
+        self.val = val[:cfg.eval_examples]
+        self.prompt = first_prompt([val[0][0]], run.tokenizer)
+        self.described = f"{len(self.train):,} train pairs, {len(self.val)} held-out pairs"
+
+    @staticmethod
+    def pairs(docs, cfg):
+        """Documents 2k (chosen) and 2k + 1 (rejected) are pair k (prepare.py section 11)."""
+        if len(docs) % 2:
+            raise bpe.UserError(f"{cfg.data_dir}: an odd number of documents, not pairs; re-run prepare.py --pairs")
+        longest = max(len(t) for t, _ in docs)
+        if longest > cfg.block_size + 1:
+            raise bpe.UserError(f"{cfg.data_dir}: a pair's reply ends {longest} tokens in, past the model's "
+                                f"context of {cfg.block_size}; shorten the prompts and replies")
+        return list(zip(docs[0::2], docs[1::2]))
+
+    def rows(self, run, pairs):
+        """Chosen rows, then rejected rows, padded: x, y, mask (2P, L) on the device."""
+        x, y, m = pad_rows([c for c, _ in pairs] + [r for _, r in pairs], limit=run.model_cfg.block_size)
+        return [to_device(run.rt, a) for a in (x, y, m)]
+
+    def batch(self, run, plan, micro):
+        rng = np.random.default_rng([run.cfg.seed, run.step, run.rt.rank * run.cfg.grad_accum + micro])
+        return self.rows(run, [self.train[k] for k in rng.integers(len(self.train), size=plan.batch_size)])
+
+    def margins(self, run, model, batch):
+        """(loss, reward accuracy, margin, aux) of model on a batch of rows."""
+        x, y, m = batch
+        logp, aux = token_logprobs(model, x, y, m)
+        with torch.no_grad():
+            ref, _ = token_logprobs(run.reference, x, y, m)
+        logp, ref, P = logp.sum(dim=1), ref.sum(dim=1), len(x) // 2   # (2P,) summed over each reply
+        return (*dpo_loss(logp[:P], logp[P:], ref[:P], ref[P:], run.cfg.dpo_beta), aux)
+
+    def loss(self, run, batch, plan):
+        loss, acc, margin, aux = self.margins(run, run.model, batch)
+        return add_aux(loss, aux, plan, run.model_cfg), loss, {"reward_acc": acc, "margin": margin}
+
+    @torch.no_grad()
+    def evaluate(self, run):
+        rt, sums = run.rt, [0.0, 0.0, 0.0, 0.0]          # loss, right, margin (each times pairs), pairs
+        mine = self.val[rt.rank::rt.world_size]
+        run.raw_model.eval()
+        for i in range(0, len(mine), run.cfg.batch_size):
+            part = mine[i:i + run.cfg.batch_size]
+            with rt.autocast():
+                loss, acc, margin, _ = self.margins(run, run.raw_model, self.rows(run, part))
+            sums = [a + b * len(part) for a, b in zip(sums, (loss.item(), acc.item(), margin.item(), 1.0))]
+        run.raw_model.train()
+        loss, right, margin, n = all_reduce_sum(rt, sums)
+        metrics = {"val_loss": loss / n, "val_reward_acc": right / n, "val_margin": margin / n}
+        return loss / n, metrics, (f"val dpo loss {loss / n:.4f} | reward acc {right / n:.3f} | "
+                                   f"margin {margin / n:.3f} ({int(n)} held-out pairs)")
+
+    def sample(self, run):
+        return show_reply(run, self.prompt)
+
+
+class RL:
+    """--objective=rl: GRPO on the data's tasks, rewards from their checkers (see above)."""
+
+    def __init__(self, run, meta, train_shards, val_shards):
+        cfg, chat = run.cfg, meta.get("chat") or {}
+        require_kind(meta, cfg, "chat", "checkable tasks (prepare.py --chat=tasks:...)")
+        if not chat.get("tasks"):
+            raise bpe.UserError(f"--objective=rl needs prompts whose replies a program can check, but "
+                                f"{cfg.data_dir} holds your own conversations; prepare --chat=tasks:add,...")
+        self.tasks = TaskPrompts(run, chat)
+        self.described = f"tasks {','.join(self.tasks.tasks)}, {len(self.tasks.held_out)} held-out prompts"
+
+    def batch(self, run, plan, micro):
+        """Roll out: rl_group sampled replies to each of batch_size train prompts, their rewards,
+        and the rows (prompt + reply, the mask on the reply) to score them with."""
+        cfg, tasks = run.cfg, self.tasks
+        rng = random.Random(f"{cfg.seed}:{run.step}:{run.rt.rank * cfg.grad_accum + micro}")
+        docs, rewards = [], []
+        for _ in range(plan.batch_size):
+            problem = prepare.draw_problem(rng.choice(tasks.tasks), "train", rng, tasks.digits)
+            prompt = tasks.prompt(run, problem)
+            for c in chat_reply(run, prompt, sample.Sampling(temperature=cfg.rl_temperature), cfg.rl_group,
+                                seed=rng.getrandbits(62)):
+                reply = c.ids + [tasks.end] * (c.finish == "eot")
+                docs.append((np.array(prompt + reply), np.array([0] * len(prompt) + [1] * len(reply))))
+                rewards.append(tasks.reward(problem, c))
+        x, y, m = pad_rows(docs, limit=run.model_cfg.block_size)
+        rewards = torch.tensor(rewards, device=run.rt.device).view(plan.batch_size, cfg.rl_group)   # (P, k)
+        return (*[to_device(run.rt, a) for a in (x, y, m)], rewards)
+
+    def loss(self, run, batch, plan):
+        x, y, m, rewards = batch
+        logp, aux = token_logprobs(run.model, x, y, m)
+        ref = None
+        if run.reference is not None:
+            with torch.no_grad():
+                ref, _ = token_logprobs(run.reference, x, y, m)
+        loss, kl = grpo_loss(logp, ref, m, grpo_advantages(rewards).flatten(), run.cfg.rl_kl)
+        return add_aux(loss, aux, plan, run.model_cfg), loss, {"reward": rewards.mean(), "kl": kl}
+
+    def evaluate(self, run):
+        metrics, line = self.tasks.pass_at_1(run)
+        return 1.0 - metrics["val_pass1"], {"val_loss": 1.0 - metrics["val_pass1"], **metrics}, line
+
+    def sample(self, run):
+        return show_reply(run, self.tasks.prompt(run, self.tasks.held_out[0]))
+
+
+OBJECTIVES = {"pretrain": Pretrain, "sft": SFT, "dpo": DPO, "rl": RL}
+
+
+# -----------------------------------------------------------------------------
+# 10. The training loop
 #
 # train(cfg) is the loop a reader should see whole, nanoGPT-shaped: between steps evaluate,
 # sample and save; then one optimizer step: plan it (schedules), forward and backward over the
@@ -1562,9 +2009,6 @@ class Run:
     tokenizer: bpe.Tokenizer
     tokenizer_path: str
     bos_id: int
-    batches: BatchSource
-    val_x: np.ndarray
-    val_y: np.ndarray
     token_bytes: torch.Tensor    # bytes of each token id, for bits per byte
     log: Optional[MetricsLog]    # rank 0 and not --bench only
     peak: Optional[float]        # FLOP/s of one device for MFU
@@ -1575,6 +2019,7 @@ class Run:
     val_loss: float = math.nan
     val_bpb: float = math.nan
     skipped: int = 0             # non-finite steps skipped in a row
+    step_tokens: int = 0         # tokens the model read in this step, all ranks (DPO, RL: padded rows)
     compile_checked: bool = False
     losses: list = dataclasses.field(default_factory=list)      # (step, loss) of each step run
     step_times: list = dataclasses.field(default_factory=list)  # seconds per step after the first
@@ -1582,15 +2027,19 @@ class Run:
     moe: Optional[MoEStats] = None
     timer: Optional[PhaseTimer] = None
     suite: Optional[dict] = None  # --eval_tasks: sample.py's multiple-choice tasks (rank 0)
+    objective: object = None     # Pretrain, SFT, DPO or RL (section 9), made once by start_run
+    reference: Optional[GPT] = None  # the frozen starting model of DPO and of RL with a KL penalty
     t_start: float = dataclasses.field(default_factory=time.time)
 
     @property
     def doc_mask(self):
-        return self.cfg.batch_mode == "packed"
+        return resolved_batch_mode(self.cfg) == "packed"
 
 
-def build_model(cfg, rt, vocab_size, checkpoint=None, checkpoint_path=""):
-    """A GPT from the settings, or from a checkpoint's model_config + weights; on rt.device."""
+def build_model(cfg, rt, vocab_size, checkpoint=None, checkpoint_path="", n_trained=None):
+    """A GPT from the settings, or from a checkpoint's model_config + weights; on rt.device.
+    n_trained: the data's tokenizer extends the checkpoint's, whose n_trained ids the model knows;
+    the new ids get rows by model.grow_vocab (the mean of the trained ones)."""
     torch.manual_seed(cfg.seed)  # the same init on every rank
     if checkpoint is None:
         if cfg.vocab_size and cfg.vocab_size < vocab_size:
@@ -1600,6 +2049,10 @@ def build_model(cfg, rt, vocab_size, checkpoint=None, checkpoint_path=""):
         model = GPT(model_cfg, rt.kernels)
     else:
         model = model_from_checkpoint(checkpoint, checkpoint_path, rt.kernels)
+        if n_trained is not None:
+            grow_vocab(model, n_trained, vocab_size)
+            rt.print(f"extended the vocabulary {n_trained} -> {vocab_size} tokens (new rows of wte and "
+                     f"lm_head: the mean of the trained ones)")
         model_cfg = model.config
         ignored = [k for k, v in dataclasses.asdict(model_cfg).items()
                    if k != "vocab_size" and getattr(cfg, k) != v]
@@ -1611,41 +2064,62 @@ def build_model(cfg, rt, vocab_size, checkpoint=None, checkpoint_path=""):
     return model.to(rt.device), model_cfg
 
 
+def base_vocab(cfg, checkpoint, ckpt_path, tokenizer):
+    """The checkpoint's tokenizer must be the data's, or (--init_from only) one that the data's
+    extends with new special tokens (a base model fine-tuned on chat data): then the number of ids
+    the model was trained with, for grow_vocab; else None."""
+    if checkpoint is None or checkpoint.get("tokenizer_fingerprint") == tokenizer.fingerprint:
+        return None
+    base = checkpoint_tokenizer(checkpoint, ckpt_path) if checkpoint.get("tokenizer") else None
+    if cfg.init_from and base is not None and tokenizer.extends(base):
+        return base.vocab_size
+    how = (f"prepare.py --tokenizer={ckpt_path[len(HF_PREFIX):]}/tokenizer.json" if ckpt_path.startswith(HF_PREFIX)
+           else "for chat data: prepare.py --tokenizer=<that tokenizer> --chat=...")
+    raise bpe.UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.data_dir}'s; "
+                        f"use data prepared with the checkpoint's tokenizer ({how})")
+
+
+def build_reference(cfg, raw_model, checkpoint):
+    """The frozen reference model of DPO (and of RL with a KL penalty), or None: the starting model
+    itself, or on --resume the copy saved in the checkpoint."""
+    if not (cfg.objective == "dpo" or (cfg.objective == "rl" and cfg.rl_kl > 0)):
+        return None
+    reference = copy.deepcopy(raw_model)
+    if cfg.resume:
+        reference.load_state_dict(checkpoint["reference"])
+    return reference.eval().requires_grad_(False)
+
+
 def start_run(cfg, rt=None):
     """Everything before the first step: the out_dir check, the data and tokenizer, the checkpoint
-    to resume or start from, the Runtime, the model, its optimizers and the validation set."""
+    to resume or start from, the Runtime, the model (and the reference of DPO), its optimizers, and
+    the objective with its held-out data."""
     existing = check_out_dir(cfg)
     meta = prepare.load_meta(cfg.data_dir)
     tokenizer = prepare.load_tokenizer(cfg.data_dir)
     ckpt_path = os.path.join(cfg.out_dir, "last.pt") if cfg.resume else cfg.init_from
     checkpoint = open_checkpoint(ckpt_path) if ckpt_path else None
-    if checkpoint is not None and checkpoint.get("tokenizer_fingerprint") != tokenizer.fingerprint:
-        how = (f" (prepare.py --tokenizer={ckpt_path[len(HF_PREFIX):]}/tokenizer.json)"
-               if ckpt_path.startswith(HF_PREFIX) else "")
-        raise bpe.UserError(f"{ckpt_path} was trained with another tokenizer than {cfg.data_dir}'s; "
-                            f"use data prepared with the checkpoint's tokenizer{how}")
+    n_trained = base_vocab(cfg, checkpoint, ckpt_path, tokenizer)
     rt = rt or runtime_for(cfg, checkpoint.get("runtime") if cfg.resume else None)
     if rt.is_main and not cfg.bench:
         claim_out_dir(cfg, existing)
     train_shards = prepare.load_split(cfg.data_dir, "train", expected_fingerprint=tokenizer.fingerprint)
     val_shards = prepare.load_split(cfg.data_dir, "val", expected_fingerprint=tokenizer.fingerprint)
-    raw_model, model_cfg = build_model(cfg, rt, tokenizer.vocab_size, checkpoint, ckpt_path)
+    raw_model, model_cfg = build_model(cfg, rt, tokenizer.vocab_size, checkpoint, ckpt_path, n_trained)
     cfg = apply_flops_budget(cfg, raw_model, rt)
     optimizers = build_optimizers(cfg, raw_model, rt)
-    eval_len = staged(cfg.seq_len_schedule, cfg.max_steps, cfg.seq_len)  # the final context length
-    val_x, val_y = val_windows(val_shards, eval_len, cfg.eval_tokens)
     step = checkpoint["step"] if cfg.resume else 0
     run = Run(cfg=cfg, rt=rt, raw_model=raw_model, model=wrap_ddp(rt, maybe_compile(rt, raw_model)),
               model_cfg=model_cfg, optimizers=optimizers, params=list(raw_model.parameters()),
               tokenizer=tokenizer, tokenizer_path=os.path.abspath(
                   os.path.join(cfg.data_dir, meta.get("tokenizer", "tokenizer.bpe"))),
               bos_id=int(meta.get("bos_id", tokenizer.eot_id)),
-              batches=BatchSource(train_shards, cfg.batch_mode, cfg.seed), val_x=val_x, val_y=val_y,
               token_bytes=torch.tensor(tokenizer.token_bytes(), dtype=torch.long, device=rt.device),
               log=None, peak=peak_flops(rt), start_step=step, step=step,
               end_step=step + cfg.bench_steps + 3 if cfg.bench else cfg.max_steps,
               compile_checked=not rt.compile, moe=MoEStats(raw_model),
-              timer=PhaseTimer(cfg.bench, rt.device))
+              timer=PhaseTimer(cfg.bench, rt.device), reference=build_reference(cfg, raw_model, checkpoint))
+    run.objective = OBJECTIVES[cfg.objective](run, meta, train_shards, val_shards)
     if cfg.resume:
         for opt, state in zip(optimizers, checkpoint["optimizers"]):
             opt.load_state_dict(state)
@@ -1668,33 +2142,28 @@ def start_run(cfg, rt=None):
     rt.print(f"model {summary['dense']:,}{memory} params | "
              f"{raw_model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOP/token | "
              f"{cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size:,} tokens/step | "
-             f"{len(val_x)} val windows of {eval_len}")
+             f"objective {cfg.objective}: {run.objective.described}")
     return run
 
 
-def draw_batch(run, plan, micro):
-    """Micro-batch `micro` of this step for this rank, on the device: x, y (B, T) and doc_ids."""
-    cfg, rt = run.cfg, run.rt
-    x, y = run.batches.get(run.step, rt.rank * cfg.grad_accum + micro, plan.batch_size, plan.seq_len)
-    x, y = to_device(rt, x), to_device(rt, y)
-    return x, y, doc_ids_from_bos(x, run.bos_id) if run.doc_mask else None
-
-
 def accumulate_gradients(run, plan):
-    """Forward + backward of grad_accum micro-batches; returns the sum of their losses (a float:
-    one device sync per step, which the non-finite check needs anyway)."""
+    """Forward + backward of grad_accum micro-batches of the objective (section 9); returns the
+    sum of their losses and of their stats, as floats (one device sync per step, which the
+    non-finite check needs anyway)."""
     cfg, rt = run.cfg, run.rt
-    loss_sum = torch.zeros((), device=rt.device)
+    loss_sum, stats_sum = torch.zeros((), device=rt.device), {}
+    run.step_tokens = 0
     run.timer.start()
     for micro in range(cfg.grad_accum):
-        x, y, doc_ids = draw_batch(run, plan, micro)
+        batch = run.objective.batch(run, plan, micro)
+        run.step_tokens += batch[0].numel() * rt.world_size   # x (rows, T): every objective's first
         run.timer.mark("data")
         # DDP all-reduces gradients during backward; skip that on all but the last
         # micro-step, whose backward then averages the accumulated sums once
         last_micro = micro == cfg.grad_accum - 1
         with (run.model.no_sync() if rt.ddp and not last_micro else contextlib.nullcontext()):
             with rt.autocast():
-                total, loss, aux = forward_loss(run.model, x, y, doc_ids, plan, run.model_cfg)
+                total, loss, stats = run.objective.loss(run, batch, plan)
             run.timer.mark("forward")
             # mean over micro-steps here and over ranks by DDP: N ranks x M micro-steps
             # give the gradient of the mean loss of one N*M times larger batch
@@ -1703,7 +2172,9 @@ def accumulate_gradients(run, plan):
             run.timer.mark("backward")
         run.moe.add()
         loss_sum += loss.detach().float()
-    return loss_sum.item()
+        for name, value in stats.items():
+            stats_sum[name] = stats_sum.get(name, 0.0) + value.detach().float()
+    return loss_sum.item(), {name: float(v) for name, v in stats_sum.items()}
 
 
 def forward_backward(run, plan):
@@ -1726,11 +2197,14 @@ def forward_backward(run, plan):
         return accumulate_gradients(run, plan)
 
 
-def sync_loss_and_stop(run, loss_sum, stop_requested):
-    """The step's mean loss over micro-steps and ranks, and whether any rank was asked to stop
-    (then every rank stops after this same step). One collective for both."""
-    loss_sum, votes = all_reduce_sum(run.rt, [loss_sum, float(stop_requested)])
-    return loss_sum / (run.cfg.grad_accum * run.rt.world_size), votes > 0
+def sync_loss_and_stop(run, loss_sum, stats_sum, stop_requested):
+    """The step's mean loss and stats over micro-steps and ranks, and whether any rank was asked to
+    stop (then every rank stops after this same step). One collective for all of them."""
+    names = sorted(stats_sum)
+    loss_sum, votes, *sums = all_reduce_sum(run.rt, [loss_sum, float(stop_requested)] +
+                                            [stats_sum[k] for k in names])
+    n = run.cfg.grad_accum * run.rt.world_size
+    return loss_sum / n, {k: v / n for k, v in zip(names, sums)}, votes > 0
 
 
 def clip_gradients(run):
@@ -1774,12 +2248,13 @@ def optimizer_step(run, loss, grad_norm):
 
 
 def evaluate_and_keep_best(run):
-    """Validation loss and bits per byte; rank 0 logs them, redraws the chart, saves best.pt."""
-    run.val_loss, run.val_bpb = evaluate(run.rt, run.raw_model, run.val_x, run.val_y,
-                                         run.cfg.batch_size, run.token_bytes, run.doc_mask, run.bos_id)
-    run.rt.print(f"step {run.step} | val loss {run.val_loss:.4f} | val bpb {run.val_bpb:.4f}")
+    """The objective's held-out evaluation (pretrain and SFT: val loss and bits per byte); rank 0
+    logs it, redraws the chart, saves best.pt when its number is the lowest yet."""
+    run.val_loss, metrics, line = run.objective.evaluate(run)
+    run.val_bpb = metrics.get("val_bpb", math.nan)
+    run.rt.print(f"step {run.step} | {line}")
     if run.rt.is_main:
-        record = {"step": run.step, "val_loss": run.val_loss, "val_bpb": run.val_bpb}
+        record = {"step": run.step, **metrics}
         if run.suite:  # --eval_tasks: multiple choice by log-likelihood (sample.py section 13)
             accuracy = sample.run_eval_suite(run.raw_model, run.tokenizer, run.suite, run.rt)
             record.update({ACC_PREFIX + task: acc for task, acc in accuracy.items()})
@@ -1797,12 +2272,12 @@ def write_plots(run):
                       loss_svg(run.log.train, run.log.val, accuracy=run.log.accuracy))
 
 
-def log_step(run, plan, loss, grad_norm, moe_stats, seconds):
+def log_step(run, plan, loss, grad_norm, stats, seconds):
     """A metrics.jsonl record for every step, and a log line every log_interval steps: step,
-    loss, lr, gradient norm, tokens/s, MFU, elapsed time and ETA (from the steps after the first,
-    which compiles and warms up)."""
+    loss, lr, gradient norm, tokens/s, MFU, the objective's and MoE's stats (stats), elapsed
+    time and ETA (from the steps after the first, which compiles and warms up)."""
     cfg, rt, step = run.cfg, run.rt, run.step
-    tok_s = plan.batch_size * plan.seq_len * cfg.grad_accum * rt.world_size / seconds
+    tok_s = run.step_tokens / seconds      # pretrain: batch_size * seq_len * grad_accum * world_size
     if step > run.start_step + 1:
         run.step_times.append(seconds)
         run.tok_rates.append(tok_s)
@@ -1812,14 +2287,15 @@ def log_step(run, plan, loss, grad_norm, moe_stats, seconds):
         run.log.write({"step": step, "loss": loss, "lr_mult": plan.lr_mult, "grad_norm": grad_norm,
                        "tok_s": tok_s, "mfu": util, "seq_len": plan.seq_len,
                        "batch_size": plan.batch_size, "elapsed": time.time() - run.t_start,
-                       **moe_stats})
+                       **stats})
     if step % cfg.log_interval == 0 or step == run.end_step:
         recent = run.step_times[-20:]
         eta = format_seconds((run.end_step - step) * statistics.median(recent)) if recent else "n/a"
-        moe = (f"moe drop {100 * moe_stats['moe_dropped']:.1f}% load {moe_stats['moe_min_load']:.2f}-"
-               f"{moe_stats['moe_max_load']:.2f}x | " if moe_stats else "")
+        extra = (f"moe drop {100 * stats['moe_dropped']:.1f}% load {stats['moe_min_load']:.2f}-"
+                 f"{stats['moe_max_load']:.2f}x | " if "moe_dropped" in stats else "")
+        extra += "".join(f"{k.replace('_', ' ')} {v:.3f} | " for k, v in stats.items() if not k.startswith("moe"))
         rt.print(f"step {step}/{run.end_step} | loss {loss:.4f} | lr x{plan.lr_mult:.3f} | "
-                 f"gnorm {grad_norm:.3f} | {tok_s / 1e3:.1f}k tok/s | mfu {format_mfu(util)} | {moe}"
+                 f"gnorm {grad_norm:.3f} | {tok_s / 1e3:.1f}k tok/s | mfu {format_mfu(util)} | {extra}"
                  f"{format_seconds(time.time() - run.t_start)} elapsed | eta {eta}")
 
 
@@ -1850,8 +2326,7 @@ def train(cfg, rt=None):
                     evaluate_and_keep_best(run)
                 if rt.is_main and (last or (cfg.sample_interval and run.step > run.start_step
                                             and run.step % cfg.sample_interval == 0)):
-                    text = greedy_sample(rt, run.raw_model, run.tokenizer, cfg.sample_prompt,
-                                         cfg.sample_tokens)
+                    text = run.objective.sample(run)
                     rt.print(f"--- greedy sample at step {run.step} ---\n{text}\n---")
                 if rt.is_main and run.step > run.start_step and (
                         run.step % cfg.ckpt_interval == 0 or last or stopped):
@@ -1863,16 +2338,16 @@ def train(cfg, rt=None):
             t0 = time.time()
             plan = plan_step(cfg, run.step)
             apply_schedules(run.optimizers, plan)
-            loss = forward_backward(run, plan)
-            loss, stopped = sync_loss_and_stop(run, loss, stop.requested)
+            loss, stats = forward_backward(run, plan)
+            loss, stats, stopped = sync_loss_and_stop(run, loss, stats, stop.requested)
             grad_norm = clip_gradients(run)
             updated = optimizer_step(run, loss, grad_norm)
-            moe_stats = run.moe.finish(rt, update_bias=updated)  # MoE: balance once per step
+            stats.update(run.moe.finish(rt, update_bias=updated))  # MoE: balance once per step
             run.timer.end_step()
             run.step += 1
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()  # so that the step time is the GPU's, not the launch's
-            log_step(run, plan, loss, grad_norm, moe_stats, time.time() - t0)
+            log_step(run, plan, loss, grad_norm, stats, time.time() - t0)
     return finish(run, stopped)
 
 
@@ -1901,7 +2376,7 @@ def finish(run, stopped):
 
 
 # -----------------------------------------------------------------------------
-# 10. Sweeps: variants compared at equal compute
+# 11. Sweeps: variants compared at equal compute
 #
 #   python train.py --sweep="[{}, {'attn': 'mla'}, {'layer_pattern': 'LLLG'}]" --seeds=3 --flops_budget=1e15
 #
@@ -2154,7 +2629,7 @@ def run_sweep(cfg):
 
 
 # -----------------------------------------------------------------------------
-# 11. main
+# 12. main
 
 def main():
     cfg = bpe.parse_settings(TrainConfig, sys.argv[1:], description=__doc__)
