@@ -2938,8 +2938,15 @@ def test_model_engram_equals_position_loop_reference():
 @_model_one_thread
 def test_model_memory_and_streams_cached_decode_equals_full_forward(kw):
     """Guards the n-gram history in the cache: prefill, one token or 5 at a time, branching into
-    3 rows, documents (a new document's n-grams must not reach into the previous one)."""
+    3 rows, documents (a new document's n-grams must not reach into the previous one).
+    The dynamic projections are scaled down: at the full random scale Sinkhorn's logits are so
+    large that a 1e-6 change of the input moves some logits by 1e-3, and any two summation orders
+    (cached and uncached attention) would differ by more than the tolerance."""
     m = _model_with_memory(**kw)
+    with torch.no_grad():
+        for hc in m.modules():
+            if isinstance(hc, M.HyperConnection) and hc.dyn is not None:
+                hc.dyn.weight.mul_(0.1)
     idx = _model_tokens(2, 24)
     full = m(idx)
     torch.testing.assert_close(_model_decode(m, idx, 7), full, atol=_MODEL_ATOL, rtol=0)
