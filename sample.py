@@ -16,7 +16,7 @@ trained with, and continues a prompt one token at a time, printing text as it is
     python sample.py --task_eval=add,count --ckpt=out/sft/best.pt --temperature=0   # exact-match accuracy
     python sample.py --prompt="ROMEO:" --token_healing=False  # no healing: continue right after the ':' token
     python sample.py --bench=True --ckpt=random             # speed: cache vs recompute, branching
-    python sample.py --bench=True --ckpt=random --bench_context=[512,1024,2048,4096] \
+    python sample.py --bench=True --ckpt=random --bench_context=[512,1024,2048,4096] \\
         --arch="[{}, {'attn': 'linear'}, {'layer_pattern': 'LLLG'}]"    # decoding at long contexts
     python sample.py --eval=builtin                         # multiple-choice accuracy on held-out val text
     python sample.py --eval=hellaswag_val.jsonl             # HellaSwag, or any {"context", "choices", "answer"} JSONL
