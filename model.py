@@ -4015,6 +4015,11 @@ def hf_export_problems(model):
     need(not any(layer.expert_bias.any() for layer in model.moe_layers()),
          "non-zero expert biases (aux-loss-free balancing chooses experts differently)", "--moe_bias_rate=0")
     need(c.rope_scaling != "yarn" or c.yarn_ramp == "index", "YaRN blended by turns", "--yarn_ramp=index")
+    kinds = "".join(sorted(set(c.layer_kinds) - set("GW")))
+    need(not kinds, f"{', '.join(LAYER_KINDS[k] for k in kinds)} layers", "--attn=softmax and no layer_pattern")
+    need(c.attn_gate == "none", "the attention output gate", "--attn_gate=none")
+    need(c.hc_streams == 1, "hyper-connections", "--hc_streams=1")
+    need(not c.engram_layer_ids, "Engram memory", "--engram_layers=''")
     return problems
 
 

@@ -3573,8 +3573,12 @@ def test_model_hf_export_dtype_norm_without_gain_and_yarn(tmp_path):
     (dict(n_experts=4, top_k=2, qk_norm=False), "--qk_norm=True"),
     (dict(n_experts=4, top_k=2, expert_bias=True), "--moe_bias_rate=0"),
     (dict(rope_scaling="yarn", rope_factor=2.0), "--yarn_ramp=index"),
+    (dict(attn="mla", kv_lora_rank=16), "multi-head latent attention layers .*--attn=softmax"),
+    (dict(layer_pattern="LG"), "linear attention layers .*no layer_pattern"),
+    (dict(attn_gate="output"), "--attn_gate=none"), (dict(hc_streams=2), "--hc_streams=1"),
+    (dict(engram_layers="0"), "--engram_layers="),
 ], ids=["relu2", "gelu", "logit-softcap", "attn-softcap", "mtp", "window", "shared-experts",
-        "moe-no-qk-norm", "expert-bias", "yarn-turns"])
+        "moe-no-qk-norm", "expert-bias", "yarn-turns", "mla", "linear", "gate", "streams", "engram"])
 def test_model_hf_export_refuses_what_the_target_cannot_express(tmp_path, change, message):
     tok = _model_hf_tokenizer()
     biased = change.pop("expert_bias", False)
