@@ -878,6 +878,18 @@ class AttentionLayer(nn.Module):
             # torch.compiler.disable imports torch._dynamo, which takes seconds.
             self.flash_attention = torch.compiler.disable(flash_attention)
 
+    def make_qkv(self, config):
+        """The merged projection c_attn (q, k and v in one matmul) and the QK-norms, for the
+        layers that compute per-head queries, keys and values (softmax and linear)."""
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=False)
+        # QK-norm (Dehghani et al., 2023): normalise every query and key vector, so the attention
+        # logits stay bounded by ~sqrt(D) no matter how large the weights grow.
+        norm = config.qk_norm
+        self.q_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if norm else None
+
     def output(self, x, y):
         """x (B, T, C) the layer input, y (B, T, H * Dv) the heads side by side -> (B, T, C)."""
         if self.gate is not None:
@@ -900,13 +912,7 @@ class AttentionLayer(nn.Module):
 class CausalSelfAttention(AttentionLayer):
     def __init__(self, config, kernels=Kernels(), view="window"):
         super().__init__(config, kernels, config.n_head, config.head_dim)
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=False)
-        # QK-norm (Dehghani et al., 2023): normalise every query and key vector, so the attention
-        # logits stay bounded by ~sqrt(D) no matter how large the weights grow.
-        self.q_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
+        self.make_qkv(config)
         self.view = view
         self.sparse = (config.sparse_block, config.sparse_local, config.sparse_global) if view == "sparse" else None
 
@@ -1278,11 +1284,7 @@ LINEAR_DECAY_BASE = 5.0   # RetNet's decays 1 - 2^-(5 + h): head h remembers ~2^
 class LinearAttention(AttentionLayer):
     def __init__(self, config, kernels=Kernels()):
         super().__init__(config, kernels, config.n_head, config.head_dim)
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=False)
-        self.q_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.norm_gain, config.norm_eps) if config.qk_norm else None
+        self.make_qkv(config)
         self.kind, self.chunk = config.linear_kind, config.linear_chunk
         decay = self.kind == "decay"
         self.decay = nn.Parameter(torch.empty(config.n_head)) if decay else None   # logit of gamma_h
@@ -1496,7 +1498,8 @@ _flash_defined_for = None  # the TRITON_INTERPRET setting the kernels were defin
 def _flash_define_kernels():
     """Import triton and define the kernels as module globals (Triton resolves the names a
     kernel uses, tl and the helper kernels, through the module's globals, not closures)."""
-    global triton, tl, _flash_dot, _flash_visible, _flash_fwd_tile, _flash_fwd_kernel
+    global triton, tl, _flash_dot, _flash_visible, _flash_key_blocks, _flash_key_tile
+    global _flash_fwd_tile, _flash_fwd_kernel
     global _flash_dkdv_tile, _flash_bwd_dkdv_kernel, _flash_dq_tile, _flash_bwd_dq_kernel
     import triton
     import triton.language as tl
@@ -1527,11 +1530,28 @@ def _flash_define_kernels():
         return ok
 
     @triton.jit
-    def _flash_fwd_tile(acc, m_i, l_i, q, K, V, KDOC, q_doc, offs_m, start_n, skt, svt, Tq, Tk, D,
-                        q_off, k_off, window, n_global, scale2, HAS_DOC: tl.constexpr,
-                        ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One step of the online softmax: fold the key block at start_n into (acc, m, l)."""
+    def _flash_key_blocks(pid_m, Tq, Tk, q_off, k_off, window, n_global,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Which key blocks the query block pid_m can see, as indices into K: (glob_end, lo, hi).
+        Causal stops at the last query's position (hi); a window starts at the first query's
+        window start, rounded down to a block (lo); the global prefix [0, n_global) is visited
+        first, in [0, glob_end), up to where the window's range starts. Without a window lo = 0
+        and glob_end = 0: one range [0, hi)."""
+        q_first = q_off + pid_m * BLOCK_M
+        q_last = q_off + tl.minimum((pid_m + 1) * BLOCK_M, Tq) - 1
+        hi = tl.minimum(Tk, q_last - k_off + 1)
+        lo = tl.where(window > 0, tl.maximum(q_first - window + 1 - k_off, 0) // BLOCK_N * BLOCK_N, 0)
+        n_glob = tl.maximum(n_global - k_off, 0)
+        glob_end = tl.minimum((n_glob + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
+        return glob_end, lo, hi
+
+    @triton.jit
+    def _flash_key_tile(q, K, V, KDOC, q_doc, offs_m, start_n, skt, svt, Tq, Tk, D, q_off, k_off,
+                        window, n_global, scale2, HAS_DOC: tl.constexpr, ACC: tl.constexpr,
+                        PREC: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+        """Load the key block at start_n and score the query block against it: (s, k, v), with
+        s = q k^T * scale2 (BM, BN), -inf where the key is hidden, and k, v (BN, BD)."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
@@ -1544,6 +1564,17 @@ def _flash_define_kernels():
         visible = _flash_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, q_off, k_off, window,
                                  n_global, q_doc[:, None], k_doc[None, :], HAS_DOC)
         s = tl.where(visible, s, float("-inf"))
+        return s, k, v
+
+    @triton.jit
+    def _flash_fwd_tile(acc, m_i, l_i, q, K, V, KDOC, q_doc, offs_m, start_n, skt, svt, Tq, Tk, D,
+                        q_off, k_off, window, n_global, scale2, HAS_DOC: tl.constexpr,
+                        ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One step of the online softmax: fold the key block at start_n into (acc, m, l)."""
+        s, k, v = _flash_key_tile(q, K, V, KDOC, q_doc, offs_m, start_n, skt, svt, Tq, Tk, D, q_off,
+                                  k_off, window, n_global, scale2, HAS_DOC, ACC, PREC, WIDEN,
+                                  BLOCK_N, BLOCK_D)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row can have no visible key in this block yet (m_new = -inf, e.g. the first block of
         # a window that only its earlier rows reach): subtract 0 instead, so exp2(-inf) = 0
@@ -1582,15 +1613,8 @@ def _flash_define_kernels():
         l_i = tl.full([BLOCK_M], 0.0, ACC)
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
 
-        # Which key blocks can be visible (in indices into K): causal stops at the last query's
-        # position; a window starts at the first query's window start, rounded down to a block;
-        # the global prefix [0, n_global) is visited first, up to where the window loop starts.
-        q_first = q_off + pid_m * BLOCK_M
-        q_last = q_off + tl.minimum((pid_m + 1) * BLOCK_M, Tq) - 1
-        hi = tl.minimum(Tk, q_last - k_off + 1)
-        lo = tl.where(window > 0, tl.maximum(q_first - window + 1 - k_off, 0) // BLOCK_N * BLOCK_N, 0)
-        n_glob = tl.maximum(n_global - k_off, 0)
-        glob_end = tl.minimum((n_glob + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
+        glob_end, lo, hi = _flash_key_blocks(pid_m, Tq, Tk, q_off, k_off, window, n_global,
+                                             BLOCK_M, BLOCK_N)
         for start_n in range(0, glob_end, BLOCK_N):
             acc, m_i, l_i = _flash_fwd_tile(acc, m_i, l_i, q, K, V, KDOC, q_doc, offs_m, start_n,
                                             skt, svt, Tq, Tk, D, q_off, k_off, window, n_global,
@@ -1689,18 +1713,10 @@ def _flash_define_kernels():
                        ACC: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr):
         """Add one key block's contribution to dQ of a query block."""
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
-        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        k_doc = tl.full([BLOCK_N], 0, tl.int32)
-        if HAS_DOC:
-            k_doc = tl.load(KDOC + offs_n, mask=offs_n < Tk, other=-1)
-        s = _flash_dot(q, tl.trans(k), ACC, PREC, WIDEN) * scale2            # (BM, BN)
-        visible = _flash_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, q_off, k_off, window,
-                                 n_global, q_doc[:, None], k_doc[None, :], HAS_DOC)
-        p = tl.exp2(tl.where(visible, s, float("-inf")) - lse2[:, None])       # P, recomputed
+        s, k, v = _flash_key_tile(q, K, V, KDOC, q_doc, offs_m, start_n, skt, svt, Tq, Tk, D, q_off,
+                                  k_off, window, n_global, scale2, HAS_DOC, ACC, PREC, WIDEN,
+                                  BLOCK_N, BLOCK_D)
+        p = tl.exp2(s - lse2[:, None])                                       # P, recomputed
         dp = _flash_dot(do, tl.trans(v), ACC, PREC, WIDEN)                   # (BM, BN)
         ds = p * (dp - delta[:, None])
         dq += _flash_dot(ds.to(k.dtype), k, ACC, PREC, WIDEN)                # (BM, BD)
@@ -1736,13 +1752,9 @@ def _flash_define_kernels():
             q_doc = tl.load(QDOC + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
             KDOC += b.to(tl.int64) * Tk
         dq = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
-        # the same key blocks as the forward visits (see _flash_fwd_kernel)
-        q_first = q_off + pid_m * BLOCK_M
-        q_last = q_off + tl.minimum((pid_m + 1) * BLOCK_M, Tq) - 1
-        hi = tl.minimum(Tk, q_last - k_off + 1)
-        lo = tl.where(window > 0, tl.maximum(q_first - window + 1 - k_off, 0) // BLOCK_N * BLOCK_N, 0)
-        n_glob = tl.maximum(n_global - k_off, 0)
-        glob_end = tl.minimum((n_glob + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo)
+        # the same key blocks as the forward visits
+        glob_end, lo, hi = _flash_key_blocks(pid_m, Tq, Tk, q_off, k_off, window, n_global,
+                                             BLOCK_M, BLOCK_N)
         for start_n in range(0, glob_end, BLOCK_N):
             dq = _flash_dq_tile(dq, q, do, lse2, delta, q_doc, K, V, KDOC, offs_m, start_n, skt, svt,
                                 Tq, Tk, D, q_off, k_off, window, n_global, scale2, HAS_DOC, ACC,

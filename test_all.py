@@ -2218,6 +2218,18 @@ def test_model_param_formulas_match_count(kw):
     assert m.flops_per_token() == m.flops_per_token(m.config.block_size)
 
 
+def _model_counted_flops(B=2, T=16, **kw):
+    """(model, config, B, T, {op name: FLOPs}) of one forward + backward of a hand-written-path
+    model, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    m = M.GPT(_model_cfg(attn_impl="manual", **kw))
+    idx = torch.randint(m.config.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        loss, aux = m(idx, idx)
+        (loss + sum(aux.values())).backward()
+    return m, m.config, B, T, {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
 @_model_one_thread
 @pytest.mark.parametrize("kw", [{}, dict(n_kv_head=1, window=5), dict(mtp=True, mlp="swiglu"),
                                 dict(mtp=True, tie_embeddings=True),
@@ -2235,14 +2247,7 @@ def test_model_flops_counted_by_torch(kw):
     matmuls compute every (query, key) score, masked or not: 12 * layers * H * D * T per token;
     the formula keeps the visible share of it, ctx / T. Hyper-connections add their reads, mixes
     and dynamic projections as more mm and bmm calls; Engram's table lookups are no matmul."""
-    from torch.utils.flop_counter import FlopCounterMode
-    m = M.GPT(_model_cfg(attn_impl="manual", **kw))
-    c, B, T = m.config, 2, 16
-    idx = torch.randint(c.vocab_size, (B, T))
-    with FlopCounterMode(display=False) as counter:
-        loss, aux = m(idx, idx)
-        (loss + sum(aux.values())).backward()
-    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    m, c, B, T, by_op = _model_counted_flops(**kw)
     weights = (by_op.pop("aten.mm", 0) + by_op.pop("aten.addmm", 0)) / (B * T)
     batched = by_op.pop("aten.bmm", 0) / (B * T)
     assert not by_op, by_op   # no other kind of matmul went uncounted
@@ -2611,14 +2616,7 @@ def test_model_attention_flops_counted_by_torch(kw):
     6 N_matmul per token exactly, gates and MLA's matrices included; the attention cores' bmm
     calls are what _model_core_bmm_flops works out by hand from their shapes; and the formula
     keeps the visible share of those (useful FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    m = M.GPT(_model_cfg(attn_impl="manual", **kw))
-    c, B, T = m.config, 2, 16
-    idx = torch.randint(c.vocab_size, (B, T))
-    with FlopCounterMode(display=False) as counter:
-        loss, aux = m(idx, idx)
-        (loss + sum(aux.values())).backward()
-    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    m, c, B, T, by_op = _model_counted_flops(**kw)
     weights = (by_op.pop("aten.mm", 0) + by_op.pop("aten.addmm", 0)) / (B * T)
     cores = by_op.pop("aten.bmm", 0) / (B * T)
     assert not by_op, by_op
