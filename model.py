@@ -1498,7 +1498,8 @@ _flash_defined_for = None  # the TRITON_INTERPRET setting the kernels were defin
 def _flash_define_kernels():
     """Import triton and define the kernels as module globals (Triton resolves the names a
     kernel uses, tl and the helper kernels, through the module's globals, not closures)."""
-    global triton, tl, _flash_dot, _flash_visible, _flash_key_blocks, _flash_key_tile
+    global triton, tl, _flash_dot, _flash_visible, _flash_query_block_start, _flash_key_blocks
+    global _flash_key_tile
     global _flash_fwd_tile, _flash_fwd_kernel
     global _flash_dkdv_tile, _flash_bwd_dkdv_kernel, _flash_dq_tile, _flash_bwd_dq_kernel
     import triton
@@ -1528,6 +1529,19 @@ def _flash_define_kernels():
         if HAS_DOC:
             ok = ok & (q_doc == k_doc)
         return ok
+
+    @triton.jit
+    def _flash_query_block_start(K, V, KDOC, QDOC, b, kvh, offs_m, Tq, Tk, skb, skh, svb, svh,
+                                 HAS_DOC: tl.constexpr, BLOCK_M: tl.constexpr):
+        """A query block's start: K and V moved to its batch row and kv head, KDOC to its row,
+        and the block's document ids (zeros without documents)."""
+        K += b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+        V += b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+        q_doc = tl.full([BLOCK_M], 0, tl.int32)
+        if HAS_DOC:
+            q_doc = tl.load(QDOC + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
+            KDOC += b.to(tl.int64) * Tk
+        return K, V, KDOC, q_doc
 
     @triton.jit
     def _flash_key_blocks(pid_m, Tq, Tk, q_off, k_off, window, n_global,
@@ -1603,12 +1617,8 @@ def _flash_define_kernels():
         q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
         q_base = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         q = tl.load(Q + q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-        K += b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
-        V += b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
-        q_doc = tl.full([BLOCK_M], 0, tl.int32)
-        if HAS_DOC:
-            q_doc = tl.load(QDOC + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
-            KDOC += b.to(tl.int64) * Tk
+        K, V, KDOC, q_doc = _flash_query_block_start(K, V, KDOC, QDOC, b, kvh, offs_m, Tq, Tk,
+                                                     skb, skh, svb, svh, HAS_DOC, BLOCK_M)
         m_i = tl.full([BLOCK_M], float("-inf"), ACC)
         l_i = tl.full([BLOCK_M], 0.0, ACC)
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
@@ -1745,12 +1755,8 @@ def _flash_define_kernels():
                      + offs_d[None, :], mask=q_mask, other=0.0)
         lse2 = tl.load(LSE2 + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-        K += b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
-        V += b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
-        q_doc = tl.full([BLOCK_M], 0, tl.int32)
-        if HAS_DOC:
-            q_doc = tl.load(QDOC + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
-            KDOC += b.to(tl.int64) * Tk
+        K, V, KDOC, q_doc = _flash_query_block_start(K, V, KDOC, QDOC, b, kvh, offs_m, Tq, Tk,
+                                                     skb, skh, svb, svh, HAS_DOC, BLOCK_M)
         dq = tl.full([BLOCK_M, BLOCK_D], 0.0, ACC)
         # the same key blocks as the forward visits
         glob_end, lo, hi = _flash_key_blocks(pid_m, Tq, Tk, q_off, k_off, window, n_global,

@@ -5215,19 +5215,28 @@ def test_train_rl_raises_the_reward_on_a_toy_task(_train_data, tmp_path, monkeyp
 # distributed
 
 
-def test_train_ddp_two_ranks_equal_two_micro_steps(_train_data, tmp_path):
-    # one optimizer step: 1 rank x 2 micro-batches vs 2 gloo ranks x 1 must read the
-    # same rows and average the same gradients (guards loss normalisation and no_sync)
-    one = _train_cfg(_train_data, tmp_path / "one", max_steps=1, grad_accum=2, threads=1)
-    train.train(one)
+
+def _train_one_rank_vs_two(data, tmp_path, timeout=180, **kw):
+    """The same run twice: 1 process x 2 micro-batches (in this process) and 2 gloo ranks x 1
+    (torchrun). Returns (the first run's settings, its TrainResult, its final weights, the
+    two-rank run's final weights)."""
+    one = _train_cfg(data, tmp_path / "one", grad_accum=2, **kw)
+    res = train.train(one)
     two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), grad_accum=1)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_TRAIN_REPO)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(_TRAIN_REPO, "train.py")] + _train_args(two)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    return one, res, a, b
+
+
+def test_train_ddp_two_ranks_equal_two_micro_steps(_train_data, tmp_path):
+    # one optimizer step: 1 rank x 2 micro-batches vs 2 gloo ranks x 1 must read the
+    # same rows and average the same gradients (guards loss normalisation and no_sync)
+    _, _, a, b = _train_one_rank_vs_two(_train_data, tmp_path, max_steps=1, threads=1, timeout=120)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
 
@@ -5236,16 +5245,7 @@ def test_train_ddp_streams_and_memory_equal_two_micro_steps(_train_data, tmp_pat
     """The same check with hyper-connections (dynamic, Sinkhorn) and Engram memory: 2 steps, so
     that the tables (no gradient while Engram's c_proj is 0, at step 1) move at step 2 with lazy
     rows: a row looked up on either rank must be updated on both, identically."""
-    one = _train_cfg(_train_data, tmp_path / "one", max_steps=2, grad_accum=2, **_TRAIN_STREAMS_MEMORY)
-    res = train.train(one)
-    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), grad_accum=1)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_TRAIN_REPO)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(_TRAIN_REPO, "train.py")] + _train_args(two)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    one, res, a, b = _train_one_rank_vs_two(_train_data, tmp_path, max_steps=2, **_TRAIN_STREAMS_MEMORY)
     torch.manual_seed(one.seed)
     start = M.GPT(res.model.config).state_dict()   # the run's init (build_model seeds it so)
     key = "transformer.h.0.engram.tables"
@@ -5390,16 +5390,7 @@ def test_train_ddp_hybrid_of_every_kind_equals_two_micro_steps(_train_data, tmp_
     """DDP with linear, MLA, block-sparse and windowed layers and gates in one model: 2 gloo
     ranks x 1 micro-batch give the weights of 1 rank x 2 micro-batches (every parameter of every
     kind gets its gradient averaged; none goes unused)."""
-    one = _train_cfg(_train_data, tmp_path / "one", max_steps=1, grad_accum=2, threads=1, **_TRAIN_HYBRID)
-    train.train(one)
-    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), grad_accum=1)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=_TRAIN_REPO)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(_TRAIN_REPO, "train.py")] + _train_args(two)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
+    _, _, a, b = _train_one_rank_vs_two(_train_data, tmp_path, max_steps=1, threads=1, **_TRAIN_HYBRID)
     assert any(".wkv_b." in k for k in a) and any(k.endswith("attn.gate.weight") for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
