@@ -788,8 +788,10 @@ def block_sparse_attention(q, k, v, pos, sparse, k_doc=None, softcap=0.0, manual
     nq, nk = last - first + 1, -(-Tk // block)
     lead, tail = pos - first * block, (last + 1) * block - (pos + T)   # pad queries to whole blocks
     q = F.pad(q, (0, 0, lead, tail)).view(B, H, nq, block, D)
-    k = F.pad(k, (0, 0, 0, nk * block - Tk)).view(B, Hkv, nk, block, D)
-    v = F.pad(v, (0, 0, 0, nk * block - Tk)).view(B, Hkv, nk, block, v.size(-1))
+    # k and v made contiguous first: F.pad keeps a transposed input's layout, and torch 2.5's
+    # inductor then lowers the reshape of the gathered blocks to a view those strides cannot take
+    k = F.pad(k.contiguous(), (0, 0, 0, nk * block - Tk)).view(B, Hkv, nk, block, D)
+    v = F.pad(v.contiguous(), (0, 0, 0, nk * block - Tk)).view(B, Hkv, nk, block, v.size(-1))
     ids, valid = sparse_block_table(first, last, local, n_global, q.device)   # (nq, K)
     K = ids.size(1)
     kg = k[:, :, ids].reshape(B, Hkv, nq, K * block, D)                       # gathered key blocks
