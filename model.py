@@ -185,7 +185,7 @@ class GPTConfig:
     window: int = 0                 # sliding attention window in tokens; 0 = full causal attention
     n_global: int = 0               # first n_global positions stay visible to every query (with a window)
     mtp: bool = False               # multi-token prediction head: extra loss predicting token t+2
-    attn_impl: str = "sdpa"         # sdpa = F.scaled_dot_product_attention where it applies | manual | triton (5b)
+    attn_impl: str = "sdpa"         # sdpa = F.scaled_dot_product_attention where it applies | manual | triton (5b; G and W layers)
     # The attention family (sections 5.1 to 5.6); the defaults keep every layer softmax as above.
     attn: str = "softmax"           # attention of every layer: softmax | mla (latent KV cache) | linear (constant-size state)
     layer_pattern: str = ""         # one letter per layer, repeated to n_layer: G global, W window, S block-sparse, M MLA, L linear; '' = all as attn
@@ -319,6 +319,9 @@ class GPTConfig:
             why = "add S to layer_pattern" if pattern else "use attn=softmax for block-sparse layers"
             raise ValueError(f"sparse_block={self.sparse_block} is used by block-sparse layers only: set "
                              f"sparse_block=0, or {why}")
+        if self.attn_impl == "triton" and not any(c in "GW" for c in kinds):
+            raise ValueError(f"attn_impl=triton runs the full and sliding-window softmax layers (G, W), and "
+                             f"this model has none (layers {kinds}): use attn_impl=sdpa")
         if self.attn_softcap > 0 and not any(c in SOFTMAX_LETTERS for c in kinds):
             raise ValueError(f"attn_softcap={self.attn_softcap} caps softmax scores and every layer is "
                              f"linear: set attn_softcap=0")

@@ -2349,6 +2349,7 @@ _MODEL_KINDS = {
     ("an unknown gate", dict(attn_gate="input"), "none, output, output_head"),
     ("an unknown linear form", dict(attn="linear", linear_kind="elu"), "kernel, decay"),
     ("an empty chunk", dict(attn="linear", linear_chunk=0), "linear_chunk=0"),
+    ("the Triton kernel with no layer it runs", dict(attn="mla", attn_impl="triton"), "use attn_impl=sdpa"),
 ])
 def test_model_attention_settings_rejected_with_one_line(case, bad, words):
     """Every bad combination of the attention family is one line that names the setting and says
