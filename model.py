@@ -440,6 +440,14 @@ class GPTConfig:
         return int_list("engram_ngram", self.engram_ngram)
 
     @property
+    def engram_memory_params(self):
+        """Parameters of the Engram tables (section 7c): per memory layer, orders x heads tables
+        of engram_rows x engram_dim; 0 without memory. Example: "1,3", "2,3", 4 heads, 10240 rows,
+        32 wide: 2 * 2 * 4 * 10240 * 32 = 5,242,880."""
+        return (len(self.engram_layer_ids) * len(self.engram_orders) * self.engram_heads
+                * self.engram_rows * self.engram_dim)
+
+    @property
     def engram_span(self):
         """Tokens an n-gram reaches back, the current one included: the largest order (0 = off)."""
         return max(self.engram_orders) if self.engram_layer_ids else 0
@@ -3160,7 +3168,7 @@ class GPT(nn.Module):
             # tables * engram_dim) to C
             L, tables, D = len(c.engram_layer_ids), len(c.engram_orders) * c.engram_heads, c.engram_dim
             table["engram projections"] = (L * 2 * tables * D * C,) * 2
-            table["engram tables (memory)"] = (L * tables * c.engram_rows * D, L * tables * D)
+            table["engram tables (memory)"] = (c.engram_memory_params, L * tables * D)
         return table
 
     @property

@@ -5499,6 +5499,22 @@ def test_train_sweep_checks_first_writes_table_and_chart_and_resumes(_train_data
         assert float(g.get("data-mean")) == pytest.approx(statistics.mean(bpb[entry]), abs=1e-6)
 
 
+def test_train_sweep_table_counts_memory_apart(tmp_path):
+    """sweep.md's params cell of an Engram entry: active of total, and the tables' size, from the
+    entry's settings (2 orders x 4 heads x 2048 rows x 32 wide = 524,288 on one layer)."""
+    cfg = train.TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "sw"), n_layer=2, n_embd=32,
+                            n_head=2, n_kv_head=2, sweep=[{}, {"engram_layers": "1", "engram_rows": 2048}])
+    plan = train.plan_sweep(cfg)
+    results = {}
+    for entry, (params, active) in zip(plan, ((40_000, 40_000), (600_000, 80_000))):
+        results[entry.runs[0].out_dir] = {"seed": 1337, "steps": 5, "params": params, "active_params": active,
+                                          "flops_per_token": 1e5, "kv_bytes_per_token": 256, "state_bytes": 0,
+                                          "tok_s": 100.0, "val_loss": 3.0, "val_bpb": 1.5}
+    table = _train_sweep_table(train.sweep_markdown(cfg, train.sweep_rows(plan, results), 64))
+    assert table["defaults"][0] == "0.04M"
+    assert table["engram_layers=1,engram_rows=2048"][0] == "0.08M active of 0.60M (0.52M memory)"
+
+
 # =============================================================================
 # 7. sample.py: generation
 # =============================================================================

@@ -2391,7 +2391,7 @@ def finish(run, stopped):
 # types, bad combinations: one line that names the entry), so a typo in the last entry does not
 # surface hours later.
 # After each run, result.json (its figures) goes into its folder, and sweep.md (a table: params,
-# FLOPs/token, KV bytes/token, tok/s, val bpb mean ± std over seeds) and sweep.svg (the same as a
+# the Engram tables' share of them apart, FLOPs/token, KV bytes/token, tok/s, val bpb mean ± std over seeds) and sweep.svg (the same as a
 # chart) are rewritten in out_dir. The seed-to-seed std is the noise bar: "vs first" marks a
 # difference as beyond noise when it exceeds twice its standard error, 2 sqrt(s_a^2/n_a +
 # s_b^2/n_b) (s: an entry's std over its n seeds; a rough 95% bar, which needs 2 seeds each).
@@ -2492,7 +2492,8 @@ def sweep_rows(plan, results):
         recs = [results[c.out_dir] for c in entry.runs if c.out_dir in results]
         bpb = [r["val_bpb"] for r in recs if r["val_bpb"] is not None]
         tok_s = [r["tok_s"] for r in recs if r["tok_s"] is not None]
-        rows.append({**(recs[0] if recs else {}), "label": entry.label, "done": len(recs),
+        memory = gpt_config(entry.runs[0], vocab_size=1).engram_memory_params   # no vocab in it
+        rows.append({**(recs[0] if recs else {}), "label": entry.label, "done": len(recs), "memory": memory,
                      "of": len(entry.runs), "bpb": bpb, "mean": statistics.mean(bpb) if bpb else math.nan,
                      "std": statistics.stdev(bpb) if len(bpb) > 1 else math.nan,
                      "tok_s": statistics.mean(tok_s) if tok_s else math.nan})
@@ -2530,6 +2531,8 @@ def sweep_markdown(cfg, rows, tokens_per_step):
         params = f"{row['params'] / 1e6:.2f}M"
         if row["active_params"] != row["params"]:
             params = f"{row['active_params'] / 1e6:.2f}M active of {params}"
+        if row["memory"]:
+            params += f" ({row['memory'] / 1e6:.2f}M memory)"
         bpb = f"{row['mean']:.4f}" + (f" ± {row['std']:.4f}" if math.isfinite(row["std"]) else "")
         versus = ""
         if i > 0 and rows[0]["bpb"] and row["bpb"]:
