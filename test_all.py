@@ -14,6 +14,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import base64
+import collections
 import copy
 import ctypes
 import dataclasses
@@ -5084,6 +5085,16 @@ def test_train_dpo_loss_by_hand():
     expect = (math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(1.0))) / 2    # -log sigmoid(m)
     assert loss.item() == pytest.approx(expect) and loss.item() == pytest.approx(0.8937, abs=1e-4)
     assert acc.item() == 0.5 and margin.item() == pytest.approx(-0.25)
+
+
+def test_train_dpo_held_out_pairs_cover_every_task():
+    """The held-out pairs are spread over the whole val split, which prepare.py writes task by
+    task: with 1000 pairs of 5 tasks and 200 asked for, each task gets 40 (the first 200 would all
+    have been addition, a task the small model cannot do, so DPO's held-out accuracy read ~50%)."""
+    val = [(task, i) for task in ("add", "sub", "count", "reverse", "sort") for i in range(200)]
+    held = train.spread_evenly(val, 200)
+    assert len(held) == 200 and collections.Counter(t for t, _ in held) == {t: 40 for t, _ in val[::200]}
+    assert train.spread_evenly(list(range(10)), 3) == [0, 3, 6] and train.spread_evenly([1, 2], 8) == [1, 2]
 
 
 def test_train_grpo_advantages_by_hand():

@@ -1762,6 +1762,13 @@ class SFT(Pretrain):
         return show_reply(run, self.prompt)
 
 
+def spread_evenly(items, n):
+    """At most n of items, evenly spaced from the first: every (len // n)-th. Held-out pairs are
+    chosen so because prepare.py writes the val split task by task (or in the order of a JSONL
+    file): the first n alone could all be one task. Example: 10 items, n = 3 -> items 0, 3, 6."""
+    return items[::max(1, len(items) // n)][:n]
+
+
 class DPO:
     """--objective=dpo: the DPO loss on preference pairs against a frozen reference (see above)."""
 
@@ -1769,7 +1776,7 @@ class DPO:
         cfg = run.cfg
         require_kind(meta, cfg, "pairs", "preference pairs (prepare.py --pairs=...)")
         self.train, val = self.pairs(documents(train_shards), cfg), self.pairs(documents(val_shards), cfg)
-        self.val = val[:cfg.eval_examples]
+        self.val = spread_evenly(val, cfg.eval_examples)
         self.prompt = first_prompt([val[0][0]], run.tokenizer)
         self.described = f"{len(self.train):,} train pairs, {len(self.val)} held-out pairs"
 
