@@ -1512,8 +1512,7 @@ def _flash_define_kernels():
     """Import triton and define the kernels as module globals (Triton resolves the names a
     kernel uses, tl and the helper kernels, through the module's globals, not closures)."""
     global triton, tl, _flash_dot, _flash_visible, _flash_query_block_start, _flash_key_blocks
-    global _flash_key_tile
-    global _flash_fwd_tile, _flash_fwd_kernel
+    global _flash_key_tile, _flash_fwd_tile, _flash_fwd_kernel
     global _flash_dkdv_tile, _flash_bwd_dkdv_kernel, _flash_dq_tile, _flash_bwd_dq_kernel
     import triton
     import triton.language as tl
