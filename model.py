@@ -2981,7 +2981,9 @@ class GPT(nn.Module):
         end = pos + T
         # A sliding window lets a cached query skip everything older than pos - window + 1.
         k_start = max(0, pos - window + 1) if window and not n_global else 0
-        is_causal = window == 0 and doc_ids is None and pos == 0
+        # pos == 0 as a Python bool: under sample.py's compiled decode step pos is a symbolic int,
+        # pos == 0 a symbolic bool, and SDPA's is_causal takes only a bool
+        is_causal = window == 0 and doc_ids is None and (True if pos == 0 else False)
         if is_causal:
             mask = None                     # SDPA's is_causal; the manual path builds a tril
         elif window == 0 and doc_ids is None and T == 1:

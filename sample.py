@@ -110,6 +110,7 @@ class SampleConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:1 | mps
     dtype: str = "auto"              # auto (bf16 on CUDA and AMX CPUs, as train.py) | float32 | bfloat16 | float16
     threads: int = 0                 # CPU threads for torch (0 = torch's default); 1 is often fastest for small models
+    compile: str = "false"           # true: torch.compile the one-token decoding step (seconds to compile, then faster tokens; section 2) | false | auto (as train.py)
     slide_keep: float = 0.5          # past the context: keep this fraction of it and re-prefill, then go on
     rope_scaling: str = ""           # '' = as trained; linear | yarn stretches the context at sample time
     rope_factor: float = 2.0         # with --rope_scaling: context = block_size * rope_factor
@@ -219,16 +220,49 @@ def normalize_stop(stop):
 # model.py's Runtime decides, once, for train.py and this script alike: the device, the autocast
 # precision (bf16 on CUDA and on CPUs that multiply bf16 in hardware, float32 elsewhere), the
 # threads. The rest of this file never asks "am I on CUDA?": it runs every forward inside
-# rt.autocast() and gives the model rt.kernels. Generation is never compiled (its shapes change at
-# every step) and needs no deterministic kernels (eager CPU code is repeatable already).
+# rt.autocast() and gives the model rt.kernels. Generation needs no deterministic kernels (eager
+# CPU code is repeatable already).
+#
+# Compiling the decode step (--compile=true). A decoded token of a small model is a few hundred
+# tiny operations (norms, projections, RoPE, the cache write, the attention, the MLP), each a
+# Python call and a kernel launch that costs far more than its arithmetic. torch.compile traces one
+# step into a graph and inductor fuses it into a few loops (C++ on CPU, Triton on CUDA), so the
+# fixed cost of a token shrinks and what is left is the work that grows with the context. That is
+# the cost a comparison of attention kinds is about: a linear layer's step has the same shapes at
+# every position (its state), a softmax layer's reads one more cached key each time.
+# Only the one-token steps are compiled; the prefill (a prompt of any length, once) and the
+# re-prefill past the context stay eager. The step is compiled with dynamic shapes: the position
+# and the number of cached keys become symbols of one graph instead of constants (a constant would
+# mean a new compilation at every token). The graphs still differ per model and between one row
+# and several (torch specialises sizes of 1), so a run compiles one or two and the bench two per
+# model; the recompile limit is raised to hold them all, rather than let torch fall back to eager
+# without saying so. Compiling takes seconds, so the setting is off by default: it pays for long
+# generations, many samples and --bench.
+
+DECODE_RECOMPILE_LIMIT = 64   # graphs torch keeps per compiled function (its default: 8)
+
 
 def runtime_for(cfg):
     """The Runtime of this script. --threads > 0 sets torch's CPU thread count: decoding one token
     of a small model is dozens of tiny ops; spreading each over several threads costs more in
     synchronisation than it saves, and on a busy machine a thread that waits for a descheduled
     sibling stalls every op, so 1 thread can be the fastest choice for small models."""
-    return setup_runtime(cfg.device, cfg.dtype, compile="false", threads=cfg.threads,
+    return setup_runtime(cfg.device, cfg.dtype, compile=cfg.compile, threads=cfg.threads,
                          deterministic="false")
+
+
+def decoding(rt):
+    """The runtime as the bench's headers name it: 'cpu float32', and whether steps are compiled."""
+    return f"{rt}{', compiled decode steps' if rt.compile else ''}"
+
+
+def decode_step(model, rt):
+    """What runs generation's one-token steps (model(token, cache=cache)): the model itself, or
+    when the runtime compiles, the model compiled for them (see above)."""
+    if not rt.compile:
+        return model
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_RECOMPILE_LIMIT)
+    return torch.compile(model, dynamic=True, options=rt.compile_options)
 
 
 # -----------------------------------------------------------------------------
@@ -627,7 +661,7 @@ def generate_uncached(model, prompt_ids, max_new_tokens, sampling=GREEDY, seed=0
 
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, sampling=GREEDY, seed=0, num_samples=1,
-             slide_keep=0.5, cache_dtype=None, first_row=0, healing=None):
+             slide_keep=0.5, cache_dtype=None, first_row=0, healing=None, step=None):
     """The fast path. Yields, per step, a (num_samples,) tensor holding each sample's next token.
 
     Prefill the prompt once (batch 1), branch the cache into num_samples rows, then each step feeds
@@ -635,6 +669,7 @@ def generate(model, prompt_ids, max_new_tokens, sampling=GREEDY, seed=0, num_sam
     it simply stops iterating, and no forward pass is wasted on a token nobody asked for.
     Run it inside Runtime.autocast(); cache_dtype is the dtype of the cached keys and values.
     The rows are samples first_row, first_row + 1, ... of the run (their random numbers).
+    step: what runs the one-token steps, decode_step(model, rt) (default: the model itself).
         for tokens in generate(model, [bos] + ids, 100, Sampling(0.8)): print(tokens.tolist())
     """
     if len(prompt_ids) == 0:
@@ -651,6 +686,7 @@ def generate(model, prompt_ids, max_new_tokens, sampling=GREEDY, seed=0, num_sam
     seen = seen_mask(list(prompt_ids), B, model.config.vocab_size, device)
     u = row_uniforms(seed, first_row, B, max_new_tokens, device) if sampling.temperature > 0 else None
     healer = Healer(healing, B, device) if healing is not None else None
+    step_fn = model if step is None else step
 
     # prefill: one forward over the prompt fills the cache (batch 1: the rows are identical so far)
     cache = model.make_cache(1, context_len, device=device, dtype=cache_dtype)
@@ -659,13 +695,13 @@ def generate(model, prompt_ids, max_new_tokens, sampling=GREEDY, seed=0, num_sam
         cache = cache.branch(B)            # B rows, each a copy of the prompt's keys and values
         logits = logits.expand(B, -1)      # (B, V): the same next-token distribution for every row
 
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         allowed = healer.mask() if healer is not None and healer.active else None
-        next_tokens = pick_next(logits, sampling, None if u is None else u[:, step], seen, allowed)  # (B,)
+        next_tokens = pick_next(logits, sampling, None if u is None else u[:, i], seen, allowed)  # (B,)
         if healer is not None and healer.active:
             healer.update(next_tokens.tolist())
         yield next_tokens
-        if step == max_new_tokens - 1:
+        if i == max_new_tokens - 1:
             break
         tokens[:, n] = next_tokens
         n += 1
@@ -678,7 +714,7 @@ def generate(model, prompt_ids, max_new_tokens, sampling=GREEDY, seed=0, num_sam
             cache.reset()
             logits = model(tokens[:, start:n], cache=cache)[:, -1, :]                # (B, V)
         else:
-            logits = model(next_tokens[:, None], cache=cache)[:, -1, :]              # (B, V)
+            logits = step_fn(next_tokens[:, None], cache=cache)[:, -1, :]            # (B, V)
 
 
 # -----------------------------------------------------------------------------
@@ -781,13 +817,13 @@ class Completion:
 
 def generate_text(model, tokenizer, prompt_ids, max_new_tokens, sampling=GREEDY, num_samples=1,
                   stops=(), seed=0, slide_keep=0.5, cache_dtype=None,
-                  on_text=None, on_end=None, first_row=0, healing=None, end_ids=None):
+                  on_text=None, on_end=None, first_row=0, healing=None, end_ids=None, step=None):
     """Generate num_samples continuations of prompt_ids; returns a list of Completion.
     on_text(row, piece) is called with each new piece of text as soon as it is safe to print;
     on_end(row, completion) once per row, when that row ends (row counts from 0 in this batch).
     healing: the Healing of heal_prompt, whose ids prompt_ids must then be. end_ids: the tokens
     that end a row (finish "eot", not part of the text); default end-of-text alone, and a chat
-    reply ends at <|end|> (section 10)."""
+    reply ends at <|end|> (section 10). step: as for generate."""
     end_ids = {tokenizer.eot_id} if end_ids is None else set(end_ids)
     skip = healing.text if healing is not None else ""
     streams = [TextStream(tokenizer, stops, skip) for _ in range(num_samples)]
@@ -802,7 +838,7 @@ def generate_text(model, tokenizer, prompt_ids, max_new_tokens, sampling=GREEDY,
             on_end(row, Completion(streams[row].text, ids[row], reason))
 
     steps = generate(model, prompt_ids, max_new_tokens, sampling, seed, num_samples,
-                     slide_keep, cache_dtype, first_row, healing)
+                     slide_keep, cache_dtype, first_row, healing, step)
     try:
         for next_tokens in steps:
             for row, token in enumerate(next_tokens.tolist()):
@@ -859,6 +895,7 @@ def print_completions(model, tokenizer, prompt_text, prompt_ids, cfg, rt, seed, 
         prompt_ids, healing = heal_prompt(tokenizer, prompt_ids, model.config.vocab_size)
     batch = min(cfg.num_samples, cfg.sample_batch or
                 rows_per_batch(model, len(prompt_ids), cfg.max_new_tokens, rt.dtype))
+    step = decode_step(model, rt)
 
     def write(text):
         out.write(text)
@@ -879,7 +916,7 @@ def print_completions(model, tokenizer, prompt_text, prompt_ids, cfg, rt, seed, 
         with rt.autocast():
             done += generate_text(model, tokenizer, prompt_ids, cfg.max_new_tokens, sampling,
                                   min(batch, cfg.num_samples - first), cfg.stop, seed, cfg.slide_keep,
-                                  rt.dtype, on_text, on_end, first, healing)
+                                  rt.dtype, on_text, on_end, first, healing, step=step)
     dt = time.perf_counter() - t0
     n_tokens = sum(len(c.ids) for c in done)
     ends = ", ".join(sorted(f"{n} {why}" for why, n in collections.Counter(c.finish for c in done).items()))
@@ -970,6 +1007,7 @@ def chat(model, tokenizer, cfg, rt, read=input, out=None):
     context_len = context_length(model.config)
     room = min(cfg.max_new_tokens, context_len // 2)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+    step = decode_step(model, rt)
     history = []
 
     def write(text):
@@ -1006,7 +1044,7 @@ def chat(model, tokenizer, cfg, rt, read=input, out=None):
             with rt.autocast():
                 reply = generate_text(model, tokenizer, ids, room, sampling, stops=cfg.stop, seed=cfg.seed + n,
                                       cache_dtype=rt.dtype, on_text=lambda row, piece: write(piece),
-                                      end_ids=(special["end"], tokenizer.eot_id))[0]
+                                      end_ids=(special["end"], tokenizer.eot_id), step=step)[0]
         except KeyboardInterrupt:
             write("\n[stopped]\n")
             history = kept[:-1]
@@ -1047,6 +1085,7 @@ def bench(model, rt, cfg, bos_id=0, out=None):
     V, T, N = model.config.vocab_size, cfg.bench_tokens, cfg.bench_samples
     sampling = Sampling(temperature=1.0)
     full_prompt = torch.randint(V, (1, context_len), generator=torch.Generator().manual_seed(cfg.seed)).to(rt.device)
+    step = decode_step(model, rt)
 
     @torch.inference_mode()
     def prefill():
@@ -1054,14 +1093,14 @@ def bench(model, rt, cfg, bos_id=0, out=None):
         model(full_prompt, cache=cache)
 
     def cached():
-        for _ in generate(model, [bos_id], T, sampling, cfg.seed, 1, cfg.slide_keep, rt.dtype):
+        for _ in generate(model, [bos_id], T, sampling, cfg.seed, 1, cfg.slide_keep, rt.dtype, step=step):
             pass
 
     def uncached():
         generate_uncached(model, [bos_id], T, sampling, cfg.seed, cfg.slide_keep)
 
     def branched():
-        for _ in generate(model, [bos_id], T, sampling, cfg.seed, N, cfg.slide_keep, rt.dtype):
+        for _ in generate(model, [bos_id], T, sampling, cfg.seed, N, cfg.slide_keep, rt.dtype, step=step):
             pass
 
     runs = {"prefill": (prefill, context_len), "cached": (cached, T), "uncached": (uncached, T),
@@ -1084,7 +1123,7 @@ def bench(model, rt, cfg, bos_id=0, out=None):
     branch_gain = statistics.median(b / c for b, c in zip(speeds["branched"], speeds["cached"]))
     n_params = sum(p.numel() for p in model.parameters())
     lines = [
-        f"bench: {n_params / 1e6:.2f}M params, context {context_len}, {T} new tokens per run, {rt}, "
+        f"bench: {n_params / 1e6:.2f}M params, context {context_len}, {T} new tokens per run, {decoding(rt)}, "
         f"{torch.get_num_threads()} threads, median of {cfg.bench_repeats} (alternating runs)",
         f"  prefill ({context_len} tokens, batch 1)        {med['prefill']:10.0f} tokens/s",
         f"  decode with KV cache                   {med['cached']:10.1f} tokens/s",
@@ -1109,17 +1148,19 @@ def bench(model, rt, cfg, bos_id=0, out=None):
 # seconds apart see the same load), and medians over rounds are reported.
 
 @torch.inference_mode()
-def decode_at_context(model, rt, context, n_tokens, rows, seed):
-    """Tokens/s (all rows) of n_tokens one-token steps after a prefill of `context` random tokens."""
+def decode_at_context(model, step, rt, context, n_tokens, rows, seed):
+    """Tokens/s (all rows) of n_tokens one-token steps (step = decode_step(model, rt)) after a
+    prefill of `context` random tokens. The cache holds the model's whole context whatever the
+    prefill, as generate's does: the compiled step's graph is then the same for every context."""
     V = model.config.vocab_size
     prompt = torch.randint(V, (1, context), generator=torch.Generator().manual_seed(seed)).to(rt.device)
-    cache = model.make_cache(1, context + n_tokens, device=rt.device, dtype=rt.dtype)
-    token = model(prompt, cache=cache)[:, -1:].argmax(-1).expand(rows, 1)      # (rows, 1)
+    cache = model.make_cache(1, context_length(model.config), device=rt.device, dtype=rt.dtype)
+    token = model(prompt, cache=cache)[:, -1:].argmax(-1).repeat(rows, 1)      # (rows, 1)
     cache = cache.branch(rows) if rows > 1 else cache
     sync(rt)
     t0 = time.perf_counter()
     for _ in range(n_tokens):
-        token = model(token, cache=cache)[:, -1:].argmax(-1)
+        token = step(token, cache=cache)[:, -1:].argmax(-1)
     sync(rt)
     return rows * n_tokens / (time.perf_counter() - t0)
 
@@ -1137,18 +1178,19 @@ def bench_contexts(models, rt, cfg, out=None):
                                 f"{context_length(model.config)} tokens of {label}; use shorter contexts")
     runs = [(c, rows) for c in contexts for rows in row_counts]
     speed = {(label, c, rows): [] for label, _ in models for c, rows in runs}
+    steps = {label: decode_step(model, rt) for label, model in models}
     with rt.autocast():
         for rep in range(1 + cfg.bench_repeats):        # rep 0 is the warm-up
             print(f"bench: round {rep}/{cfg.bench_repeats}{' (warm-up)' if rep == 0 else ''}", file=sys.stderr)
             for c, rows in runs:
                 for label, model in models:
-                    tok_s = decode_at_context(model, rt, c, T, rows, cfg.seed)
+                    tok_s = decode_at_context(model, steps[label], rt, c, T, rows, cfg.seed)
                     if rep > 0:
                         speed[label, c, rows].append(tok_s)
     first = models[0][0]
     med = {key: statistics.median(v) for key, v in speed.items()}
     width = max(24, *(len(label) + 2 for label, _ in models))
-    lines = [f"bench: decoding {T} tokens after a prefill of each context, {rt}, {torch.get_num_threads()} "
+    lines = [f"bench: decoding {T} tokens after a prefill of each context, {decoding(rt)}, {torch.get_num_threads()} "
              f"threads, median of {cfg.bench_repeats} rounds (alternating); tokens/s of all rows, and in "
              f"brackets x the first model (ratios within each round)",
              f"  {'context':<9}{'rows':>5}" + "".join(f"{label:>{width}}" for label, _ in models)]
@@ -1650,6 +1692,7 @@ def task_accuracy(model, tokenizer, names, cfg, rt, log=None):
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     k, budget = cfg.num_samples, min(cfg.max_new_tokens, TASK_REPLY_TOKENS)
     model.eval()
+    step = decode_step(model, rt)
     scores = {}
     for name in names:
         score = TaskScore(0, 0.0, 0.0, [])
@@ -1657,7 +1700,7 @@ def task_accuracy(model, tokenizer, names, cfg, rt, log=None):
             ids = prepare.render([{"role": "user", "content": p.question}], tokenizer, reply=True)[0]
             with rt.autocast():
                 done = generate_text(model, tokenizer, ids, budget, sampling, k, seed=cfg.seed + i,
-                                     cache_dtype=rt.dtype, end_ids=(end, tokenizer.eot_id))
+                                     cache_dtype=rt.dtype, end_ids=(end, tokenizer.eot_id), step=step)
             right = [c.finish == "eot" and prepare.TASKS[name].check(p, c.text) for c in done]
             score.n += 1
             score.pass1 += sum(right) / k
@@ -1798,6 +1841,7 @@ def stress_tests(model, tokenizer, cfg, rt, out=None):
     L = model.config.block_size
     keep = keep_length(ctx, cfg.slide_keep)
     results = {"failed": 0}
+    step = decode_step(model, rt)
 
     def say(line):
         out.write(line + "\n")
@@ -1805,7 +1849,7 @@ def stress_tests(model, tokenizer, cfg, rt, out=None):
 
     def tokens_of(prompt, n, sampling, rows=1):
         with rt.autocast():
-            steps = list(generate(model, prompt, n, sampling, cfg.seed, rows, cfg.slide_keep, rt.dtype))
+            steps = list(generate(model, prompt, n, sampling, cfg.seed, rows, cfg.slide_keep, rt.dtype, step=step))
         return torch.stack(steps, dim=1).tolist()                                 # (rows, n)
 
     say(f"stress: context {ctx} tokens (trained on {L}), {rt}, seed {cfg.seed}")
@@ -1874,7 +1918,7 @@ def stress_tests(model, tokenizer, cfg, rt, out=None):
         try:
             with rt.autocast():
                 c = generate_text(model, tokenizer, ids, STRESS_PROMPT_TOKENS, sampling, 1, (), cfg.seed,
-                                  cfg.slide_keep, rt.dtype, healing=healing)[0]
+                                  cfg.slide_keep, rt.dtype, healing=healing, step=step)[0]
             results["prompts"][name] = f"ok, {len(c.ids)} tokens ({c.finish})"
         except Exception as e:    # the point of a stress test: report what broke, check the rest
             results["prompts"][name] = f"FAILED: {bpe.first_line(e)}"

@@ -5675,6 +5675,46 @@ def test_sample_memory_and_streams_generate_equals_uncached():
     assert rows[1].tolist() == ref
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile's imports
+def test_sample_compiled_decode_step_equals_reference(monkeypatch):
+    """--compile=true (sample.py section 2): generation's one-token steps run through the model
+    compiled by inductor (C++ on CPU, dynamic shapes) and draw exactly the reference's tokens, for
+    a hybrid of linear, global and sliding-window layers, across branching into 2 rows and the
+    re-prefills of the 16-token context. The step compiles once per row count, not per position:
+    30 steps past three window jumps are one graph for 1 row and one more for 2 rows (regression:
+    SDPA's is_causal got a symbolic pos == 0, which split the step into a graph per layer). The
+    bench runs compiled steps and says so, with one graph per row count for all its contexts and
+    rounds (regression: a cache sized to each context made a graph per context); a bad --compile
+    is one line."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=53, block_size=16, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                       layer_pattern="LGW", window=6)
+    model = GPT(config).eval()
+    rt = sample.setup_runtime("cpu", "float32", compile="true", deterministic="false")
+    prompt, s = [0, 5, 9, 11, 9, 5], sample.Sampling(temperature=1.0)
+    torch.compiler.reset()
+    step = sample.decode_step(model, rt)
+    assert step is not model
+    ref = [sample.generate_uncached(model, prompt, 30, s, seed=3, row=r) for r in range(2)]
+    rows = torch.stack(list(sample.generate(model, prompt, 30, s, seed=3, num_samples=2, step=step)), 1)
+    assert rows.tolist() == ref and len(set(ref[0])) > 5
+    torch.compiler.reset()
+    graphs = _compile_counting(monkeypatch)
+    step = sample.decode_step(model, rt)
+    greedy = sample.generate_uncached(model, prompt, 30)
+    assert [int(t) for t in sample.generate(model, prompt, 30, step=step)] == greedy and len(graphs) == 1
+    rows = torch.stack(list(sample.generate(model, prompt, 30, num_samples=2, step=step)), 1)
+    assert rows.tolist() == [greedy, greedy] and len(graphs) == 2
+    out = io.StringIO()
+    cfg = sample.SampleConfig(bench=True, bench_context=[8, 12], bench_tokens=2, bench_samples=2, bench_repeats=2)
+    sample.bench_contexts([("hybrid", model)], rt, cfg, out=out)   # its own step: 2 more graphs in all
+    assert "cpu float32, compiled decode steps" in out.getvalue().splitlines()[0] and len(graphs) == 4
+    torch.compiler.reset()
+    assert sample.decode_step(model, sample.setup_runtime("cpu", compile="false")) is model
+    with pytest.raises(bpe.UserError, match=r"^--compile=maybe: choose auto, true or false$"):
+        sample.runtime_for(sample.SampleConfig(compile="maybe"))
+
+
 class _SampleHashCache:
     """The KVCache interface (pos, max_len, branch, reset) for _SampleHashModel: it keeps tokens."""
 
