@@ -16,7 +16,7 @@ trained with, and continues a prompt one token at a time, printing text as it is
     python sample.py --task_eval=add,count --ckpt=out/sft/best.pt --temperature=0   # exact-match accuracy
     python sample.py --prompt="ROMEO:" --token_healing=False  # no healing: continue right after the ':' token
     python sample.py --bench=True --ckpt=random             # speed: cache vs recompute, branching
-    python sample.py --bench=True --ckpt=random --bench_context=[512,1024,2048,4096] \\
+    python sample.py --bench=True --ckpt=random --bench_context=[512,1024,2048,4096] --compile=true \\
         --arch="[{}, {'attn': 'linear'}, {'layer_pattern': 'LLLG'}]"    # decoding at long contexts
     python sample.py --eval=builtin                         # multiple-choice accuracy on held-out val text
     python sample.py --eval=hellaswag_val.jsonl             # HellaSwag, or any {"context", "choices", "answer"} JSONL
@@ -48,7 +48,7 @@ built-in suite cut from held-out data or on HellaSwag-style files), where does i
 
 Sections
   1. Settings
-  2. Device and precision (decided once)
+  2. Device and precision (decided once); the compiled decode step
   3. Loading a checkpoint and its tokenizer (ours, or a Hugging Face folder), exporting one
   4. Prompts
   5. Token healing
@@ -215,7 +215,7 @@ def normalize_stop(stop):
 
 
 # -----------------------------------------------------------------------------
-# 2. Device and precision (decided once)
+# 2. Device and precision (decided once); the compiled decode step
 #
 # model.py's Runtime decides, once, for train.py and this script alike: the device, the autocast
 # precision (bf16 on CUDA and on CPUs that multiply bf16 in hardware, float32 elsewhere), the
@@ -1143,7 +1143,8 @@ def bench(model, rt, cfg, bos_id=0, out=None):
 # rows (one prompt branched, as --num_samples decodes): a cache prefilled with c random tokens
 # (not timed), then bench_tokens one-token steps, greedy (timed). With one row much of a step is
 # the work every model does alike (norms, MLP, head: many small ops); rows share those ops but
-# each reads its own cache, which shows what the attention itself costs. Models and contexts
+# each reads its own cache, which shows what the attention itself costs, and so does
+# --compile=true, which fuses the small ops (section 2). Models and contexts
 # alternate within each round; ratios to the first model are taken within each round (runs
 # seconds apart see the same load), and medians over rounds are reported.
 
