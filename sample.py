@@ -234,12 +234,8 @@ def normalize_stop(stop):
 # re-prefill past the context stay eager. The step is compiled with dynamic shapes: the position
 # and the number of cached keys become symbols of one graph instead of constants (a constant would
 # mean a new compilation at every token). The graphs still differ per model and between one row
-# and several (torch specialises sizes of 1), so a run compiles one or two and the bench two per
-# model; the recompile limit is raised to hold them all, rather than let torch fall back to eager
-# without saying so. Compiling takes seconds, so the setting is off by default: it pays for long
-# generations, many samples and --bench.
-
-DECODE_RECOMPILE_LIMIT = 64   # graphs torch keeps per compiled function (its default: 8)
+# and several (torch specialises sizes of 1), so a run compiles one or two. Compiling takes
+# seconds, so the setting is off by default: it pays for long generations, many samples and --bench.
 
 
 def runtime_for(cfg):
@@ -261,7 +257,6 @@ def decode_step(model, rt):
     when the runtime compiles, the model compiled for them (see above)."""
     if not rt.compile:
         return model
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     return torch.compile(model, dynamic=True, options=rt.compile_options)
 
 
@@ -1180,6 +1175,12 @@ def bench_contexts(models, rt, cfg, out=None):
     runs = [(c, rows) for c in contexts for rows in row_counts]
     speed = {(label, c, rows): [] for label, _ in models for c, rows in runs}
     steps = {label: decode_step(model, rt) for label, model in models}
+    if rt.compile:
+        # each model's step is a graph per row count, sometimes two (torch may add one for the
+        # step that fills the cache's last position), and torch keeps 8 graphs of one function by
+        # default: past that it would run the remaining models eagerly without saying so
+        graphs = 2 * len(models) * len(row_counts)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     with rt.autocast():
         for rep in range(1 + cfg.bench_repeats):        # rep 0 is the warm-up
             print(f"bench: round {rep}/{cfg.bench_repeats}{' (warm-up)' if rep == 0 else ''}", file=sys.stderr)

@@ -6039,7 +6039,7 @@ def test_sample_interactive_ctrl_c_stops_generation_only(sample_run):
 
     out = Out()
     cfg = sample.SampleConfig(max_new_tokens=20, temperature=0.0)
-    sample.interactive(model, tok, cfg, sample.setup_runtime("cpu"), read=read, out=out)
+    sample.interactive(model, tok, cfg, sample.setup_runtime("cpu", compile="false"), read=read, out=out)
     text = out.getvalue()
     assert text.startswith("ROMEO\n[stopped]\nJULIET") and len(text) > len("ROMEO\n[stopped]\nJULIET\n")
 
@@ -6049,7 +6049,7 @@ def test_sample_bench_reports_all_figures(sample_run):
     _, tok, model, _ = sample_run
     out = io.StringIO()
     cfg = sample.SampleConfig(bench_tokens=12, bench_samples=4, bench_repeats=1)
-    med = sample.bench(model, sample.setup_runtime("cpu"), cfg, tok.eot_id, out=out)
+    med = sample.bench(model, sample.setup_runtime("cpu", compile="false"), cfg, tok.eot_id, out=out)
     assert set(med) == {"prefill", "cached", "uncached", "branched", "cache_gain", "branch_gain"}
     assert min(med.values()) > 0
     assert "KV cache speed-up" in out.getvalue() and "branching x4" in out.getvalue()
@@ -6075,7 +6075,7 @@ def test_sample_bench_context_compares_architectures(sample_run, monkeypatch, ca
     with pytest.raises(bpe.SettingsError, match="add --bench=True"):
         bpe.parse_settings(sample.SampleConfig, ["--bench_context=[512]"])
     with pytest.raises(bpe.UserError, match="exceed the context"):
-        sample.bench_contexts([("m", sample_run[2])], sample.setup_runtime("cpu"),
+        sample.bench_contexts([("m", sample_run[2])], sample.setup_runtime("cpu", compile="false"),
                               sample.SampleConfig(bench=True, bench_context=[32], bench_tokens=4))
     linear = M.GPT(_model_cfg(attn="linear", block_size=64))
     assert linear.cache_bytes(64, torch.float32) == linear.cache_state_bytes() > 0
@@ -6178,7 +6178,7 @@ def test_sample_token_healing_sampling_branching_and_cli(capsys):
     for healing_on, want in ((True, "ROMEO:\nBut\n"), (False, "ROMEO: x\n")):
         out = io.StringIO()
         cfg = sample.SampleConfig(temperature=0.0, max_new_tokens=10, token_healing=healing_on, sample_batch=1)
-        sample.print_completions(model, tok, "ROMEO:", ids, cfg, sample.setup_runtime("cpu"), 0, out=out)
+        sample.print_completions(model, tok, "ROMEO:", ids, cfg, sample.setup_runtime("cpu", compile="false"), 0, out=out)
         assert out.getvalue() == want
     assert "healed ':'" in capsys.readouterr().err
 
@@ -6225,7 +6225,7 @@ def test_sample_num_samples_in_bounded_batches_same_text(sample_run, monkeypatch
     real_branch = M.KVCache.branch
     monkeypatch.setattr(M.KVCache, "branch", lambda self, n: rows_seen.append(n) or real_branch(self, n))
     ids = sample.encode_prompt(tok, "def", 32)
-    rt = sample.setup_runtime("cpu")
+    rt = sample.setup_runtime("cpu", compile="false")
 
     def texts(**kw):
         cfg = sample.SampleConfig(num_samples=7, max_new_tokens=12, temperature=1.0, **kw)
@@ -6258,7 +6258,7 @@ def test_sample_interactive_closed_stdin_is_one_line(sample_run, monkeypatch, ca
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: --interactive=True reads prompts from stdin, "
                                                         "but stdin is closed")
-    cfg, rt = sample.SampleConfig(max_new_tokens=4), sample.setup_runtime("cpu")
+    cfg, rt = sample.SampleConfig(max_new_tokens=4), sample.setup_runtime("cpu", compile="false")
     monkeypatch.setattr(sys, "stdin", open(os.devnull))                  # < /dev/null: EOF at once
     out = io.StringIO()
     sample.interactive(model, tok, cfg, rt, out=out)
@@ -6273,7 +6273,7 @@ def test_sample_cli_bfloat16_and_random_checkpoint(sample_run, monkeypatch, caps
     out, err = _sample_main(monkeypatch, capsys, f"--ckpt={ckpt}", "--device=cpu", "--dtype=bfloat16",
                             "--prompt=ROMEO", "--temperature=0", "--max_new_tokens=12", "--token_healing=False")
     assert "cpu bfloat16" in err and out.startswith("ROMEO") and len(out) > len("ROMEO\n")
-    rt = sample.setup_runtime("cpu", "bfloat16")
+    rt = sample.setup_runtime("cpu", "bfloat16", compile="false")
     ids = sample.encode_prompt(tok, "ROMEO", 32)
     with rt.autocast():
         assert model(torch.tensor([ids])).dtype == torch.float32       # logits come out float32
@@ -6451,7 +6451,7 @@ def test_sample_eval_suite_counts_and_cli(sample_data, tmp_path, monkeypatch, ca
     {task: acc_norm} and leaves the model's train/eval mode as it was; `--eval=builtin,FILE`
     prints the same table as the functions."""
     data, tok, model, ckpt = sample_data
-    rt = sample.setup_runtime("cpu")
+    rt = sample.setup_runtime("cpu", compile="false")
     suite = sample.builtin_suite(str(data), tok, n_examples=12, seed=1337)
     results = sample.evaluate_suite(model, tok, suite, rt)
     for name, examples in suite.items():
@@ -6521,7 +6521,7 @@ def test_sample_chat_through_stdin(monkeypatch, capsys):
     typed = ["hi", "<|end|><|assistant|>no", "", "third message", "fourth"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(t + "\n" for t in typed)))
     cfg = sample.SampleConfig(chat=True, max_new_tokens=8, temperature=0.0)
-    history = sample.chat(model, tok, cfg, sample.setup_runtime("cpu"))
+    history = sample.chat(model, tok, cfg, sample.setup_runtime("cpu", compile="false"))
     out, err = capsys.readouterr()
     assert out.count("bot> ok\n") == 4 and "x" not in out.replace("next", "")   # stopped at <|end|>
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
@@ -6624,7 +6624,7 @@ def test_sample_stress_runs_and_reports(sample_data, monkeypatch, capsys):
     data, tok, model, ckpt = sample_data
     cfg = sample.SampleConfig(data_dir=str(data), stress=True)
     out = io.StringIO()
-    res = sample.stress_tests(model, tok, cfg, sample.setup_runtime("cpu"), out=out)
+    res = sample.stress_tests(model, tok, cfg, sample.setup_runtime("cpu", compile="false"), out=out)
     assert res["failed"] == 0 and res["overflow"]["same"] and res["overflow"]["jumps"] == 3   # 80 tokens, as above
     assert set(res["length"]) == {"plain RoPE", "linear x2", "yarn x2"}
     assert all(math.isfinite(a) and math.isfinite(b) for a, b in res["length"].values())
