@@ -248,7 +248,7 @@ def runtime_for(cfg):
 
 
 def decoding(rt):
-    """The runtime as the bench's headers name it: 'cpu float32', and whether steps are compiled."""
+    """The runtime as the reports name it: 'cpu float32', and whether decode steps are compiled."""
     return f"{rt}{', compiled decode steps' if rt.compile else ''}"
 
 
@@ -1854,7 +1854,7 @@ def stress_tests(model, tokenizer, cfg, rt, out=None):
             steps = list(generate(model, prompt, n, sampling, cfg.seed, rows, cfg.slide_keep, rt.dtype, step=step))
         return torch.stack(steps, dim=1).tolist()                                 # (rows, n)
 
-    say(f"stress: context {ctx} tokens (trained on {L}), {rt}, seed {cfg.seed}")
+    say(f"stress: context {ctx} tokens (trained on {L}), {decoding(rt)}, seed {cfg.seed}")
     # overflow: far past the context, cached == recomputed
     n_new = int(STRESS_OVERFLOW * ctx)
     cached = tokens_of([eot], n_new, GREEDY)[0]

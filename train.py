@@ -2399,9 +2399,10 @@ def finish(run, stopped):
 # surface hours later.
 # After each run, result.json (its figures) goes into its folder, and sweep.md (a table: params,
 # the Engram tables' share of them apart, FLOPs/token, KV bytes/token, tok/s, val bpb mean ± std
-# over seeds) and sweep.svg (the same as a chart) are rewritten in out_dir. The seed-to-seed std is the noise bar: "vs first" marks a
-# difference as beyond noise when it exceeds twice its standard error, 2 sqrt(s_a^2/n_a +
-# s_b^2/n_b) (s: an entry's std over its n seeds; a rough 95% bar, which needs 2 seeds each).
+# over seeds) and sweep.svg (the same as a chart) are rewritten in out_dir. The seed-to-seed std
+# is the noise bar: "vs first" marks a difference as beyond noise when it exceeds twice its
+# standard error, 2 sqrt(s_a^2/n_a + s_b^2/n_b) (s: an entry's std over its n seeds; a rough 95%
+# bar, which needs 2 seeds each).
 # Resuming: the same command with --resume=True. Runs with a result.json are skipped, an
 # interrupted run continues from its last.pt (exactly, as any run resumes), the others start;
 # entries or seeds may be added in between. The other settings must be the ones recorded in
